@@ -1,0 +1,202 @@
+"""Gaussian diffusion (ADM / DiT): training loss with learned-range variance, and samplers.
+
+The network is an argument, never a member: `training_losses(model_fn, x0, t)` and
+`sample(model_fn, noise)` take `model_fn(x_t, t) -> output`, where output has twice the
+channels of x_t (ε, then the variance interpolation value v ∈ [-1, 1]) on axis -3, so both
+(B, C, H, W) images and (B, F, C, H, W) clips work.
+
+Sampling reuses diffusers' schedulers: DDPMScheduler handles learned-range variance (also on a
+respaced grid) exactly like ADM's p_sample — tests/test_diffusion.py proves it step by step
+against `p_mean_variance` below — while DDIM and DPM-Solver++ use ε only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+Sampler = Literal["ddpm", "ddim", "dpm"]
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm")
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats, elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
+    """Log-likelihood of data in [-1, 1] discretised to 256 bins (ADM's decoder NLL), nats."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_probs = torch.where(
+        x < -0.999, log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))),
+    )
+    return log_probs
+
+
+class GaussianDiffusion:
+    """Linear betas beta_start..beta_end over num_timesteps steps; ε prediction; learned range σ.
+
+    loss = MSE(ε) + VB, where the VB term (KL of the posterior to the model's Gaussian, in bits)
+    sees a detached mean, so it trains only the variance (Improved DDPM's hybrid loss).
+    """
+
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2,
+                 learn_sigma: bool = True):
+        self.num_timesteps, self.beta_start, self.beta_end = num_timesteps, beta_start, beta_end
+        self.learn_sigma = learn_sigma
+        betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        self.betas = betas
+        self.alphas_cumprod = alphas_cumprod
+        self.sqrt_alphas_cumprod = np.sqrt(alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / alphas_cumprod - 1)
+        self.posterior_variance = posterior_variance
+        # the posterior variance is 0 at t=0: clip the log to the t=1 value (ADM)
+        self.posterior_log_variance_clipped = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)
+
+    @staticmethod
+    def _at(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """arr[t] shaped to broadcast against `like` (B, ...)."""
+        out = torch.from_numpy(arr).to(like.device)[t.long()].float()
+        return out.view(-1, *([1] * (like.ndim - 1)))
+
+    # ------------------------------------------------------------------ forward process
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_posterior(self, x0, xt, t):
+        """Mean, variance, clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = self._at(self.posterior_mean_coef1, t, xt) * x0 + self._at(self.posterior_mean_coef2, t, xt) * xt
+        return mean, self._at(self.posterior_variance, t, xt), self._at(self.posterior_log_variance_clipped, t, xt)
+
+    def split_output(self, output: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        c = xt.shape[-3]
+        if self.learn_sigma:
+            if output.shape[-3] != 2 * c:
+                raise ValueError(f"model output must have {2 * c} channels on axis -3, got {tuple(output.shape)}")
+            return output[..., :c, :, :], output[..., c:, :, :]
+        return output, None
+
+    def p_mean_variance(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's Gaussian p(x_{t-1} | x_t) from its raw output."""
+        eps, v = self.split_output(output, xt)
+        if v is None:
+            log_var = self._at(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
+        else:
+            min_log = self._at(self.posterior_log_variance_clipped, t, xt)
+            max_log = self._at(np.log(self.betas), t, xt)
+            frac = (v + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+        pred_x0 = self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+        mean, _, _ = self.q_posterior(pred_x0, xt, t)
+        return {"mean": mean, "log_variance": log_var, "pred_x0": pred_x0, "eps": eps}
+
+    # ------------------------------------------------------------------ training
+
+    def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor,
+                        noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample losses: {"loss", "mse", "vb"} each of shape (B,)."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        xt = self.q_sample(x0, t, noise)
+        output = model_fn(xt, t)
+        if output.shape[:-3] != xt.shape[:-3] or output.shape[-2:] != xt.shape[-2:]:
+            raise ValueError(f"model output {tuple(output.shape)} does not match the input {tuple(xt.shape)}")
+        eps, v = self.split_output(output.float(), xt)
+        terms = {"mse": mean_flat((noise - eps) ** 2)}
+        if v is None:
+            terms["vb"] = torch.zeros_like(terms["mse"])
+        else:
+            # the VB term only trains the variance: the mean (through ε) is detached
+            frozen = torch.cat([eps.detach(), v], dim=-3)
+            terms["vb"] = self.vb_terms_bpd(frozen, x0, xt, t)
+        terms["loss"] = terms["mse"] + terms["vb"]
+        return terms
+
+    def vb_terms_bpd(self, output, x0, xt, t) -> torch.Tensor:
+        """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dim; decoder NLL at t=0. (B,)"""
+        true_mean, _, true_log_var = self.q_posterior(x0, xt, t)
+        p = self.p_mean_variance(output, xt, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])
+        nll = mean_flat(nll) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    # ------------------------------------------------------------------ sampling
+
+    def scheduler_config(self) -> dict:
+        return {"num_train_timesteps": self.num_timesteps, "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+    def make_scheduler(self, sampler: Sampler, steps: int):
+        """A diffusers scheduler with `steps` timesteps, spaced "trailing" so the first is T-1."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
+        base = self.scheduler_config() | {"timestep_spacing": "trailing"}
+        if sampler == "ddpm":
+            variance = "learned_range" if self.learn_sigma else "fixed_small"
+            sched = DDPMScheduler(**base, variance_type=variance, clip_sample=False)
+        elif sampler == "ddim":
+            sched = DDIMScheduler(**base, clip_sample=False, set_alpha_to_one=True)
+        else:
+            # ε only: diffusers' DPM-Solver learned-variance path slices output[:, :3] (RGB-pixel
+            # assumption), which is wrong for 4-channel latents.
+            sched = DPMSolverMultistepScheduler(**base, algorithm_type="dpmsolver++", solver_order=2,
+                                                lower_order_final=True, final_sigmas_type="zero")
+        sched.set_timesteps(steps)
+        return sched
+
+    @torch.no_grad()
+    def sample(self, model_fn: ModelFn, noise: torch.Tensor, *, sampler: Sampler = "ddpm", steps: int = 250,
+               generator: torch.Generator | None = None,
+               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Denoise `noise` (B, ..., C, H, W) from t = T-1 to a clean sample of the same shape.
+
+        sampler "ddpm" with steps=250 is the paper's setting (respaced ancestral sampling with the
+        learned variance); "ddim" (η=0) and "dpm" (DPM-Solver++ 2M) are the fast ones.
+        """
+        sched = self.make_scheduler(sampler, steps)
+        c = noise.shape[-3]
+        x = noise * sched.init_noise_sigma
+        total = len(sched.timesteps)
+        for i, t in enumerate(sched.timesteps):
+            tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+            out = model_fn(x, tt).float()
+            # diffusers wants channels on axis 1: (B, F, C, H, W) -> (B, C, F, H, W)
+            xs, outs = x.movedim(-3, 1), out.movedim(-3, 1)
+            if sampler != "ddpm" or not self.learn_sigma:
+                outs = outs[:, :c]
+            kwargs = {"generator": generator} if sampler == "ddpm" else {}
+            x = sched.step(outs, t, xs, **kwargs).prev_sample.movedim(1, -3)
+            if progress is not None:
+                progress(i + 1, total)
+        return x
