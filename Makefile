@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m letstalk.cli sample --out out/demo/sample.png
+	$(PY) -m letstalk.cli demo --out out/demo
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

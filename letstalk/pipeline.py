@@ -1,0 +1,251 @@
+"""Portrait + speech -> long talking video, clip by clip.
+
+A bundle directory holds everything a render needs:
+
+    bundle/
+      pipeline.json      fps, sample rate, audio limit, diffusion settings
+      transformer/       LetsTalkTransformer (config.json + safetensors)
+      vae/               AutoencoderKL (diffusers)
+      audio_encoder/     Wav2Vec2Model (transformers)
+
+Long audio is rendered in clips of the model's frame count: clip k continues clip k-1 through
+its last `num_motion_frames` clean latents (the first clip uses the reference latent), and the
+last clip is rendered at its true, shorter length, so the video has exactly
+round(duration × fps) frames and no padded frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import AudioEncoder, tiny_audio_encoder
+from .diffusion import SAMPLERS, GaussianDiffusion
+from .media import load_audio, write_video
+from .portrait import PortraitCrop, crop_portrait, load_image
+from .transformer import LetsTalkTransformer
+from .vae import LatentCodec, tiny_codec
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PipelineSettings:
+    """Stored as pipeline.json in a bundle."""
+
+    fps: int = 25
+    sample_rate: int = 16000
+    max_audio_seconds: float = 600.0
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+
+
+@dataclass
+class RenderResult:
+    num_frames: int
+    fps: int
+    face_found: bool
+    seconds: dict[str, float] = field(default_factory=dict)  # inputs, audio, denoise, decode, mux, total
+    frames: np.ndarray | None = None  # (N, H, W, 3) uint8 when rendered to memory
+    audio: np.ndarray | None = None  # (samples,) float32 at the pipeline's sample rate
+
+
+class LetsTalkPipeline:
+    def __init__(self, transformer: LetsTalkTransformer, codec: LatentCodec, audio_encoder: AudioEncoder,
+                 settings: PipelineSettings | None = None):
+        self.transformer = transformer.eval()
+        self.codec, self.audio_encoder = codec, audio_encoder
+        self.settings = settings or PipelineSettings()
+        s = self.settings
+        self.diffusion = GaussianDiffusion(s.num_timesteps, s.beta_start, s.beta_end, transformer.cfg.learn_sigma)
+        self._check_components()
+
+    def _check_components(self) -> None:
+        cfg = self.transformer.cfg
+        enc = self.audio_encoder
+        if (cfg.audio_layers, cfg.audio_feature_dim, cfg.audio_window) != (enc.num_layers, enc.hidden_size, enc.window):
+            raise ValueError(f"audio encoder gives {enc.num_layers} layers × {enc.hidden_size} features, window "
+                             f"{enc.window}; the transformer expects {cfg.audio_layers} × {cfg.audio_feature_dim}, "
+                             f"window {cfg.audio_window}")
+        if self.codec.latent_channels != cfg.in_channels:
+            raise ValueError(f"codec has {self.codec.latent_channels} latent channels, transformer {cfg.in_channels}")
+
+    @property
+    def image_size(self) -> int:
+        return self.transformer.cfg.input_size * self.codec.downsample
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    # ------------------------------------------------------------------ bundle I/O
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the bundle to `path` (via a temporary directory renamed when complete)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.transformer.save_pretrained(tmp / "transformer")
+        self.codec.save_pretrained(tmp / "vae")
+        self.audio_encoder.save_pretrained(tmp / "audio_encoder")
+        (tmp / "pipeline.json").write_text(json.dumps(asdict(self.settings), indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "LetsTalkPipeline":
+        path = Path(path)
+        if not (path / "pipeline.json").is_file():
+            raise ValueError(f"{path} is not a LetsTalk bundle (no pipeline.json)")
+        settings = PipelineSettings(**json.loads((path / "pipeline.json").read_text()))
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        transformer = LetsTalkTransformer.from_pretrained(path / "transformer", **kwargs)
+        codec = LatentCodec.from_pretrained(path / "vae", dtype=dtype)
+        audio_encoder = AudioEncoder.from_pretrained(path / "audio_encoder", window=transformer.cfg.audio_window)
+        pipe = cls(transformer, codec, audio_encoder, settings)
+        return pipe.to(device) if device is not None else pipe
+
+    def to(self, device: str | torch.device) -> "LetsTalkPipeline":
+        self.transformer.to(device)
+        self.codec.vae.to(device)
+        self.audio_encoder.model.to(device)
+        return self
+
+    @classmethod
+    def init_tiny(cls, seed: int = 0) -> "LetsTalkPipeline":
+        """Random-initialised tiny bundle (64×64 frames, 8-frame clips) for tests and demos."""
+        torch.manual_seed(seed)
+        transformer = LetsTalkTransformer.from_preset("tiny")
+        return cls(transformer, tiny_codec(seed), tiny_audio_encoder(transformer.cfg.audio_feature_dim,
+                                                                     transformer.cfg.audio_layers, seed))
+
+    # ------------------------------------------------------------------ inputs
+
+    def prepare_portrait(self, portrait) -> tuple[torch.Tensor, PortraitCrop]:
+        """Image path / array / PIL image -> reference latent (1, C, h, w) and the crop."""
+        crop = crop_portrait(load_image(portrait), size=self.image_size)
+        return self.codec.encode(crop.image[None]).to(self.device), crop
+
+    def prepare_audio(self, audio) -> np.ndarray:
+        """Audio path (any format ffmpeg reads) or (samples,) float array -> mono float32."""
+        if isinstance(audio, (str, os.PathLike)):
+            return load_audio(audio, self.settings.sample_rate, max_seconds=self.settings.max_audio_seconds)
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1 or audio.size == 0:
+            raise ValueError(f"audio must be a non-empty mono array (samples,), got shape {audio.shape}")
+        if audio.size / self.settings.sample_rate > self.settings.max_audio_seconds:
+            raise ValueError(f"audio is {audio.size / self.settings.sample_rate:.1f} s long; "
+                             f"the limit is {self.settings.max_audio_seconds:.0f} s")
+        return audio
+
+    # ------------------------------------------------------------------ rendering
+
+    def iter_clips(self, portrait, audio, *, steps: int = 250, sampler: str = "ddpm", guidance: float = 1.0,
+                   seed: int = 0, progress: Progress | None = None,
+                   seconds: dict[str, float] | None = None) -> Iterator[np.ndarray]:
+        """Yield the video clip by clip as uint8 frames (f, H, W, 3).
+
+        portrait: image path / array / PIL image, or a reference latent (1, C, h, w).
+        audio: audio path or (samples,) float array at the pipeline's sample rate.
+        `progress(done, total)` counts denoising steps over the whole video; `seconds` (if given)
+        accumulates time spent in audio encoding, denoising and VAE decoding.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        self.diffusion.make_scheduler(sampler, steps)  # validates steps before any work
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        seconds = {} if seconds is None else seconds
+        s = self.settings
+        ref = portrait if isinstance(portrait, torch.Tensor) else self.prepare_portrait(portrait)[0]
+        t0 = time.perf_counter()
+        wave = self.prepare_audio(audio)
+        num_frames = round(wave.size / s.sample_rate * s.fps)
+        if num_frames < 1:
+            raise ValueError(f"audio is too short: {wave.size / s.sample_rate * 1000:.0f} ms gives no video frame")
+        feats = self.audio_encoder(wave, num_frames).to(self.device)  # (N, window, layers, A)
+        seconds["audio"] = seconds.get("audio", 0.0) + time.perf_counter() - t0
+        for latents in self.denoise_clips(ref, feats, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                                          progress=progress, seconds=seconds):
+            t0 = time.perf_counter()
+            frames = self.codec.decode(latents[0])
+            seconds["decode"] = seconds.get("decode", 0.0) + time.perf_counter() - t0
+            yield frames
+
+    def denoise_clips(self, ref: torch.Tensor, feats: torch.Tensor, *, steps: int, sampler: str, guidance: float,
+                      seed: int, progress: Progress | None = None,
+                      seconds: dict[str, float] | None = None) -> Iterator[torch.Tensor]:
+        """Reference latent (1, C, h, w) + audio features (N, window, layers, A) -> latent clips (1, f, C, h, w).
+
+        Clip k's motion frames are the last clean latents of clip k-1 (the reference latent for
+        the first clip); the last clip has N mod num_frames frames when that is not zero.
+        """
+        cfg = self.transformer.cfg
+        seconds = {} if seconds is None else seconds
+        num_frames, clip_len, m = feats.shape[0], cfg.num_frames, cfg.num_motion_frames
+        starts = list(range(0, num_frames, clip_len))
+        total_steps = steps * len(starts)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        motion = ref[:, None].expand(1, m, *ref.shape[1:]) if m else None  # (1, M, C, h, w)
+        for k, start in enumerate(starts):
+            f = min(clip_len, num_frames - start)
+            audio_clip = feats[None, start:start + f]  # (1, f, window, layers, A)
+            noise = torch.randn((1, f, *ref.shape[1:]), generator=generator, device=self.device)
+
+            def model_fn(x, t, audio_clip=audio_clip, motion=motion):
+                return self.transformer.forward_with_guidance(x, t, ref, audio_clip, motion, guidance=guidance)
+
+            done = k * steps
+            t0 = time.perf_counter()
+            latents = self.diffusion.sample(
+                model_fn, noise, sampler=sampler, steps=steps, generator=generator,
+                progress=None if progress is None else (lambda i, n, done=done: progress(done + i, total_steps)))
+            seconds["denoise"] = seconds.get("denoise", 0.0) + time.perf_counter() - t0
+            if m:
+                motion = torch.cat([motion, latents], dim=1)[:, -m:]
+            yield latents
+
+    def render(self, portrait, audio, **kwargs) -> RenderResult:
+        """Render to memory: RenderResult.frames (N, H, W, 3) uint8 and .audio."""
+        t0 = time.perf_counter()
+        wave = self.prepare_audio(audio)
+        ref, crop = self.prepare_portrait(portrait)
+        seconds: dict[str, float] = {}
+        frames = np.concatenate(list(self.iter_clips(ref, wave, seconds=seconds, **kwargs)))
+        seconds["total"] = time.perf_counter() - t0
+        return RenderResult(len(frames), self.settings.fps, crop.face_found, seconds, frames, wave)
+
+    def render_to_file(self, portrait, audio, out: str | os.PathLike, **kwargs) -> RenderResult:
+        """Render straight into an mp4 (H.264 + AAC), streaming clips to ffmpeg as they finish.
+
+        The file appears at `out` only when complete.
+        """
+        t0 = time.perf_counter()
+        wave = self.prepare_audio(audio)
+        ref, crop = self.prepare_portrait(portrait)
+        seconds: dict[str, float] = {"inputs": time.perf_counter() - t0}
+        count = 0
+
+        def frames():
+            nonlocal count
+            for clip in self.iter_clips(ref, wave, seconds=seconds, **kwargs):
+                count += len(clip)
+                yield from clip
+
+        write_video(out, frames(), fps=self.settings.fps, audio=wave, sample_rate=self.settings.sample_rate)
+        seconds["total"] = time.perf_counter() - t0
+        seconds["mux"] = max(0.0, seconds["total"] - sum(seconds.get(k, 0.0) for k in ("inputs", "audio", "denoise", "decode")))
+        return RenderResult(count, self.settings.fps, crop.face_found, seconds)

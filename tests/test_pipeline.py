@@ -1,0 +1,188 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from letstalk.audio import AudioEncoder, tiny_audio_encoder, window_indices
+from letstalk.media import load_video_frames, probe
+from letstalk.pipeline import LetsTalkPipeline
+
+SR = 16000
+
+
+def speech_like(seconds: float, seed: int = 0, sr: int = SR) -> np.ndarray:
+    """Syllable-like bursts of a pitched tone, with pauses."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    envelope = np.clip(np.sin(2 * np.pi * 3.0 * t + rng.uniform(0, 6)), 0, None) ** 2
+    return (0.3 * envelope * np.sin(2 * np.pi * (140 + 40 * np.sin(2 * np.pi * 0.5 * t)) * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    LetsTalkPipeline.init_tiny(seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    return LetsTalkPipeline.from_pretrained(bundle)
+
+
+@pytest.fixture
+def portrait(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "portrait.png"
+    Image.fromarray(rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("seconds", [1.0, 3.7, 10.0])
+def test_audio_features_shape_and_alignment(seconds):
+    enc = tiny_audio_encoder()
+    frames = round(seconds * 25)
+    feats = enc(speech_like(seconds), frames)
+    assert feats.shape == (frames, 5, 4, 32)
+    # the window of frame i is frames i-2..i+2 clamped: the centre slot is frame i itself
+    centre = feats[:, 2]
+    assert torch.equal(feats[0, 0], centre[0]) and torch.equal(feats[0, 1], centre[0])  # clamped at the start
+    assert torch.equal(feats[5, 4], centre[7]) and torch.equal(feats[-1, 4], centre[-1])
+    assert window_indices(3, 5).tolist() == [[0, 0, 0, 1, 2], [0, 0, 1, 2, 2], [0, 1, 2, 2, 2]]
+
+
+def test_audio_features_follow_the_audio_in_time():
+    """Silence in the second half of the audio shows up in the second half of the frames."""
+    enc = tiny_audio_encoder()
+    wave = speech_like(4.0)
+    wave[len(wave) // 2:] = 0
+    feats = enc(wave, 100)[:, 2, 0]  # (frames, D): layer-1 centre features
+    loud, quiet = feats[10:40], feats[60:90]
+    assert loud.std(dim=0).mean() > 3 * quiet.std(dim=0).mean()
+
+
+def test_audio_encoder_save_load(tmp_path):
+    enc = tiny_audio_encoder(seed=3)
+    enc.save_pretrained(tmp_path)
+    wave = speech_like(1.0)
+    assert torch.equal(AudioEncoder.from_pretrained(tmp_path)(wave, 25), enc(wave, 25))
+
+
+def test_bundle_round_trip(bundle, pipe):
+    fresh = LetsTalkPipeline.init_tiny(seed=0)
+    for a, b in ((fresh.transformer, pipe.transformer), (fresh.codec.vae, pipe.codec.vae),
+                 (fresh.audio_encoder.model, pipe.audio_encoder.model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert pipe.image_size == 64 and (bundle / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_render_length_and_seed(pipe, portrait):
+    wave = speech_like(1.3)  # 32.5 -> 32 frames at 25 fps: clips of 8, the last one full
+    a = pipe.render(portrait, wave, steps=3, sampler="ddim", seed=1)
+    b = pipe.render(portrait, wave, steps=3, sampler="ddim", seed=1)
+    c = pipe.render(portrait, wave, steps=3, sampler="ddim", seed=2)
+    assert a.frames.shape == (round(1.3 * 25), 64, 64, 3) and a.frames.dtype == np.uint8
+    assert np.array_equal(a.frames, b.frames) and not np.array_equal(a.frames, c.frames)
+    assert a.face_found is False  # noise has no face: centre crop, reported
+    odd = pipe.render(portrait, speech_like(0.9), steps=2, sampler="ddpm", seed=0)  # 22.5 -> 22: last clip of 6
+    assert odd.frames.shape[0] == 22
+
+
+def test_render_to_mp4_matches_the_audio_duration(pipe, portrait, tmp_path):
+    seconds = 2.2
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, np.stack([speech_like(seconds, sr=22050), speech_like(seconds, 1, sr=22050)], 1), 22050)  # stereo
+    out = tmp_path / "out.mp4"
+    steps = []
+    result = pipe.render_to_file(portrait, wav, out, steps=2, sampler="dpm", progress=lambda d, n: steps.append((d, n)))
+    info = probe(out)
+    frames = load_video_frames(out)
+    assert result.num_frames == len(frames) == round(seconds * 25)
+    assert info.has_audio and abs(info.duration - seconds) <= 0.1
+    assert frames.shape[1:] == (64, 64, 3)
+    assert steps[-1] == (2 * 7, 2 * 7)  # 55 frames = 7 clips of 8
+    assert {"audio", "denoise", "decode", "mux"} <= result.seconds.keys()
+
+
+def test_motion_frames_link_the_clips():
+    """Clip 2 sees clip 1 only through its last latents (motion frames)."""
+    pipe = LetsTalkPipeline.init_tiny(seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a random "trained-like" model: no zero-initialised paths
+        for p in pipe.transformer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    cfg = pipe.transformer.cfg
+    ref = torch.randn(1, 4, 8, 8, generator=g)
+    feats_a = torch.randn(2 * cfg.num_frames, 5, 4, 32, generator=g)
+    feats_b = feats_a.clone()
+    feats_b[: cfg.num_frames] = torch.randn(cfg.num_frames, 5, 4, 32, generator=g)  # change clip 1's audio only
+
+    def clips(feats):
+        return list(pipe.denoise_clips(ref, feats, steps=2, sampler="ddim", guidance=1.0, seed=0))
+
+    a, b = clips(feats_a), clips(feats_b)
+    assert [c.shape[1] for c in a] == [cfg.num_frames, cfg.num_frames]
+    assert not torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    with torch.no_grad():
+        for block in pipe.transformer.blocks:  # cut the temporal-attention path
+            block.temporal_fc.weight.zero_()
+            block.temporal_fc.bias.zero_()
+    a, b = clips(feats_a), clips(feats_b)
+    assert torch.equal(a[1], b[1])
+
+
+def test_bad_inputs_are_one_line_errors(pipe, portrait, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="steps must be in 1..1000"):
+        next(pipe.iter_clips(portrait, speech_like(0.5), steps=0))
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        next(pipe.iter_clips(portrait, speech_like(0.5), sampler="heun"))
+    with pytest.raises(ValueError, match="too short"):
+        pipe.render(portrait, np.zeros(100, np.float32), steps=1)
+    with pytest.raises(ValueError):
+        pipe.render(text, speech_like(0.5), steps=1)
+    with pytest.raises(ValueError):
+        pipe.render(portrait, text, steps=1)
+    silent = pipe.render(portrait, np.zeros(SR, np.float32), steps=1, sampler="ddim")
+    assert silent.frames.shape[0] == 25
+    limited = LetsTalkPipeline(pipe.transformer, pipe.codec, pipe.audio_encoder)
+    limited.settings.max_audio_seconds = 1.0
+    with pytest.raises(ValueError, match="limit"):
+        limited.render(portrait, speech_like(2.0), steps=1)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "letstalk.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_from_a_shell(tmp_path, portrait):
+    bundle = tmp_path / "bundle"
+    assert run_cli("init-tiny", bundle).returncode == 0
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech_like(0.8), SR)
+    out = tmp_path / "talk.mp4"
+    ok = run_cli("render", portrait, wav, "-o", out, "--model", bundle, "--steps", "2", "--sampler", "ddim")
+    assert ok.returncode == 0, ok.stderr
+    assert out.exists() and "20 frames" in ok.stdout and "no face found" in ok.stderr
+    bad = tmp_path / "bad.mp4"
+    for argv in ([wav, wav, "-o", bad], [portrait, portrait, "-o", bad], [portrait, wav, "-o", bad, "--steps", "0"],
+                 [portrait, wav, "-o", tmp_path / "x.avi"], [portrait, tmp_path / "missing.wav", "-o", bad]):
+        run = run_cli("render", "--model", bundle, "--steps", "1", *argv)
+        assert run.returncode == 2, run.stderr
+        lines = [line for line in run.stderr.splitlines() if line.startswith("letstalk: error")]
+        assert len(lines) == 1 and "Traceback" not in run.stderr
+        assert not bad.exists()
+    missing_model = run_cli("render", portrait, wav, "-o", bad, "--model", tmp_path / "nope")
+    assert missing_model.returncode == 2 and "not a LetsTalk bundle" in missing_model.stderr
+
+
+def test_render_reports_a_found_face(pipe):
+    data = pytest.importorskip("skimage.data")
+    result = pipe.render(data.astronaut(), speech_like(0.2), steps=1, sampler="ddim")
+    assert result.face_found is True and result.frames.shape == (5, 64, 64, 3)
