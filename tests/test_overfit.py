@@ -1,9 +1,11 @@
+import pytest
 import torch
 
 from letstalk import LetsTalkTransformer
 from letstalk.diffusion import GaussianDiffusion
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_clip():
     """Loss on a fixed clip, fixed noise and a fixed grid of timesteps drops >= 10x in ~300 steps.
 

@@ -161,6 +161,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "letstalk.cli", *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_from_a_shell(tmp_path, portrait):
     bundle = tmp_path / "bundle"
     assert run_cli("init-tiny", bundle).returncode == 0
