@@ -66,8 +66,8 @@ class AudioEncoder:
         return self.model.config.hidden_size
 
     @torch.no_grad()
-    def __call__(self, audio: np.ndarray | torch.Tensor, num_frames: int) -> torch.Tensor:
-        """(samples,) mono float audio at `sample_rate` -> (num_frames, window, layers, hidden)."""
+    def hidden_states(self, audio: np.ndarray | torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(samples,) mono float audio at `sample_rate` -> (num_frames, layers, hidden), one row per video frame."""
         x = torch.as_tensor(np.asarray(audio, dtype=np.float32) if isinstance(audio, np.ndarray) else audio)
         if x.ndim != 1:
             raise ValueError(f"audio must be mono with shape (samples,), got {tuple(x.shape)}")
@@ -92,8 +92,19 @@ class AudioEncoder:
         finally:
             for h in hooks:
                 h.remove()
-        states = torch.stack(layers, dim=2)[0].float()  # (1, frames, layers, D) -> (frames, layers, D)
-        return states[window_indices(num_frames, self.window)]  # (frames, window, layers, D)
+        return torch.stack(layers, dim=2)[0].float()  # (1, frames, layers, D) -> (frames, layers, D)
+
+    def __call__(self, audio: np.ndarray | torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(samples,) mono float audio -> (num_frames, window, layers, hidden)."""
+        return self.hidden_states(audio, num_frames)[window_indices(num_frames, self.window)]
+
+
+def windows_from_context(context: torch.Tensor, window: int) -> torch.Tensor:
+    """(..., F + window - 1, layers, D) per-frame states incl. window//2 frames of context each side
+    -> (..., F, window, layers, D). The stored layout of training shards (see letstalk.clips)."""
+    f = context.shape[-3] - window + 1
+    idx = torch.arange(f)[:, None] + torch.arange(window)[None]  # (F, window)
+    return context[..., idx, :, :]
 
 
 def tiny_audio_encoder(hidden_size: int = 32, num_layers: int = 4, seed: int = 0) -> AudioEncoder:

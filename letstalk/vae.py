@@ -52,7 +52,7 @@ class LatentCodec:
     @torch.no_grad()
     def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, C, H/8, W/8) float32 latents × scaling_factor."""
-        frames = torch.as_tensor(np.asarray(frames))
+        frames = torch.from_numpy(np.array(frames))  # a copy: Ray hands out read-only arrays
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise ValueError(f"frames must be uint8 with shape (N, H, W, 3), got {tuple(frames.shape)} {frames.dtype}")
         if frames.shape[1] % self.downsample or frames.shape[2] % self.downsample:

@@ -1,0 +1,280 @@
+"""Ray Data preprocessing: talking videos -> face-cropped 16-frame clips -> latents + audio features -> parquet shards.
+
+    inputs (folder | glob | list file) -> [plan on the driver: ids, identities, split, what is done]
+      -> ds.map(DecodeVideo)                       CPU tasks: probe, decode 25 fps / 16 kHz, one face crop per video
+      -> ds.map_batches(Tokenizer, ActorPool)      VAE latents + wav2vec2 states, clip rows, one shard per video
+      -> manifest.json                             schema, config, models, counts, every input's status
+
+Shards live at OUTPUT/{train,eval}/{video_id}.parquet, one per video, written to a temporary
+name and renamed when complete, so a crash never leaves a half-written shard visible and a
+re-run does only what is new or failed. The layout of a clip row is in letstalk.clips.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from letstalk.audio import AudioEncoder
+from letstalk.clips import SCHEMA_VERSION, ClipSpec, build_clip_rows, decode_video, load_mouth_track
+from letstalk.vae import LatentCodec
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
+TENSOR_COLUMNS = ("latents", "audio", "motion", "refs", "mouth")
+
+
+class PreprocessConfig(BaseModel):
+    """Settings of jobs/preprocess.py (YAML keys; flags override them). None = taken from the bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="folder of videos, a glob, or a .txt list of paths")
+    output: str
+    model: str = Field(description="bundle dir: its vae/ and audio_encoder/ tokenize, its transformer sets sizes")
+    fps: int = 25
+    sample_rate: int = 16000
+    image_size: int | None = None
+    clip_frames: int | None = None
+    stride: int | None = None
+    motion_frames: int | None = None
+    ref_frames: int = 4
+    max_seconds: float = 600.0
+    eval_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    split_salt: str = "letstalk"
+    decoders: int = Field(2, ge=1, description="concurrent decode tasks")
+    tokenizers: int = Field(1, ge=1, description="tokenizer actors (one GPU each when use_gpu)")
+    use_gpu: bool = False
+    limit: int | None = Field(None, ge=1, description="process at most this many pending videos (smoke runs)")
+
+
+def clip_spec(cfg: PreprocessConfig) -> ClipSpec:
+    """Fill the sizes the config leaves open from the bundle's transformer and codec configs."""
+    bundle = Path(cfg.model)
+    tcfg = json.loads((bundle / "transformer" / "config.json").read_text())
+    vcfg = json.loads((bundle / "vae" / "config.json").read_text())
+    down = 2 ** (len(vcfg["block_out_channels"]) - 1)
+    clip_frames = cfg.clip_frames or tcfg["num_frames"]
+    return ClipSpec(
+        fps=cfg.fps, sample_rate=cfg.sample_rate, image_size=cfg.image_size or tcfg["input_size"] * down,
+        clip_frames=clip_frames, stride=cfg.stride or clip_frames,
+        motion_frames=tcfg["num_motion_frames"] if cfg.motion_frames is None else cfg.motion_frames,
+        ref_frames=cfg.ref_frames, audio_window=tcfg["audio_window"], max_seconds=cfg.max_seconds,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Planning (driver)
+# ------------------------------------------------------------------------------------------
+
+def list_inputs(spec: str) -> list[Path]:
+    """A folder (recursive), a glob, or a text file with one path per line (relative to the file)."""
+    path = Path(spec)
+    if path.is_dir():
+        found = [p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES]
+    elif path.is_file() and path.suffix.lower() in (".txt", ".lst"):
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        found = [(path.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]
+    else:
+        found = [Path(p) for p in glob.glob(spec, recursive=True)]
+    if not found:
+        raise ValueError(f"no input videos found at {spec!r}")
+    return sorted({p.resolve() for p in found})
+
+
+def video_id(path: Path) -> str:
+    """A file-name-safe id: the stem plus a hash of the full path (two folders may share names)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:60] or "video"
+    return f"{stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
+def identity_of(path: Path) -> str:
+    """The speaker: a sidecar JSON's "identity" (procedural data), else the file stem."""
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            ident = json.loads(sidecar.read_text()).get("identity")
+            if ident:
+                return str(ident)
+        except (OSError, ValueError):
+            pass
+    return path.stem
+
+
+def split_of(identity: str, eval_fraction: float, salt: str) -> str:
+    """Deterministic identity-level split, stable when videos are added: a hash, not a shuffle."""
+    h = int(hashlib.sha1(f"{salt}:{identity}".encode()).hexdigest()[:12], 16) / 16**12
+    return "eval" if h < eval_fraction else "train"
+
+
+def fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def load_manifest(output: Path) -> dict[str, Any] | None:
+    path = output / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------
+# Ray Data stages
+# ------------------------------------------------------------------------------------------
+
+class DecodeVideo:
+    """Row {path, video_id, ...} -> the same row plus frames (N, S, S, 3) uint8 and audio, or a reason."""
+
+    def __init__(self, spec: ClipSpec):
+        self.spec = spec
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        s = self.spec.image_size
+        try:
+            video = decode_video(row["path"], self.spec)
+        except (ValueError, OSError) as e:
+            return {**row, "status": "skipped", "reason": _one_line(e), "face_found": False,
+                    "frames": np.zeros((0, s, s, 3), np.uint8), "audio": np.zeros(0, np.float32)}
+        return {**row, "status": "decoded", "reason": "", "face_found": video.face_found,
+                "frames": video.frames, "audio": video.audio}
+
+
+class Tokenizer:
+    """Loads the codec and the audio encoder once per actor; per video: encode, cut clips, write the shard."""
+
+    def __init__(self, model: str, spec: ClipSpec, output: str):
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.codec = LatentCodec.from_pretrained(Path(model) / "vae", device=self.device)
+        self.audio = AudioEncoder.from_pretrained(Path(model) / "audio_encoder", window=spec.audio_window,
+                                                  device=self.device)
+        self.spec, self.output = spec, Path(output)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {k: [] for k in ("video_id", "status", "reason", "clips", "shard", "face_found")}
+        for i in range(len(batch["video_id"])):
+            status, reason, clips, shard = str(batch["status"][i]), str(batch["reason"][i]), 0, ""
+            if status == "decoded":
+                try:
+                    clips, shard = self._tokenize(batch, i)
+                    status = "ok"
+                except (ValueError, RuntimeError, OSError) as e:
+                    status, reason = "skipped", _one_line(e)
+            for key, value in (("video_id", batch["video_id"][i]), ("status", status), ("reason", reason),
+                               ("clips", clips), ("shard", shard), ("face_found", bool(batch["face_found"][i]))):
+                out[key].append(value)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def _tokenize(self, batch, i) -> tuple[int, str]:
+        vid, split = str(batch["video_id"][i]), str(batch["split"][i])
+        frames, audio = batch["frames"][i], batch["audio"][i]
+        latents = self.codec.encode(frames)  # (N, C, h, w)
+        states = self.audio.hidden_states(audio, len(frames))  # (N, layers, D)
+        rows = build_clip_rows(vid, str(batch["identity"][i]), latents, states, self.spec,
+                               load_mouth_track(str(batch["path"][i])))
+        if not rows:
+            raise ValueError(f"{vid}: no complete clip")
+        shard = self.output / split / f"{vid}.parquet"
+        write_shard(rows, shard)
+        return len(rows), str(shard.relative_to(self.output))
+
+
+def write_shard(rows: list[dict], path: Path) -> None:
+    """Clip rows -> one parquet file; tensors as fixed-shape tensor columns. Atomic (temp + rename)."""
+    columns: dict[str, pa.Array] = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if key in TENSOR_COLUMNS:
+            columns[key] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(np.stack(values)))
+        else:
+            columns[key] = pa.array(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        pq.write_table(pa.table(columns), tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:500] or type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------
+# The job
+# ------------------------------------------------------------------------------------------
+
+def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
+    """Plan, run the Ray Data pipeline over what is not done yet, write the manifest. Returns it."""
+    spec = clip_spec(cfg)
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    previous = {e["path"]: e for e in (load_manifest(output) or {}).get("inputs", [])}
+
+    entries, pending = [], []
+    for path in list_inputs(cfg.input):
+        ident = identity_of(path)
+        entry = {"path": str(path), "video_id": video_id(path), "identity": ident,
+                 "split": split_of(ident, cfg.eval_fraction, cfg.split_salt), "fingerprint": fingerprint(path)}
+        old = previous.get(str(path))
+        if (old and old.get("status") == "ok" and old.get("fingerprint") == entry["fingerprint"]
+                and old.get("split") == entry["split"] and (output / old["shard"]).is_file()):
+            entries.append(old)
+        else:
+            pending.append(entry)
+    if cfg.limit is not None:
+        pending = pending[: cfg.limit]
+
+    t0 = time.perf_counter()
+    results: dict[str, dict] = {}
+    if pending:
+        ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+        ds = ds.map(DecodeVideo, fn_constructor_kwargs={"spec": spec},
+                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.decoders))
+        ds = ds.map_batches(
+            Tokenizer, fn_constructor_kwargs={"model": cfg.model, "spec": spec, "output": str(output)},
+            batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizers),
+            num_gpus=1 if cfg.use_gpu else 0)
+        for row in ds.iter_rows():
+            results[str(row["video_id"])] = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+    seconds = time.perf_counter() - t0
+
+    for entry in pending:
+        r = results.get(entry["video_id"], {"status": "skipped", "reason": "not processed (worker lost)",
+                                            "clips": 0, "shard": "", "face_found": False})
+        entries.append({**entry, **{k: r[k] for k in ("status", "reason", "clips", "shard", "face_found")}})
+    entries.sort(key=lambda e: e["path"])
+
+    ok = [e for e in entries if e["status"] == "ok"]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "config": cfg.model_dump(),
+        "clip_spec": spec.__dict__,
+        "models": {"vae": str(Path(cfg.model) / "vae"), "audio_encoder": str(Path(cfg.model) / "audio_encoder")},
+        "counts": {
+            "inputs": len(entries), "ok": len(ok), "skipped": len(entries) - len(ok),
+            "processed_this_run": len(pending), "seconds_this_run": round(seconds, 2),
+            "clips": {s: sum(e["clips"] for e in ok if e["split"] == s) for s in ("train", "eval")},
+            "identities": {s: len({e["identity"] for e in ok if e["split"] == s}) for s in ("train", "eval")},
+        },
+        "inputs": entries,
+    }
+    write_json_atomic(output / "manifest.json", manifest)
+    return manifest

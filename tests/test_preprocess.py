@@ -1,0 +1,222 @@
+"""Ray Data preprocessing against a real local Ray, the real ffmpeg and a tiny codec + audio-encoder bundle."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from letstalk.clips import ClipSpec, build_clip_rows, clip_starts, ref_indices
+from letstalk.media import ffmpeg_exe, write_video
+from letstalk.pipeline import LetsTalkPipeline
+from letstalk.synthetic import draw_portrait, speech_like_audio
+
+ROOT = Path(__file__).resolve().parents[1]
+FPS, CLIP = 25, 8  # the tiny bundle's clip length
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from letstalk_platform.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    return LetsTalkPipeline.init_tiny().save_pretrained(path)
+
+
+def talking_video(path: Path, frames: int, seed: int, fps: float = FPS, size: int = 96, identity: str | None = None):
+    face = draw_portrait(size, seed=seed)
+    write_video(path, [np.roll(face, k % 4, axis=1) for k in range(frames)], fps,
+                speech_like_audio(frames / fps, seed=seed))
+    if identity is not None:
+        path.with_suffix(".json").write_text(json.dumps({"identity": identity, "mouth_open": [0.5] * frames}))
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    d = tmp_path_factory.mktemp("raw")
+    for i in range(6):  # 6 speakers, 40..65 frames each
+        talking_video(d / f"spk{i}.mp4", 40 + 5 * i, seed=i, identity=f"spk{i}")
+    talking_video(d / "spk0_b.mp4", 30, seed=10, identity="spk0")  # a second video of speaker 0
+    return d
+
+
+def run(raw: Path, out: Path, bundle: Path, **kw):
+    from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
+
+    cfg = PreprocessConfig(input=str(raw), output=str(out), model=str(bundle), eval_fraction=0.34, **kw)
+    return run_preprocess(cfg)
+
+
+def test_clip_math():
+    assert clip_starts(20, 8, 4) == [0, 4, 8, 12] and clip_starts(7, 8, 4) == []
+    refs = ref_indices(40, 8, 8, 4)
+    assert len(refs) == 4 and not set(refs.tolist()) & set(range(8, 16))
+    assert ref_indices(8, 0, 8, 3).tolist() == [0, 0, 0]
+
+
+def test_clip_rows_layout():
+    import torch
+
+    spec = ClipSpec(clip_frames=8, stride=4, motion_frames=2, ref_frames=3)
+    n = 21
+    latents = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 4, 2, 2)
+    states = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, 3, 5)
+    rows = build_clip_rows("v", "id", latents, states, spec, mouth=np.arange(n, dtype=np.float32))
+    assert [r["start"] for r in rows] == [0, 4, 8, 12]
+    r = rows[1]
+    assert r["latents"].shape == (8, 4, 2, 2) and r["latents"][:, 0, 0, 0].tolist() == list(range(4, 12))
+    assert r["audio"].shape == (12, 3, 5) and r["audio"][:, 0, 0].tolist() == list(range(2, 14))
+    assert r["motion"][:, 0, 0, 0].tolist() == [2, 3]
+    assert rows[0]["motion"][:, 0, 0, 0].tolist() == [0, 0] and rows[0]["audio"][:3, 0, 0].tolist() == [0, 0, 0]
+    assert not set(r["refs"][:, 0, 0, 0].astype(int).tolist()) & set(range(4, 12))
+    assert r["mouth"].tolist() == list(range(4, 12)) and r["latents"].dtype == np.float16
+    # the stored audio context windows back into the model's (F, 5, layers, D) input
+    from letstalk.audio import windows_from_context
+
+    win = windows_from_context(torch.from_numpy(r["audio"]).float(), 5)
+    assert win.shape == (8, 5, 3, 5) and win[0, :, 0, 0].tolist() == [2, 3, 4, 5, 6]
+
+
+def test_shards_split_and_rerun(ray_local, raw, bundle, tmp_path):
+    from letstalk_platform.data import load_clips
+
+    out = tmp_path / "shards"
+    manifest = run(raw, out, bundle, stride=4)
+    c = manifest["counts"]
+    assert c["inputs"] == 7 and c["ok"] == 7 and c["skipped"] == 0
+    # clips per video: floor((frames - 8) / 4) + 1
+    expected = {f"spk{i}.mp4": (40 + 5 * i - CLIP) // 4 + 1 for i in range(6)} | {"spk0_b.mp4": (30 - CLIP) // 4 + 1}
+    for e in manifest["inputs"]:
+        assert e["clips"] == expected[Path(e["path"]).name], e
+    assert c["clips"]["train"] + c["clips"]["eval"] == sum(expected.values())
+    # identity-level split: both videos of spk0 on the same side; eval identities never in train
+    splits = {e["identity"]: set() for e in manifest["inputs"]}
+    for e in manifest["inputs"]:
+        splits[e["identity"]].add(e["split"])
+    assert all(len(s) == 1 for s in splits.values())
+    assert c["identities"]["eval"] >= 1 and c["identities"]["train"] >= 1
+
+    train, evaluation = load_clips(out, "train"), load_clips(out, "eval")
+    assert train.count() == c["clips"]["train"] and evaluation.count() == c["clips"]["eval"]
+    train_ids = {r["identity"] for r in train.select_columns(["identity"]).take_all()}
+    eval_ids = {r["identity"] for r in evaluation.select_columns(["identity"]).take_all()}
+    assert train_ids and eval_ids and not train_ids & eval_ids
+    batch = next(iter(train.select_columns(["latents", "audio", "motion", "refs", "mouth"]).iter_torch_batches(batch_size=3)))
+    assert tuple(batch["latents"].shape) == (3, CLIP, 4, 8, 8)
+    assert tuple(batch["audio"].shape) == (3, CLIP + 4, 4, 32)
+    assert tuple(batch["motion"].shape) == (3, 2, 4, 8, 8) and tuple(batch["refs"].shape) == (3, 4, 4, 8, 8)
+    assert np.allclose(batch["mouth"].numpy(), 0.5)
+
+    # re-run: nothing to do, shards untouched
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    again = run(raw, out, bundle, stride=4)
+    assert again["counts"]["processed_this_run"] == 0 and again["counts"]["ok"] == 7
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == mtimes
+    # a new video: only it is processed
+    talking_video(raw / "spk9.mp4", 20, seed=9, identity="spk9")
+    try:
+        third = run(raw, out, bundle, stride=4)
+        assert third["counts"]["processed_this_run"] == 1 and third["counts"]["ok"] == 8
+    finally:
+        (raw / "spk9.mp4").unlink()
+        (raw / "spk9.json").unlink()
+
+
+def test_bad_inputs_are_recorded_and_good_ones_processed(ray_local, bundle, tmp_path):
+    d = tmp_path / "raw"
+    d.mkdir()
+    talking_video(d / "good.mp4", 40, seed=1)
+    talking_video(d / "good30fps.mp4", 48, seed=2, fps=30)  # resampled to 25 fps
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=97x71:rate=25:duration=2", "-f", "lavfi", "-i",
+           "sine=frequency=300:sample_rate=16000:duration=2", "-c:v", "libx264", "-pix_fmt", "yuv444p",
+           "-c:a", "aac", "-shortest", str(d / "odd_size.mp4"))
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=25:duration=3", "-f", "lavfi", "-i",
+           "sine=frequency=300:sample_rate=16000:duration=3", "-vf", "select='not(mod(n\\,3))'",
+           "-fps_mode", "vfr", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(d / "vfr.mp4"))
+    ffmpeg("-f", "lavfi", "-i", "color=c=gray:size=80x80:rate=25:duration=2", "-f", "lavfi", "-i",
+           "sine=frequency=200:sample_rate=16000:duration=2", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           "-c:a", "aac", "-shortest", str(d / "flat.mp4"))  # no face anywhere
+    good = (d / "good.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    write_video(d / "silent_track.mp4", [draw_portrait(64)] * 30, FPS, audio=None)  # no audio stream
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:sample_rate=16000:duration=2", "-c:a", "aac",
+           str(d / "audio_only.mp4"))
+    (d / "notes.mp4").write_text("this is text")
+    (d / "empty.mp4").write_bytes(b"")
+    talking_video(d / "short.mp4", 5, seed=3)
+
+    manifest = run(d, tmp_path / "shards", bundle)
+    by_name = {Path(e["path"]).name: e for e in manifest["inputs"]}
+    assert {n for n, e in by_name.items() if e["status"] == "ok"} == {"good.mp4", "good30fps.mp4", "odd_size.mp4",
+                                                                     "vfr.mp4", "flat.mp4"}
+    assert by_name["good30fps.mp4"]["clips"] == 48 * FPS // 30 // CLIP  # 40 frames at 25 fps -> 5 clips
+    reasons = {n: e["reason"] for n, e in by_name.items() if e["status"] != "ok"}
+    assert "no audio stream" in reasons["silent_track.mp4"]
+    assert "no video stream" in reasons["audio_only.mp4"]
+    assert "shorter than one clip" in reasons["short.mp4"]
+    for name in ("truncated.mp4", "notes.mp4", "empty.mp4"):
+        assert reasons[name] and "\n" not in reasons[name]
+    assert by_name["flat.mp4"]["status"] == "ok" and by_name["flat.mp4"]["face_found"] is False  # centre crop
+    assert all(isinstance(e["face_found"], bool) for e in by_name.values())
+    # re-running retries only the failed inputs
+    again = run(d, tmp_path / "shards", bundle)
+    assert again["counts"]["processed_this_run"] == len(reasons)
+
+
+def test_load_clips_ignores_unlisted_files(ray_local, raw, bundle, tmp_path):
+    from letstalk_platform.data import load_clips
+
+    out = tmp_path / "shards"
+    manifest = run(raw, out, bundle)
+    (out / "train" / ".half.parquet.part").write_bytes(b"PAR1 half written")
+    (out / "train" / "stray.parquet").write_bytes(b"garbage")
+    assert load_clips(out, "train").count() == manifest["counts"]["clips"]["train"]
+    with pytest.raises(ValueError, match="split must be"):
+        load_clips(out, "test")
+    with pytest.raises(ValueError, match="no manifest.json"):
+        load_clips(tmp_path, "train")
+
+
+def test_every_preprocess_yaml_validates():
+    from letstalk_platform.preprocess import PreprocessConfig
+    from letstalk_platform.runtime import load_config
+
+    files = sorted((ROOT / "cluster" / "preprocess").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(PreprocessConfig, f, {})
+    with pytest.raises(ValueError, match="invalid PreprocessConfig: .*stride"):
+        load_config(PreprocessConfig, files[0], {"stride": "often"})
+    bad = ROOT / "cluster" / "preprocess" / "demo.yaml"
+    data = yaml.safe_load(bad.read_text()) | {"typo_key": 1}
+    with pytest.raises(ValueError, match="typo_key"):
+        PreprocessConfig.model_validate(data)
+
+
+@pytest.mark.slow
+def test_preprocess_job_from_a_shell(raw, bundle, tmp_path):
+    out = tmp_path / "shards"
+    run_job = subprocess.run([sys.executable, str(ROOT / "jobs" / "preprocess.py"), "--input", str(raw),
+                              "--output", str(out), "--model", str(bundle)], capture_output=True, text=True)
+    assert run_job.returncode == 0, run_job.stderr[-2000:]
+    assert "7/7 videos ok" in run_job.stdout
+    assert json.loads((out / "manifest.json").read_text())["counts"]["ok"] == 7
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "preprocess.py"), "--input", str(raw)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "preprocess: error: invalid PreprocessConfig" in bad.stderr
