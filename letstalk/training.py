@@ -1,0 +1,138 @@
+"""Training pieces that need no runtime: batch augmentation, the loss step, EMA, Latte init.
+
+The Ray Train + DeepSpeed loop (letstalk_platform.train) calls these; tests run them on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .audio import windows_from_context
+from .diffusion import GaussianDiffusion
+from .transformer import LetsTalkTransformer
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-sample randomness of a training batch.
+
+    flip_prob: horizontal flip of clip, motion and reference together (latents of a flipped image
+        are close to flipped latents for the SD VAE, as in Latte/Hallo's latent-space flips).
+    audio_dropout: probability that a sample's audio features are zeroed (the unconditional
+        branch that classifier-free guidance needs).
+    motion_noise: motion latents get Gaussian noise of std U(0, motion_noise), so that the model
+        tolerates imperfect generated motion frames at inference (drift).
+    motion_ref_prob: probability that the motion frames are replaced by the reference latent, the
+        way the first clip of a video is rendered.
+    """
+
+    flip_prob: float = 0.5
+    audio_dropout: float = 0.1
+    motion_noise: float = 0.1
+    motion_ref_prob: float = 0.1
+
+
+def prepare_batch(batch: dict[str, torch.Tensor], augment: Augment, audio_window: int,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Shard columns (letstalk.clips layout) -> model inputs, float32, on the batch's device.
+
+    batch: latents (B, F, C, h, w), audio (B, F + window - 1, layers, D), motion (B, M, C, h, w),
+           refs (B, K, C, h, w).
+    Returns x0 (B, F, C, h, w), portrait (B, C, h, w), audio (B, F, window, layers, D), motion.
+    """
+    x0 = batch["latents"].float()
+    b, dev = x0.shape[0], x0.device
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device="cpu").to(dev)
+
+    refs = batch["refs"].float()
+    pick = (rand(b) * refs.shape[1]).long().clamp(max=refs.shape[1] - 1)
+    portrait = refs[torch.arange(b, device=dev), pick]  # (B, C, h, w): a frame from outside the clip
+    audio = windows_from_context(batch["audio"].float(), audio_window)  # (B, F, window, layers, D)
+    motion = batch["motion"].float()
+
+    if motion.shape[1] > 0:
+        sigma = rand(b) * augment.motion_noise
+        noise = torch.randn(motion.shape, generator=generator, device="cpu").to(dev)
+        motion = motion + sigma.view(b, 1, 1, 1, 1) * noise
+        use_ref = (rand(b) < augment.motion_ref_prob).view(b, 1, 1, 1, 1)
+        motion = torch.where(use_ref, portrait[:, None].expand_as(motion), motion)
+    keep = (rand(b) >= augment.audio_dropout).view(b, 1, 1, 1, 1).float()
+    audio = audio * keep
+    flip = rand(b) < augment.flip_prob
+    if flip.any():
+        x0 = torch.where(flip.view(b, 1, 1, 1, 1), x0.flip(-1), x0)
+        motion = torch.where(flip.view(b, 1, 1, 1, 1), motion.flip(-1), motion)
+        portrait = torch.where(flip.view(b, 1, 1, 1), portrait.flip(-1), portrait)
+    return {"x0": x0, "portrait": portrait, "audio": audio, "motion": motion}
+
+
+def loss_terms(model, diffusion: GaussianDiffusion, inputs: dict[str, torch.Tensor],
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One diffusion training step's losses (batch means): loss, mse, vb. `model` may be a wrapper."""
+    x0 = inputs["x0"]
+    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=generator, device="cpu").to(x0.device)
+    terms = diffusion.training_losses(
+        lambda x, tt: model(x, tt, inputs["portrait"], inputs["audio"], inputs["motion"]), x0, t)
+    return {k: v.mean() for k, v in terms.items()}
+
+
+class EMA:
+    """Exponential moving average of parameters, kept in fp32 on the parameters' device.
+
+    `params` are the tensors to track: the model's parameters, or, under ZeRO-3, each rank's local
+    partitions (DeepSpeed's `param.ds_tensor`), so the average is sharded like the weights.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float = 0.9999):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor]) -> None:
+        for k, v in params.items():
+            self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = self.shadow.keys() - state.keys()
+        if missing:
+            raise ValueError(f"EMA state lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+
+
+def init_from_checkpoint(model: LetsTalkTransformer, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Load the tensors of a (Latte/DiT-style) checkpoint that match by name and shape.
+
+    Accepts safetensors or a torch file (weights_only); a nested "ema"/"model"/"state_dict" entry is
+    unwrapped. Returns {"loaded", "shape_mismatch", "unused", "missing"} key lists for the report.
+    """
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("ema", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    own = model.state_dict()
+    loaded, mismatch = [], []
+    for k, v in state.items():
+        if k in own and tuple(own[k].shape) == tuple(v.shape):
+            own[k] = v.to(own[k].dtype)
+            loaded.append(k)
+        elif k in own:
+            mismatch.append(k)
+    model.load_state_dict(own)
+    return {"loaded": sorted(loaded), "shape_mismatch": sorted(mismatch),
+            "unused": sorted(set(state) - set(own)), "missing": sorted(set(own) - set(loaded))}

@@ -1,0 +1,90 @@
+"""All MLflow access goes through here: tracking (rank 0 only) and the model registry.
+
+A registered model version is a LetsTalkPipeline bundle stored as the run artifact
+`bundle/` and registered under a name with an alias (e.g. `models:/letstalk@candidate`);
+`resolve_bundle` turns such a URI (or a plain folder) into a local bundle directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9_.-]+)@(?P<alias>[A-Za-z0-9_-]+)$")
+
+
+def start_run(uri: str, experiment: str, run_name: str | None, params: dict[str, Any]) -> str:
+    """Create a run (driver side), log flat params; returns the run id the workers log into."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    return run.info.run_id
+
+
+class RankZeroLogger:
+    """Metrics and artifacts into an existing run, from world rank 0 only (a no-op elsewhere)."""
+
+    def __init__(self, uri: str, run_id: str, rank: int):
+        self.enabled = rank == 0
+        self.client = MlflowClient(uri) if self.enabled else None
+        self.run_id = run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.enabled:
+            for k, v in values.items():
+                if math.isfinite(v):
+                    self.client.log_metric(self.run_id, k, float(v), step=step)
+
+    def artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    def text(self, text: str, name: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, name)
+
+
+def register_bundle(uri: str, run_id: str, bundle_dir: str | os.PathLike, name: str, alias: str) -> int:
+    """Upload a bundle folder as run artifact `bundle/`, register it as `name`, point `alias` at it."""
+    client = MlflowClient(uri)
+    client.log_artifacts(run_id, str(bundle_dir), "bundle")
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run_id}/bundle", run_id=run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
+def resolve_bundle(model: str, uri: str | None = None, cache: str | os.PathLike | None = None) -> Path:
+    """A bundle folder, or `models:/<name>@<alias>` from the registry downloaded to a local folder."""
+    m = MODEL_URI.match(model)
+    if m is None:
+        path = Path(model)
+        if not (path / "pipeline.json").is_file():
+            raise ValueError(f"{model!r} is neither a bundle folder (no pipeline.json) nor models:/<name>@<alias>")
+        return path
+    client = MlflowClient(uri)
+    try:
+        version = client.get_model_version_by_alias(m["name"], m["alias"])
+    except mlflow.exceptions.MlflowException as e:
+        raise ValueError(f"{model}: not in the registry at {uri or mlflow.get_tracking_uri()} "
+                         f"({' '.join(str(e).split())[:200]})") from None
+    dst = Path(cache or Path.home() / ".cache" / "letstalk" / "models") / f"{m['name']}-v{version.version}"
+    if not (dst / "pipeline.json").is_file():
+        dst.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst), tracking_uri=uri)
+        inner = dst / "bundle"
+        if inner.is_dir():  # download keeps the artifact folder's name
+            for child in inner.iterdir():
+                child.rename(dst / child.name)
+            inner.rmdir()
+    return dst

@@ -1,0 +1,304 @@
+"""Distributed training: Ray Train TorchTrainer + DeepSpeed ZeRO, MLflow tracking, registry.
+
+Driver (`run_training`): validate the config, open the MLflow run, read the train shards with
+Ray Data, run TorchTrainer, then export the EMA weights as a LetsTalkPipeline bundle and register
+it. Workers (`train_loop`): DeepSpeed engine over LetsTalkTransformer, batches from
+`get_dataset_shard("train").iter_torch_batches`, EMA (sharded like the weights under ZeRO-3),
+checkpoints through `ray.train.report` every `checkpoint_every` steps.
+
+A checkpoint folder holds DeepSpeed's own files (weights, optimizer; per rank), `ema-rank{r}.pt`
+(each rank's EMA tensors), `transformer/` (the full EMA model as config.json + safetensors,
+written by rank 0: loadable without Ray or DeepSpeed) and `state.json` (step, epoch, batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from letstalk.config import PRESETS, LetsTalkConfig
+from letstalk.diffusion import GaussianDiffusion
+from letstalk.pipeline import LetsTalkPipeline, PipelineSettings
+from letstalk.training import EMA, Augment, init_from_checkpoint, loss_terms, prepare_batch
+from letstalk.transformer import LetsTalkTransformer
+
+from . import tracking
+
+TRAIN_COLUMNS = ["latents", "audio", "motion", "refs"]
+
+
+class TrainConfig(BaseModel):
+    """Settings of jobs/train.py (YAML keys; flags override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="shard folder written by jobs/preprocess.py")
+    preset: str = "B"
+    portrait_fusion: Literal["symbiotic", "direct", "siamese"] = "symbiotic"
+    audio_fusion: Literal["direct", "siamese", "symbiotic"] = "direct"
+    batch_size: int = Field(4, ge=1, description="clips per worker per step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    steps: int = Field(300_000, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    gradient_checkpointing: bool = False
+    flip_prob: float = 0.5
+    audio_dropout: float = 0.1
+    motion_noise: float = 0.1
+    motion_ref_prob: float = 0.1
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage: str = "runs"
+    name: str = "letstalk"
+    max_failures: int = 2
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "letstalk"
+    register_name: str | None = "letstalk"
+    register_alias: str = "candidate"
+    init_from: str | None = Field(None, description="Latte/DiT checkpoint: keys matching by name and shape")
+    seed: int = 0
+    fail_at_step: int | None = Field(None, description="chaos test: rank 1 dies once at this step")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose from {list(PRESETS)}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v) or v.startswith("."):
+            raise ValueError("name may hold only letters, digits, '-', '_' and '.'")
+        return v
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Worker side
+# ------------------------------------------------------------------------------------------
+
+def _ema_tensors(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:
+    """What the EMA tracks: full parameters, or this rank's ZeRO-3 partitions."""
+    return {n: (p.ds_tensor if zero3 else p) for n, p in module.named_parameters()}
+
+
+def _full_ema_state(module: torch.nn.Module, ema: EMA, zero3: bool, rank: int) -> dict[str, torch.Tensor] | None:
+    """The full EMA weights on rank 0 (None elsewhere). Under ZeRO-3 each partition is swapped into
+    its parameter, gathered, and swapped back; every rank must call this."""
+    if not zero3:
+        return {k: v.clone() for k, v in ema.shadow.items()} if rank == 0 else None
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for n, p in module.named_parameters():
+        live = p.ds_tensor.data.clone()
+        p.ds_tensor.data.copy_(ema.shadow[n].to(p.ds_tensor.dtype))
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if rank == 0:
+                state[n] = p.detach().float().clone()
+        p.ds_tensor.data.copy_(live)
+    return state if rank == 0 else None
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.use_gpu else "cpu")
+    if cfg.use_gpu:
+        torch.cuda.set_device(device)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.use_gpu)
+    torch.manual_seed(cfg.seed + rank)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+
+    arch = config["arch"]
+    model = LetsTalkTransformer(**arch)
+    if cfg.init_from and rank == 0:
+        report = init_from_checkpoint(model, cfg.init_from)
+        print(f"init from {cfg.init_from}: {len(report['loaded'])} tensors loaded, "
+              f"{len(report['shape_mismatch'])} shape mismatches, {len(report['missing'])} missing")
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(cfg, bf16))
+    zero3 = cfg.zero_stage == 3
+    ema = EMA(_ema_tensors(engine.module, zero3), cfg.ema_decay)
+    diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"])
+    augment = Augment(cfg.flip_prob, cfg.audio_dropout, cfg.motion_noise, cfg.motion_ref_prob)
+    log = tracking.RankZeroLogger(cfg.mlflow_uri, config["run_id"], rank)
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag="ds")
+            ema.load_state_dict(torch.load(Path(d) / f"ema-rank{rank}.pt", map_location=device, weights_only=True))
+            state = json.loads((Path(d) / "state.json").read_text())
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        print(f"rank {rank}: resumed at step {step}")
+
+    shard = ray.train.get_dataset_shard("train")
+    t_last, samples_since = time.perf_counter(), 0
+    while step < cfg.steps:
+        skip = batch_in_epoch  # data position: skip the batches this epoch already consumed
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
+                                                           device=device)):
+            if i < skip:
+                continue
+            inputs = prepare_batch(batch, augment, arch["audio_window"], generator)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                terms = loss_terms(engine, diffusion, inputs, generator)
+            engine.backward(terms["loss"])
+            engine.step()
+            ema.update(_ema_tensors(engine.module, zero3))
+            step, batch_in_epoch, samples_since = step + 1, i + 1, samples_since + cfg.batch_size * world
+
+            if cfg.fail_at_step == step and rank == min(1, world - 1):
+                marker = Path(config["chaos_marker"])
+                if not marker.exists():
+                    marker.write_text(f"killed rank {rank} at step {step}\n")
+                    os._exit(1)  # a worker dies without warning; Ray Train restarts from the last checkpoint
+
+            metrics = {"step": step, "loss": float(terms["loss"]), "mse": float(terms["mse"]),
+                       "vb": float(terms["vb"])}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                metrics |= {"grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                            "samples_per_s": samples_since / max(now - t_last, 1e-9),
+                            "lr": float(engine.get_lr()[0])}
+                t_last, samples_since = now, 0
+                log.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_and_report(engine, ema, zero3, rank, arch, metrics,
+                                 {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+            if step >= cfg.steps:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+            continue
+        break
+
+
+def _save_and_report(engine, ema: EMA, zero3: bool, rank: int, arch: dict, metrics: dict, state: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    full = _full_ema_state(engine.module, ema, zero3, rank)
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag="ds")
+        torch.save(ema.state_dict(), Path(d) / f"ema-rank{rank}.pt")
+        if rank == 0:
+            model = LetsTalkTransformer(**arch)
+            model.load_state_dict(full)
+            model.save_pretrained(Path(d) / "transformer")
+            (Path(d) / "state.json").write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+# ------------------------------------------------------------------------------------------
+# Driver side
+# ------------------------------------------------------------------------------------------
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, export the EMA model as a bundle, register it. Returns a summary dict."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .data import load_clips
+    from .preprocess import load_manifest
+
+    manifest = load_manifest(Path(cfg.data))
+    if manifest is None:
+        raise ValueError(f"{cfg.data} has no manifest.json: run jobs/preprocess.py first")
+    data_bundle = Path(manifest["models"]["vae"]).parent
+    spec = manifest["clip_spec"]
+    tcfg = json.loads((data_bundle / "transformer" / "config.json").read_text())
+    arch = PRESETS[cfg.preset].to_dict() | {
+        "portrait_fusion": cfg.portrait_fusion, "audio_fusion": cfg.audio_fusion,
+        "num_frames": spec["clip_frames"], "num_motion_frames": spec["motion_frames"],
+        "audio_window": spec["audio_window"], "audio_layers": tcfg["audio_layers"],
+        "audio_feature_dim": tcfg["audio_feature_dim"], "input_size": tcfg["input_size"],
+    }
+    LetsTalkConfig(**arch)  # fail fast on a bad combination, before any worker starts
+
+    storage = Path(cfg.storage).resolve()
+    run_dir = storage / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id = tracking.start_run(cfg.mlflow_uri, cfg.experiment, cfg.name,
+                                cfg.model_dump() | {f"arch.{k}": v for k, v in arch.items()})
+    log = tracking.RankZeroLogger(cfg.mlflow_uri, run_id, 0)
+    log.text(json.dumps({"train": cfg.model_dump(), "arch": arch}, indent=2), "config.json")
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"train": cfg.model_dump(), "arch": arch, "run_id": run_id,
+                           "chaos_marker": str(run_dir / ".chaos-done")},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        datasets={"train": load_clips(cfg.data, "train").select_columns(TRAIN_COLUMNS)},
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint ({result.error})")
+
+    bundle_dir = run_dir / "bundle"
+    with result.checkpoint.as_directory() as ckpt:
+        export_bundle(Path(ckpt) / "transformer", data_bundle, bundle_dir, spec)
+    summary = {"run_id": run_id, "steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
+               "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path, "bundle": str(bundle_dir)}
+    if cfg.register_name:
+        version = tracking.register_bundle(cfg.mlflow_uri, run_id, bundle_dir, cfg.register_name, cfg.register_alias)
+        summary["registered"] = f"models:/{cfg.register_name}@{cfg.register_alias} (version {version})"
+    log.text(json.dumps(summary, indent=2), "summary.json")
+    return summary
+
+
+def export_bundle(transformer_dir: Path, data_bundle: Path, out: Path, spec: dict[str, Any]) -> Path:
+    """EMA transformer + the codec and audio encoder the data was tokenized with -> a render bundle."""
+    pipe = LetsTalkPipeline.from_pretrained(data_bundle)
+    pipe.transformer = LetsTalkTransformer.from_pretrained(transformer_dir).eval()
+    pipe.settings = PipelineSettings(fps=spec["fps"], sample_rate=spec["sample_rate"])
+    pipe._check_components()
+    return pipe.save_pretrained(out)
