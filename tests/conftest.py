@@ -1,5 +1,42 @@
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+
+
+def talking_video(path: Path, frames: int, seed: int, fps: float = 25, size: int = 96, identity: str | None = None):
+    """A short mp4 (drawn face, speech-like audio); with `identity`, a sidecar JSON like the procedural data's."""
+    from letstalk.media import write_video
+    from letstalk.synthetic import draw_portrait, speech_like_audio
+
+    face = draw_portrait(size, seed=seed)
+    write_video(path, [np.roll(face, k % 4, axis=1) for k in range(frames)], fps,
+                speech_like_audio(frames / fps, seed=seed))
+    if identity is not None:
+        path.with_suffix(".json").write_text(json.dumps({"identity": identity, "mouth_open": [0.5] * frames}))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray on 127.0.0.1, shared by the platform tests."""
+    import ray
+
+    from letstalk_platform.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    """A random-initialised tiny render bundle (codec + audio encoder + transformer) on disk."""
+    from letstalk.pipeline import LetsTalkPipeline
+
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    return LetsTalkPipeline.init_tiny().save_pretrained(path)
 
 
 def pytest_collection_modifyitems(config, items):

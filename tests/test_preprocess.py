@@ -11,36 +11,12 @@ import yaml
 
 from letstalk.clips import ClipSpec, build_clip_rows, clip_starts, ref_indices
 from letstalk.media import ffmpeg_exe, write_video
-from letstalk.pipeline import LetsTalkPipeline
-from letstalk.synthetic import draw_portrait, speech_like_audio
+from letstalk.synthetic import draw_portrait
+
+from conftest import talking_video
 
 ROOT = Path(__file__).resolve().parents[1]
 FPS, CLIP = 25, 8  # the tiny bundle's clip length
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from letstalk_platform.runtime import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bundle") / "tiny"
-    return LetsTalkPipeline.init_tiny().save_pretrained(path)
-
-
-def talking_video(path: Path, frames: int, seed: int, fps: float = FPS, size: int = 96, identity: str | None = None):
-    face = draw_portrait(size, seed=seed)
-    write_video(path, [np.roll(face, k % 4, axis=1) for k in range(frames)], fps,
-                speech_like_audio(frames / fps, seed=seed))
-    if identity is not None:
-        path.with_suffix(".json").write_text(json.dumps({"identity": identity, "mouth_open": [0.5] * frames}))
 
 
 def ffmpeg(*args: str) -> None:

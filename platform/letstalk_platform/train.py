@@ -68,6 +68,8 @@ class TrainConfig(BaseModel):
     experiment: str = "letstalk"
     register_name: str | None = "letstalk"
     register_alias: str = "candidate"
+    deepspeed: str | None = Field(None, description="base DeepSpeed JSON (cluster/deepspeed/); the fields "
+                                  "above (batch, lr, clipping, ZeRO stage, precision) override it")
     init_from: str | None = Field(None, description="Latte/DiT checkpoint: keys matching by name and shape")
     seed: int = 0
     fail_at_step: int | None = Field(None, description="chaos test: rank 1 dies once at this step")
@@ -88,19 +90,21 @@ class TrainConfig(BaseModel):
 
 
 def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-    return {
+    """The DeepSpeed config: cfg.deepspeed's JSON (if any) with this run's settings on top."""
+    base: dict[str, Any] = json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else {}
+    zero = dict(base.get("zero_optimization", {})) | {"stage": cfg.zero_stage}
+    optimizer = base.get("optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8}})
+    params = dict(optimizer.get("params", {})) | {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if not cfg.use_gpu:
+        params["torch_adam"] = True  # no fused-op compile on CPU
+    return base | {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": base.get("gradient_accumulation_steps", 1),
         "gradient_clipping": cfg.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "optimizer": {"type": optimizer.get("type", "AdamW"), "params": params},
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
     }
 
 
