@@ -1,6 +1,8 @@
 """Ray Train + DeepSpeed on 2 CPU workers, a real sqlite MLflow store, the registry (tiny preset)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,11 @@ from safetensors.torch import load_file
 
 from conftest import talking_video
 from letstalk import LetsTalkTransformer
+from letstalk.media import probe
 from letstalk.training import EMA, Augment, init_from_checkpoint, prepare_batch
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,12 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
     assert run.data.params["preset"] == "tiny" and run.data.params["zero_stage"] == "2"
     assert {"loss", "mse", "vb", "grad_norm", "samples_per_s", "lr"} <= run.data.metrics.keys()
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
-    assert {"config.json", "summary.json", "bundle"} <= artifacts
+    assert {"config.json", "summary.json", "bundle", "samples"} <= artifacts
+    samples = sorted(Path(a.path).name for a in client.list_artifacts(summary["run_id"], "samples"))
+    assert samples == ["step0000015-clip0.mp4", "step0000030-clip0.mp4"]
+    video = Path(client.download_artifacts(summary["run_id"], "samples/step0000030-clip0.mp4", str(tmp_path)))
+    info = probe(video)
+    assert info.has_audio and info.has_video and abs(info.duration - 8 / 25) < 0.1
 
     # the registered version: by alias, loadable without Ray, renders
     local = resolve_bundle("models:/letstalk-test@candidate", uri, cache=tmp_path / "cache")
@@ -73,6 +82,16 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
     ema = torch.load(ckpt / "ema-rank0.pt", weights_only=True)
     assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
     assert json.loads((ckpt / "state.json").read_text())["step"] == 30
+
+    # on demand: jobs/register.py turns a checkpoint into another registry version
+    job = subprocess.run([sys.executable, str(ROOT / "jobs" / "register.py"), "--checkpoint", str(ckpt), "--data",
+                          str(shards), "--mlflow-uri", uri, "--name", "letstalk-test", "--alias", "production"],
+                         capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr[-1500:]
+    assert "models:/letstalk-test@production (version 2" in job.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "register.py"), "--checkpoint", str(shards),
+                          "--data", str(shards), "--mlflow-uri", uri], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a training checkpoint" in bad.stderr
 
 
 def test_zero3_resumes_after_a_worker_dies(shards, tmp_path):

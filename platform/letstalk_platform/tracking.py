@@ -22,6 +22,10 @@ MODEL_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9_.-]+)@(?P<alias>[A-Za-z0-9
 def start_run(uri: str, experiment: str, run_name: str | None, params: dict[str, Any]) -> str:
     """Create a run (driver side), log flat params; returns the run id the workers log into."""
     mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None and uri.startswith("sqlite:///"):
+        # keep a local store's artifacts next to its database, not in whatever the cwd is
+        root = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment
+        mlflow.create_experiment(experiment, artifact_location=root.as_uri())
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})

@@ -53,6 +53,8 @@ class TrainConfig(BaseModel):
     steps: int = Field(300_000, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
     log_every: int = Field(10, ge=1)
+    sample_clips: int = Field(1, ge=0, description="eval clips rendered to MLflow at every checkpoint")
+    sample_steps: int = Field(25, ge=1, description="DDIM steps for those samples")
     gradient_checkpointing: bool = False
     flip_prob: float = 0.5
     audio_dropout: float = 0.1
@@ -208,8 +210,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 t_last, samples_since = now, 0
                 log.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _save_and_report(engine, ema, zero3, rank, arch, metrics,
-                                 {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+                full = _save_and_report(engine, ema, zero3, rank, arch, metrics,
+                                        {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+                if full is not None and config.get("samples"):
+                    _log_samples(full, arch, config, log, step, device)
             if step >= cfg.steps:
                 break
         else:
@@ -232,6 +236,35 @@ def _save_and_report(engine, ema: EMA, zero3: bool, rank: int, arch: dict, metri
             model.save_pretrained(Path(d) / "transformer")
             (Path(d) / "state.json").write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+    return full
+
+
+def _log_samples(ema_state: dict, arch: dict, config: dict, log: tracking.RankZeroLogger, step: int,
+                 device: torch.device) -> None:
+    """Rank 0: render the eval sample clips with the EMA weights (DDIM) -> mp4 with the source audio -> MLflow."""
+    from letstalk.audio import windows_from_context
+    from letstalk.media import load_audio, write_video
+    from letstalk.vae import LatentCodec
+
+    cfg = TrainConfig(**config["train"])
+    model = LetsTalkTransformer(**arch).to(device).eval()
+    model.load_state_dict(ema_state)
+    codec = LatentCodec.from_pretrained(Path(config["data_bundle"]) / "vae", device=device)
+    diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"])
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    for k, clip in enumerate(config["samples"]):
+        ref = torch.as_tensor(clip["refs"][0], device=device).float()[None]
+        audio = windows_from_context(torch.as_tensor(clip["audio"], device=device).float(), arch["audio_window"])[None]
+        motion = torch.as_tensor(clip["motion"], device=device).float()[None]
+        noise = torch.randn((1, *clip["latents"].shape), generator=g, device=device)
+        latents = diffusion.sample(lambda x, t: model(x, t, ref, audio, motion), noise, sampler="ddim",
+                                   steps=cfg.sample_steps, generator=g)
+        frames = codec.decode(latents[0])
+        fps, sr = config["fps"], config["sample_rate"]
+        wave = load_audio(clip["path"], sr)[int(clip["start"] / fps * sr):][: int(len(frames) / fps * sr)]
+        with tempfile.TemporaryDirectory() as d:
+            out = write_video(Path(d) / f"step{step:07d}-clip{k}.mp4", frames, fps, wave, sr)
+            log.artifact(out, "samples")
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,7 +305,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": cfg.model_dump(), "arch": arch, "run_id": run_id,
-                           "chaos_marker": str(run_dir / ".chaos-done")},
+                           "chaos_marker": str(run_dir / ".chaos-done"), "data_bundle": str(data_bundle),
+                           "fps": spec["fps"], "sample_rate": spec["sample_rate"],
+                           "samples": _sample_clips(cfg, manifest)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=str(storage),
@@ -297,6 +332,19 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         summary["registered"] = f"models:/{cfg.register_name}@{cfg.register_alias} (version {version})"
     log.text(json.dumps(summary, indent=2), "summary.json")
     return summary
+
+
+def _sample_clips(cfg: TrainConfig, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The first clip of the first `sample_clips` eval videos (train videos if there is no eval split)."""
+    from .data import load_clips
+
+    if cfg.sample_clips == 0:
+        return []
+    split = "eval" if manifest["counts"]["clips"]["eval"] else "train"
+    paths = {e["video_id"]: e["path"] for e in manifest["inputs"] if e["status"] == "ok"}
+    rows = (load_clips(cfg.data, split).filter(lambda r: r["clip"] == 0)
+            .select_columns(["video_id", "start", "latents", "audio", "motion", "refs"]).take(cfg.sample_clips))
+    return [r | {"path": paths[r["video_id"]]} for r in rows]
 
 
 def export_bundle(transformer_dir: Path, data_bundle: Path, out: Path, spec: dict[str, Any]) -> Path:

@@ -1,0 +1,66 @@
+"""MLflow through a real tracking server on 127.0.0.1 and a plain sqlite store: runs, registry, aliases."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from letstalk_platform import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/m.db",
+                             "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield uri
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.mark.parametrize("store", ["server", "sqlite"])
+def test_run_registry_and_alias(store, request, bundle, tmp_path):
+    uri = request.getfixturevalue("server") if store == "server" else f"sqlite:///{tmp_path}/m.db"
+    run_id = tracking.start_run(uri, "exp", "r1", {"preset": "tiny", "lr": 1e-3})
+    log = tracking.RankZeroLogger(uri, run_id, rank=0)
+    log.metrics({"loss": 0.5, "nan": float("nan")}, step=3)
+    tracking.RankZeroLogger(uri, run_id, rank=1).metrics({"loss": 9.0}, step=3)  # not rank 0: ignored
+    client = MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(3, 0.5)]
+    assert client.get_run(run_id).data.params["lr"] == "0.001"
+    v1 = tracking.register_bundle(uri, run_id, bundle, "talk", "candidate")
+    v2 = tracking.register_bundle(uri, run_id, bundle, "talk", "production")
+    assert (v1, v2) == (1, 2)
+    local = tracking.resolve_bundle("models:/talk@production", uri, cache=tmp_path / "cache")
+    assert (local / "pipeline.json").is_file() and local.name == "talk-v2"
+    assert (local / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="not in the registry"):
+        tracking.resolve_bundle("models:/talk@nope", uri, cache=tmp_path / "cache")
+    with pytest.raises(ValueError, match="neither a bundle folder"):
+        tracking.resolve_bundle("../etc/passwd", uri)
