@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -206,7 +207,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 now = time.perf_counter()
                 metrics |= {"grad_norm": float(engine.get_global_grad_norm() or 0.0),
                             "samples_per_s": samples_since / max(now - t_last, 1e-9),
-                            "lr": float(engine.get_lr()[0])}
+                            "lr": float(engine.get_lr()[0]),
+                            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
                 t_last, samples_since = now, 0
                 log.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -1,0 +1,195 @@
+"""Training benchmark (prints figures measured in one run; not a test).
+
+    python bench/train.py [--steps 40] [--skip-throughput] [--skip-memory]
+
+1. Throughput: samples/s of Ray Train + DeepSpeed ZeRO-2 (2 CPU workers, local Ray) vs a plain
+   single-process PyTorch loop (AdamW, same tiny model, same global batch, same shards, same
+   cores), and the peak RSS of a Ray Train worker.
+2. Memory on paper for LetsTalk-L: parameter/optimizer/EMA state per GPU on 8 GPUs under ZeRO-2
+   and ZeRO-3, plus activations per clip *measured* here by summing the bytes autograd saves for
+   one L block at 16 frames (with and without activation checkpointing), scaled to bf16.
+3. Time for 300k steps of L at the paper's batch (16 clips) on 8×A800 at an assumed MFU, from
+   the FLOPs of one forward counted on the meta device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from letstalk import LetsTalkTransformer, count_parameters
+from letstalk.config import LetsTalkConfig
+
+A800_BF16_PEAK = 312e12  # dense bf16 FLOP/s (A100/A800 class)
+
+
+def make_shards(root: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import talking_video
+
+    from letstalk.pipeline import LetsTalkPipeline
+    from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
+
+    bundle = LetsTalkPipeline.init_tiny().save_pretrained(root / "bundle")
+    raw = root / "raw"
+    raw.mkdir()
+    for i in range(6):
+        talking_video(raw / f"v{i}.mp4", 100, seed=i, identity=f"id{i}")
+    run_preprocess(PreprocessConfig(input=str(raw), output=str(root / "shards"), model=str(bundle), stride=2,
+                                    eval_fraction=0.0))
+    return root / "shards"
+
+
+def plain_loop(shards: Path, steps: int, batch: int) -> float:
+    """samples/s of a single-process loop over the same shards (read with pyarrow, no Ray)."""
+    import pyarrow.parquet as pq
+
+    from letstalk.diffusion import GaussianDiffusion
+    from letstalk.training import Augment, loss_terms, prepare_batch
+
+    tables = [pq.read_table(p) for p in sorted((shards / "train").glob("*.parquet"))]
+    cols = {k: np.concatenate([t.column(k).combine_chunks().to_numpy_ndarray() for t in tables])
+            for k in ("latents", "audio", "motion", "refs")}
+    n = len(cols["latents"])
+    model = LetsTalkTransformer.from_preset("tiny", num_frames=cols["latents"].shape[1])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
+    diffusion, aug, g = GaussianDiffusion(), Augment(), torch.Generator().manual_seed(0)
+    t0 = None
+    for step in range(steps):
+        if step == 5:
+            t0 = time.perf_counter()  # after warm-up
+        idx = np.random.default_rng(step).choice(n, batch, replace=False)
+        inputs = prepare_batch({k: torch.from_numpy(v[idx]) for k, v in cols.items()}, aug, 5, g)
+        loss = loss_terms(model, diffusion, inputs, g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return (steps - 5) * batch / (time.perf_counter() - t0)
+
+
+def ray_train(shards: Path, root: Path, steps: int, batch: int) -> tuple[float, float]:
+    from mlflow.tracking import MlflowClient
+
+    from letstalk_platform.runtime import init_ray
+    from letstalk_platform.train import TrainConfig, run_training
+
+    init_ray(num_cpus=2)
+    uri = f"sqlite:///{root}/m.db"
+    cfg = TrainConfig(data=str(shards), preset="tiny", batch_size=batch // 2, lr=1e-3, num_workers=2,
+                      cpus_per_worker=0.5, steps=steps, checkpoint_every=steps, log_every=5, storage=str(root / "runs"),
+                      mlflow_uri=uri, experiment="bench", register_name=None, sample_clips=0)
+    summary = run_training(cfg)
+    client = MlflowClient(uri)
+    rates = [m.value for m in client.get_metric_history(summary["run_id"], "samples_per_s") if m.step > 5]
+    rss = max(m.value for m in client.get_metric_history(summary["run_id"], "peak_rss_mb"))
+    return float(np.mean(rates)), rss
+
+
+def saved_bytes_per_block(cfg: LetsTalkConfig, checkpointing: bool) -> int:
+    """Bytes autograd keeps for one block's backward, for one clip (fp32)."""
+    model = LetsTalkTransformer(**cfg.to_dict())
+    block = model.blocks[0]
+    d, p, f = cfg.hidden_size, cfg.tokens_per_frame, cfg.num_frames
+    x = torch.randn(1, f, p, d, requires_grad=True)
+    side = torch.randn(1, f, p, d, requires_grad=True)
+    motion = torch.randn(1, cfg.num_motion_frames, p, d, requires_grad=True)
+    audio = torch.randn(1, f, cfg.audio_tokens, cfg.audio_token_dim)
+    c = torch.randn(1, d)
+    total, seen = 0, set()
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen and t.data_ptr() not in (x.data_ptr(), side.data_ptr(), motion.data_ptr()):
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if checkpointing:
+            from torch.utils.checkpoint import checkpoint
+
+            checkpoint(block, x, c, motion, side, audio, None, use_reentrant=False)
+        else:
+            block(x, c, motion, side, audio, None)
+    return total
+
+
+def memory_on_paper(per_gpu_clips: int = 2, gpus: int = 8) -> None:
+    cfg = LetsTalkConfig.from_name("L")
+    with torch.device("meta"):
+        n = count_parameters(LetsTalkTransformer.from_preset("L"))["total"]
+    gb = 1024**3
+    full = {"bf16 weights": 2 * n, "bf16 grads": 2 * n, "fp32 master + Adam m, v": 12 * n}
+    ema = 4 * n
+    z2 = full["bf16 weights"] + (full["bf16 grads"] + full["fp32 master + Adam m, v"]) / gpus + ema
+    z3 = (sum(full.values()) + ema) / gpus
+    plain = saved_bytes_per_block(cfg, False)
+    ckpt = saved_bytes_per_block(cfg, True)
+    act = plain / 2 * cfg.depth  # bf16 halves fp32 activations
+    act_ckpt = ckpt / 2 * cfg.depth + plain / 2  # block inputs kept + one block recomputed at a time
+    print(f"L: {n / 1e6:.1f}M parameters (with audio projection), {gpus} GPUs, {per_gpu_clips} clips per GPU "
+          f"(paper: batch 10-16)")
+    print(f"  states per GPU: ZeRO-2 {z2 / gb:.2f} GB (weights full, grads+optimizer sharded, EMA full), "
+          f"ZeRO-3 {z3 / gb:.2f} GB (all sharded, EMA sharded)")
+    print(f"  activations per clip, measured on one block ×{cfg.depth}: {act / gb:.1f} GB bf16; "
+          f"with activation checkpointing {act_ckpt / gb:.2f} GB")
+    for name, states in (("ZeRO-2", z2), ("ZeRO-3", z3)):
+        print(f"  {name}: {(states + per_gpu_clips * act) / gb:.1f} GB per GPU without checkpointing, "
+              f"{(states + per_gpu_clips * act_ckpt) / gb:.1f} GB with (of 80 GB)")
+
+
+def time_on_paper(steps: int = 300_000, batch: int = 16, gpus: int = 8, mfu: float = 0.4) -> None:
+    cfg = LetsTalkConfig.from_name("L")
+    with torch.device("meta"):
+        model = LetsTalkTransformer(**cfg.to_dict())
+        x = torch.randn(1, 16, 4, 32, 32)
+        args = (x, torch.zeros(1, dtype=torch.long), torch.randn(1, 4, 32, 32),
+                torch.randn(1, 16, 5, 12, 768), torch.randn(1, 2, 4, 32, 32))
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(*args)  # math backend: its matmuls are visible to the counter
+    fwd = counter.get_total_flops()
+    per_step = 3 * fwd * batch  # forward + backward ≈ 3× forward (4× with activation checkpointing)
+    seconds = per_step / (gpus * A800_BF16_PEAK * mfu)
+    print(f"L forward: {fwd / 1e12:.2f} TFLOP per clip; a training step of {batch} clips: "
+          f"{per_step / 1e12:.1f} TFLOP (3x forward)")
+    print(f"  at {mfu:.0%} MFU on {gpus}×A800 (bf16 peak {A800_BF16_PEAK / 1e12:.0f} TFLOP/s): {seconds:.3f} s/step, "
+          f"{steps:,} steps in {steps * seconds / 3600:.1f} h ({steps * seconds * 4 / 3 / 3600:.1f} h with "
+          f"activation checkpointing)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=8, help="global batch (clips per step)")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    if not args.skip_throughput:
+        with tempfile.TemporaryDirectory() as d:
+            root = Path(d)
+            shards = make_shards(root)
+            plain = plain_loop(shards, args.steps, args.batch)
+            ray_rate, rss = ray_train(shards, root, args.steps, args.batch)
+        print(f"tiny preset, global batch {args.batch}: plain loop {plain:.1f} samples/s, "
+              f"Ray Train + DeepSpeed ZeRO-2 (2 workers) {ray_rate:.1f} samples/s, ratio {ray_rate / plain:.2f}; "
+              f"peak RSS per worker {rss:.0f} MB")
+    if not args.skip_memory:
+        memory_on_paper()
+        time_on_paper()
+
+
+if __name__ == "__main__":
+    main()
