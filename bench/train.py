@@ -93,7 +93,8 @@ def ray_train(shards: Path, root: Path, steps: int, batch: int) -> tuple[float, 
     client = MlflowClient(uri)
     rates = [m.value for m in client.get_metric_history(summary["run_id"], "samples_per_s") if m.step > 5]
     rss = max(m.value for m in client.get_metric_history(summary["run_id"], "peak_rss_mb"))
-    return float(np.mean(rates)), rss
+    # every interval holds the same number of samples: total samples / total time = harmonic mean
+    return float(len(rates) / np.sum(1.0 / np.asarray(rates))), rss
 
 
 def saved_bytes_per_block(cfg: LetsTalkConfig, checkpointing: bool) -> int:
