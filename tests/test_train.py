@@ -83,6 +83,12 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
     assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
     assert json.loads((ckpt / "state.json").read_text())["step"] == 30
 
+    # the same (storage, name) again with more steps: Ray Train resumes from the latest checkpoint
+    more, _ = train(shards, tmp_path, steps=33, checkpoint_every=15, zero_stage=2, name="z2", sample_clips=0,
+                    register_name=None)
+    resumed = [s for s, _ in history(uri, more["run_id"], "loss")]
+    assert resumed == [31, 32, 33] and more["steps"] == 33
+
     # on demand: jobs/register.py turns a checkpoint into another registry version
     job = subprocess.run([sys.executable, str(ROOT / "jobs" / "register.py"), "--checkpoint", str(ckpt), "--data",
                           str(shards), "--mlflow-uri", uri, "--name", "letstalk-test", "--alias", "production"],

@@ -275,6 +275,7 @@ def _log_samples(ema_state: dict, arch: dict, config: dict, log: tracking.RankZe
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train, export the EMA model as a bundle, register it. Returns a summary dict."""
+    import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -304,6 +305,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     log = tracking.RankZeroLogger(cfg.mlflow_uri, run_id, 0)
     log.text(json.dumps({"train": cfg.model_dump(), "arch": arch}, indent=2), "config.json")
 
+    cpus_per_worker = cfg.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if not cfg.use_gpu and cfg.num_workers * cpus_per_worker > total - 1:
+        # workers holding every CPU would starve the Ray Data tasks that feed them (a hang, not an error)
+        cpus_per_worker = max(total - 1, total / 2) / cfg.num_workers
+        print(f"train: {total:g} CPUs in the cluster; {cfg.num_workers} workers × {cfg.cpus_per_worker:g} CPUs would "
+              f"leave none for Ray Data: using {cpus_per_worker:g} CPUs per worker")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": cfg.model_dump(), "arch": arch, "run_id": run_id,
@@ -311,7 +319,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                            "fps": spec["fps"], "sample_rate": spec["sample_rate"],
                            "samples": _sample_clips(cfg, manifest)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
