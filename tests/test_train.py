@@ -148,3 +148,20 @@ def test_ema_and_latte_init(tmp_path):
     assert set(report["loaded"]) == {k for k in state if k.startswith("blocks.0.")}
     assert report["unused"] == ["pos_embed_extra"] and report["shape_mismatch"] == ["final_layer.linear.weight"]
     assert torch.all(model.blocks[0].attn.qkv.weight == 0.5)
+
+
+def test_train_job_from_a_shell_with_relative_paths(shards, tmp_path):
+    """The issue's command, no YAML, relative paths, default CPUs per worker on a 2-core machine."""
+    import os
+
+    data = os.path.relpath(shards, tmp_path)
+    job = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--data", data, "--preset", "tiny",
+                          "--num-workers", "2", "--debug-steps", "3", "--mlflow-uri", "sqlite:///m.db",
+                          "--storage", "runs/"], cwd=tmp_path, capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr[-2000:]
+    summary = json.loads(job.stdout[job.stdout.index("{"):])
+    assert summary["steps"] == 3 and summary["registered"].startswith("models:/letstalk@candidate")
+    assert (tmp_path / "m.db").is_file() and (tmp_path / "runs" / "letstalk" / "bundle" / "pipeline.json").is_file()
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--data", data, "--preset", "XXL"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -223,6 +223,8 @@ def _one_line(e: BaseException) -> str:
 
 def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     """Plan, run the Ray Data pipeline over what is not done yet, write the manifest. Returns it."""
+    # absolute paths: actors need not share the driver's working directory, and the manifest is read later
+    cfg = cfg.model_copy(update={k: str(Path(getattr(cfg, k)).resolve()) for k in ("input", "output", "model")})
     spec = clip_spec(cfg)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)

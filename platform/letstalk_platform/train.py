@@ -283,10 +283,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from .data import load_clips
     from .preprocess import load_manifest
 
+    cfg = absolute_paths(cfg)  # workers do not share the driver's working directory
     manifest = load_manifest(Path(cfg.data))
     if manifest is None:
         raise ValueError(f"{cfg.data} has no manifest.json: run jobs/preprocess.py first")
-    data_bundle = Path(manifest["models"]["vae"]).parent
+    data_bundle = Path(manifest["models"]["vae"]).parent.resolve()
     spec = manifest["clip_spec"]
     tcfg = json.loads((data_bundle / "transformer" / "config.json").read_text())
     arch = PRESETS[cfg.preset].to_dict() | {
@@ -342,6 +343,18 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         summary["registered"] = f"models:/{cfg.register_name}@{cfg.register_alias} (version {version})"
     log.text(json.dumps(summary, indent=2), "summary.json")
     return summary
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Relative paths (and a relative sqlite URI) resolved against the driver's working directory."""
+    updates: dict[str, Any] = {}
+    for key in ("data", "storage", "deepspeed", "init_from"):
+        value = getattr(cfg, key)
+        if value and "://" not in value:
+            updates[key] = str(Path(value).resolve())
+    if cfg.mlflow_uri.startswith("sqlite:///") and not cfg.mlflow_uri.startswith("sqlite:////"):
+        updates["mlflow_uri"] = "sqlite:///" + str(Path(cfg.mlflow_uri[len("sqlite:///"):]).resolve())
+    return cfg.model_copy(update=updates)
 
 
 def _sample_clips(cfg: TrainConfig, manifest: dict[str, Any]) -> list[dict[str, Any]]:
