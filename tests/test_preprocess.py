@@ -169,20 +169,21 @@ def test_load_clips_ignores_unlisted_files(ray_local, raw, bundle, tmp_path):
         load_clips(tmp_path, "train")
 
 
-def test_every_preprocess_yaml_validates():
+def test_job_config_loader_gives_one_line_errors():
+    """YAML + flags -> validated config (every cluster/ YAML is checked in test_cluster_configs.py)."""
     from letstalk_platform.preprocess import PreprocessConfig
     from letstalk_platform.runtime import load_config
 
-    files = sorted((ROOT / "cluster" / "preprocess").glob("*.yaml"))
-    assert files
-    for f in files:
-        load_config(PreprocessConfig, f, {})
-    with pytest.raises(ValueError, match="invalid PreprocessConfig: .*stride"):
-        load_config(PreprocessConfig, files[0], {"stride": "often"})
-    bad = ROOT / "cluster" / "preprocess" / "demo.yaml"
-    data = yaml.safe_load(bad.read_text()) | {"typo_key": 1}
+    path = ROOT / "cluster" / "preprocess" / "demo.yaml"
+    cfg = load_config(PreprocessConfig, path, {"stride": 2, "tokenizers": None})
+    assert cfg.stride == 2 and cfg.tokenizers == yaml.safe_load(path.read_text())["tokenizers"]
+    with pytest.raises(ValueError, match="invalid PreprocessConfig: stride: .*integer"):
+        load_config(PreprocessConfig, path, {"stride": "often"})
+    data = yaml.safe_load(path.read_text()) | {"typo_key": 1}
     with pytest.raises(ValueError, match="typo_key"):
         PreprocessConfig.model_validate(data)
+    with pytest.raises(ValueError, match="not found"):
+        load_config(PreprocessConfig, ROOT / "nope.yaml", {})
 
 
 @pytest.mark.slow
