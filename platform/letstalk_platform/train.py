@@ -24,11 +24,13 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from letstalk.audio import AudioEncoder
 from letstalk.config import PRESETS, LetsTalkConfig
 from letstalk.diffusion import GaussianDiffusion
 from letstalk.pipeline import LetsTalkPipeline, PipelineSettings
 from letstalk.training import EMA, Augment, init_from_checkpoint, loss_terms, prepare_batch
 from letstalk.transformer import LetsTalkTransformer
+from letstalk.vae import LatentCodec
 
 from . import tracking
 
@@ -246,7 +248,6 @@ def _log_samples(ema_state: dict, arch: dict, config: dict, log: tracking.RankZe
     """Rank 0: render the eval sample clips with the EMA weights (DDIM) -> mp4 with the source audio -> MLflow."""
     from letstalk.audio import windows_from_context
     from letstalk.media import load_audio, write_video
-    from letstalk.vae import LatentCodec
 
     cfg = TrainConfig(**config["train"])
     model = LetsTalkTransformer(**arch).to(device).eval()
@@ -372,8 +373,10 @@ def _sample_clips(cfg: TrainConfig, manifest: dict[str, Any]) -> list[dict[str, 
 
 def export_bundle(transformer_dir: Path, data_bundle: Path, out: Path, spec: dict[str, Any]) -> Path:
     """EMA transformer + the codec and audio encoder the data was tokenized with -> a render bundle."""
-    pipe = LetsTalkPipeline.from_pretrained(data_bundle)
-    pipe.transformer = LetsTalkTransformer.from_pretrained(transformer_dir).eval()
-    pipe.settings = PipelineSettings(fps=spec["fps"], sample_rate=spec["sample_rate"])
-    pipe._check_components()
+    pipe = LetsTalkPipeline(  # the constructor checks that the three parts fit together
+        LetsTalkTransformer.from_pretrained(transformer_dir),
+        LatentCodec.from_pretrained(data_bundle / "vae"),
+        AudioEncoder.from_pretrained(data_bundle / "audio_encoder", window=spec["audio_window"]),
+        PipelineSettings(fps=spec["fps"], sample_rate=spec["sample_rate"]),
+    )
     return pipe.save_pretrained(out)
