@@ -1,0 +1,271 @@
+"""Batch rendering: a manifest of (portrait, audio) rows -> one mp4 per row + results.parquet.
+
+Two ways to run the same RenderWorker:
+- through the Serve `Renderer` deployment (default): rows go through a DeploymentHandle, so batch
+  and HTTP renders share the replicas (and their autoscaling); the app is started when none runs
+  and removed again at the end;
+- `standalone`: a Ray Data actor pool (one actor per GPU, or per CPU slot here) renders the rows.
+
+Each row: `id` (optional; a plain name, the output file is OUT/<id>.mp4), `portrait`, `audio`
+(paths, relative ones resolved against the manifest's folder), and optional `steps`, `sampler`,
+`guidance`, `seed`. A row whose mp4 exists is skipped (re-runs resume); a bad row is recorded with
+its reason and never stops the others; files appear only when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from .render import RenderOptions, RenderWorker, check_name
+
+OPTION_COLUMNS = ("steps", "sampler", "guidance", "seed")
+RESULT_FIELDS = ("row", "id", "portrait", "audio", "status", "error", "output", "frames", "clips",
+                 "duration_s", "seconds_total", "seconds_denoise", "seconds_decode", "finished_at")
+
+
+@dataclass
+class Item:
+    row: int
+    id: str
+    portrait: str
+    audio: str
+    options: dict = field(default_factory=dict)
+    error: str | None = None  # set when the row is invalid before any rendering
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict]:
+    """Rows of a .csv, .jsonl or .parquet manifest as dicts (a clear error if the file is unusable)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"manifest {str(path)!r} not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with path.open(newline="") as f:  # every value as text: ids like 007 stay 007
+                rows = [dict(r) for r in csv.DictReader(f)]
+        elif suffix in (".jsonl", ".ndjson"):
+            rows = []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError(f"line {n} is not a JSON object")
+                    rows.append(row)
+        elif suffix == ".parquet":
+            rows = pq.read_table(path).to_pylist()
+        else:
+            raise ValueError(f"unsupported manifest type {suffix!r}: use .csv, .jsonl or .parquet")
+    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"manifest {path.name}: cannot be read ({' '.join(str(e).split())[:200]})") from None
+    if not rows:
+        raise ValueError(f"manifest {path.name} has no rows")
+    missing = {"portrait", "audio"} - set().union(*(r.keys() for r in rows))
+    if missing:
+        raise ValueError(f"manifest {path.name} lacks column(s) {sorted(missing)}; needs portrait, audio "
+                         f"(optional: id, {', '.join(OPTION_COLUMNS)})")
+    return rows
+
+
+def plan_items(rows: list[dict], base: Path) -> list[Item]:
+    """Validate each row on its own: ids, paths, options; a bad row gets an error, not an exception."""
+    items, seen = [], set()
+    for i, row in enumerate(rows):
+        portrait, audio = row.get("portrait"), row.get("audio")
+        raw_id = row.get("id")
+        item_id = str(raw_id).strip() if not _is_missing(raw_id) else f"row{i:05d}"
+        item = Item(i, item_id, "" if _is_missing(portrait) else str(portrait), "" if _is_missing(audio) else str(audio))
+        try:
+            check_name(item_id, "id")
+            if item_id in seen:
+                raise ValueError(f"id {item_id!r} is used by an earlier row")
+            seen.add(item_id)
+            for name in ("portrait", "audio"):
+                value = getattr(item, name)
+                if not value:
+                    raise ValueError(f"{name} is empty")
+                p = Path(value).expanduser()
+                p = p if p.is_absolute() else base / p
+                if not p.is_file():
+                    raise ValueError(f"{name} file {value!r} not found")
+                setattr(item, name, str(p.resolve()))
+            opts = {k: row[k] for k in OPTION_COLUMNS if k in row and not _is_missing(row[k])}
+            item.options = RenderOptions.model_validate(opts).model_dump(exclude_none=True)
+        except ValidationError as e:
+            item.error = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        except ValueError as e:
+            item.error = str(e)
+        items.append(item)
+    return items
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    part = path.with_name(f".{path.name}.part")
+    part.write_bytes(data)
+    part.rename(path)
+
+
+def _record(item: Item, status: str, out: Path | None = None, result: dict | None = None,
+            error: str | None = None) -> dict:
+    result = result or {}
+    seconds = result.get("seconds") or {}
+    return {"row": item.row, "id": item.id, "portrait": item.portrait, "audio": item.audio, "status": status,
+            "error": error, "output": str(out) if out else None, "frames": result.get("frames"),
+            "clips": result.get("clips"), "duration_s": result.get("duration_s"),
+            "seconds_total": seconds.get("worker_total"), "seconds_denoise": seconds.get("denoise"),
+            "seconds_decode": seconds.get("decode"), "finished_at": time.time() if status != "skipped" else None}
+
+
+def write_results(records: list[dict], out_dir: Path) -> Path:
+    columns = {k: [r.get(k) for r in sorted(records, key=lambda r: r["row"])] for k in RESULT_FIELDS}
+    schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("portrait", pa.string()),
+                        ("audio", pa.string()), ("status", pa.string()), ("error", pa.string()),
+                        ("output", pa.string()), ("frames", pa.int64()), ("clips", pa.int64()),
+                        ("duration_s", pa.float64()), ("seconds_total", pa.float64()),
+                        ("seconds_denoise", pa.float64()), ("seconds_decode", pa.float64()),
+                        ("finished_at", pa.float64())])
+    path = out_dir / "results.parquet"
+    part = out_dir / ".results.parquet.part"
+    pq.write_table(pa.table(columns, schema=schema), part)
+    part.rename(path)
+    return path
+
+
+Render = Callable[[Item], dict]  # -> {"status": "done", "video": bytes, ...} or {"status": "failed", "error": ...}
+
+
+def run_batch(items: list[Item], out_dir: Path, render: Render | None, *, concurrency: int = 2,
+              results_iter: Callable[[list[Item]], Iterable[tuple[Item, dict]]] | None = None,
+              progress: bool = True) -> list[dict]:
+    """Render the valid, not-yet-rendered items; returns one record per item (also in results.parquet).
+
+    `render(item)` is called from `concurrency` threads; `results_iter(todo)` instead yields
+    (item, result) pairs as a whole (the Ray Data path).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, todo = [], []
+    for item in items:
+        target = out_dir / f"{item.id}.mp4" if item.error is None else None
+        if item.error is not None:
+            records.append(_record(item, "failed", error=item.error))
+        elif target.is_file():
+            records.append(_record(item, "skipped", target))
+        else:
+            todo.append(item)
+    bar = tqdm(total=len(todo), desc="render", unit="video", disable=not progress)
+
+    def finish(item: Item, result: dict) -> None:
+        target = out_dir / f"{item.id}.mp4"
+        if result.get("status") == "done":
+            write_atomic(target, result["video"])
+            records.append(_record(item, "rendered", target, result))
+        else:
+            records.append(_record(item, "failed", error=result.get("error") or "unknown error", result=result))
+        bar.update(1)
+
+    try:
+        if results_iter is not None:
+            for item, result in results_iter(todo):
+                finish(item, result)
+        elif todo:
+            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+                pending = {}
+                queue = list(todo)
+                while queue or pending:
+                    while queue and len(pending) < concurrency:
+                        item = queue.pop(0)
+                        pending[pool.submit(render, item)] = item
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        item = pending.pop(fut)
+                        try:
+                            result = fut.result()
+                        except Exception as e:  # a crashed replica or similar: this row fails, the batch goes on
+                            result = {"status": "failed", "error": f"render failed: {' '.join(str(e).split())[:300]}"}
+                        finish(item, result)
+    finally:
+        bar.close()
+        finished = {r["row"] for r in records}
+        for item in todo:
+            if item.row not in finished:
+                records.append(_record(item, "failed", error="not rendered: the batch was interrupted"))
+        write_results(records, out_dir)
+    return sorted(records, key=lambda r: r["row"])
+
+
+# ------------------------------------------------------------------ the two back ends
+
+
+def serve_render(handle) -> Render:
+    """Render through the Serve Renderer deployment (a DeploymentHandle)."""
+
+    def render(item: Item) -> dict:
+        portrait, audio = Path(item.portrait).read_bytes(), Path(item.audio).read_bytes()
+        return handle.render.remote(portrait, audio, item.options).result()
+
+    return render
+
+
+class BatchRenderer:
+    """Ray Data actor: one RenderWorker per actor; rows in, videos (bytes) out."""
+
+    def __init__(self, bundle_dir: str, defaults: dict | None = None):
+        from .render import RenderDefaults
+
+        self.worker = RenderWorker(bundle_dir, defaults=RenderDefaults.model_validate(defaults or {}))
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {"row": [], "result": []}
+        for row, portrait, audio, options in zip(batch["row"], batch["portrait"], batch["audio"], batch["options"]):
+            try:
+                res = self.worker.render(Path(portrait).read_bytes(), Path(audio).read_bytes(), json.loads(options))
+                result = {"status": "done", "video": res.video, "frames": res.num_frames, "clips": res.clips,
+                          "duration_s": res.duration_s, "seconds": res.seconds}
+            except (ValueError, ValidationError, OSError) as e:
+                result = {"status": "failed", "error": " ".join(str(e).split())[:500]}
+            out["row"].append(int(row))
+            out["result"].append(result)
+        return {"row": out["row"], "result": [json.dumps({k: v for k, v in r.items() if k != "video"})
+                                              for r in out["result"]],
+                "video": [r.get("video", b"") for r in out["result"]]}
+
+
+def data_results(bundle_dir: str, *, actors: int, use_gpu: bool, cpus_per_actor: float,
+                 defaults: dict | None = None) -> Callable[[list[Item]], Iterable[tuple[Item, dict]]]:
+    """The standalone back end: a Ray Data actor pool over the rows."""
+    import ray
+
+    def results(todo: list[Item]) -> Iterable[tuple[Item, dict]]:
+        if not todo:
+            return
+        by_row = {item.row: item for item in todo}
+        ds = ray.data.from_items([{"row": i.row, "portrait": i.portrait, "audio": i.audio,
+                                   "options": json.dumps(i.options)} for i in todo],
+                                 override_num_blocks=len(todo))
+        ds = ds.map_batches(BatchRenderer, fn_constructor_kwargs={"bundle_dir": bundle_dir, "defaults": defaults},
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor)
+        for row in ds.iter_rows():
+            result = json.loads(row["result"])
+            if result["status"] == "done":
+                result["video"] = row["video"]
+            yield by_row[int(row["row"])], result
+
+    return results

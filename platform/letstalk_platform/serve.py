@@ -1,0 +1,417 @@
+"""Ray Serve application: the LetsTalk HTTP render API and the Renderer that batch jobs share.
+
+Two deployments, wired by `build_app` (Ray Serve's builder pattern, typed `AppArgs`):
+
+    Ingress   FastAPI on CPU: token check, upload limits, input validation, the job table,
+              finished videos on local disk. One replica (the job table lives in it).
+    Renderer  loads the bundle once (a folder or models:/name@alias from the MLflow registry),
+              renders clip by clip and streams progress back; one GPU per replica when
+              `use_gpu`. Runtime defaults (steps, sampler, guidance) come from user_config.
+
+    serve run cluster/serve/render-local.yaml          # or: python jobs/serve.py --model ...
+    curl -H "Authorization: Bearer $LETSTALK_API_TOKEN" -F portrait=@face.png -F audio=@speech.wav \
+         http://127.0.0.1:8000/v1/renders                   # -> 202 {"id": ...}
+
+`jobs/render_batch.py` calls the same Renderer through a DeploymentHandle, so online and batch
+renders share its replicas (and their autoscaling).
+"""
+
+
+import asyncio
+import hmac
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as StarletteUpload
+
+from .render import Cancel, RenderCancelled, RenderDefaults, RenderOptions, RenderWorker
+
+TOKEN_ENV = "LETSTALK_API_TOKEN"
+APP_NAME = "letstalk"
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` of a Serve config, or jobs/serve.py's flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="bundle folder or models:/<name>@<alias>")
+    mlflow_uri: str | None = Field(None, description="registry for models:/ URIs (default: MLFLOW_TRACKING_URI)")
+    token: SecretStr | None = Field(None, description=f"bearer token; default: ${TOKEN_ENV} in the replica's env")
+    use_gpu: bool = False
+    renderer_cpus: float = Field(1.0, ge=0)
+    num_replicas: int = Field(1, ge=1)
+    max_replicas: int | None = Field(None, ge=1, description="autoscale Renderer replicas up to this many")
+    max_jobs_per_replica: int = Field(2, ge=1, description="renders one replica runs at once")
+    max_queued_jobs: int = Field(0, ge=0, description="accepted jobs beyond the running ones before 503")
+    max_upload_mb: float = Field(50.0, gt=0)
+    max_audio_seconds: float = Field(600.0, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    retry_after_s: int = Field(10, ge=1)
+    job_ttl_s: float = Field(24 * 3600, gt=0, description="finished jobs (and videos) kept this long")
+    work_dir: str | None = Field(None, description="where finished videos are kept (default: a temp folder)")
+    defaults: RenderDefaults = RenderDefaults()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:500] or type(e).__name__
+
+
+# ---------------------------------------------------------------------------------- Renderer
+
+
+@serve.deployment(name="Renderer", max_ongoing_requests=2, max_queued_requests=1000)
+class Renderer:
+    """Wraps RenderWorker: `render` (one call, for batch) and `render_stream` (progress events)."""
+
+    def __init__(self, model: str, mlflow_uri: str | None = None, max_audio_seconds: float | None = None,
+                 max_image_pixels: int = 40_000_000, threads: int = 2):
+        from .tracking import resolve_bundle
+
+        bundle = resolve_bundle(model, mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        self.model = model
+        self.worker = RenderWorker(bundle, max_audio_seconds=max_audio_seconds, max_image_pixels=max_image_pixels)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="render")
+
+    def reconfigure(self, config: dict) -> None:
+        """user_config: {steps, sampler, guidance} defaults, applied to requests that omit them."""
+        self.worker.defaults = RenderDefaults.model_validate(config or {})
+
+    def info(self) -> dict:
+        return {"model": self.model, **self.worker.info()}
+
+    async def render(self, portrait: Any, audio: Any, options: dict | None = None) -> dict:
+        """One render; bad input comes back as {"status": "failed", "error": ...}, never raised."""
+        loop = asyncio.get_running_loop()
+        cancel = Cancel()
+        try:
+            out = await loop.run_in_executor(self.pool, lambda: self.worker.render(portrait, audio, options,
+                                                                                  cancelled=cancel))
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        except (ValueError, ValidationError) as e:
+            return {"status": "failed", "error": _one_line(e)}
+        return {"status": "done", "video": out.video, "frames": out.num_frames, "clips": out.clips,
+                "duration_s": out.duration_s, "face_found": out.face_found, "options": out.options,
+                "seconds": out.seconds}
+
+    async def render_stream(self, portrait: Any, audio: Any, options: dict | None = None):
+        """Yields {"event": "progress", ...} while rendering, then one "done" or "failed" event."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        cancel = Cancel()
+        last = [-1, 0.0]
+
+        def progress(clips_done: int, clips_total: int, fraction: float) -> None:
+            now = time.monotonic()
+            if clips_done != last[0] or now - last[1] > 0.25:  # every clip, and at most 4/s between
+                last[:] = [clips_done, now]
+                event = {"event": "progress", "clips_done": clips_done, "clips_total": clips_total,
+                         "fraction": round(fraction, 4)}
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = loop.run_in_executor(self.pool, lambda: self.worker.render(portrait, audio, options,
+                                                                         progress=progress, cancelled=cancel))
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                break
+            try:
+                out = job.result()
+            except (ValueError, ValidationError) as e:
+                yield {"event": "failed", "error": _one_line(e)}
+                return
+            yield {"event": "done", "video": out.video, "frames": out.num_frames, "clips": out.clips,
+                   "duration_s": out.duration_s, "face_found": out.face_found, "options": out.options,
+                   "seconds": out.seconds}
+        except (asyncio.CancelledError, GeneratorExit):
+            cancel.set()
+            raise
+
+
+# ---------------------------------------------------------------------------------- Ingress
+
+
+class Job:
+    def __init__(self, job_id: str, options: dict, clips_total: int, duration_s: float):
+        self.id, self.options = job_id, options
+        self.status = "queued"  # queued -> running -> done | failed | cancelled
+        self.clips_done, self.clips_total, self.fraction = 0, clips_total, 0.0
+        self.duration_s = duration_s
+        self.error: str | None = None
+        self.created = time.time()
+        self.finished: float | None = None
+        self.seconds: dict[str, float] = {}
+        self.task: asyncio.Task | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("queued", "running")
+
+    def public(self) -> dict:
+        return {"id": self.id, "status": self.status,
+                "progress": {"clips_done": self.clips_done, "clips_total": self.clips_total,
+                             "fraction": self.fraction},
+                "audio_seconds": round(self.duration_s, 3), "options": self.options, "error": self.error,
+                "created": self.created, "finished": self.finished,
+                "seconds": self.seconds, "video": f"/v1/renders/{self.id}/video" if self.status == "done" else None}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def _decode(data: bytes, field: str, load):
+    """Decode an upload through the library's loaders; their one-line errors become 400 (413 for limits)."""
+    with tempfile.TemporaryDirectory(prefix="letstalk-up-") as tmp:
+        path = Path(tmp) / field  # our own name: the client's file name never becomes a path
+        path.write_bytes(data)
+        try:
+            return load(str(path))
+        except ValueError as e:
+            message = _one_line(e).replace(str(path), "upload").replace(tmp, "")
+            over_limit = "over the" in message and "limit" in message
+            raise ApiError(413 if over_limit else 400, f"{field}: {message}") from None
+
+
+api = FastAPI(
+    title="LetsTalk render API",
+    version="1",
+    description="Portrait image + speech audio -> talking video (mp4, H.264 + AAC), rendered clip by clip. "
+                "Every /v1 route needs `Authorization: Bearer <token>`.",
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body') or 'request'}: {err['msg']}"
+             for err in exc.errors()]
+    return JSONResponse({"error": "; ".join(parts)}, status_code=422)
+
+
+@serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, renderer: DeploymentHandle, args: dict):
+        self.args = AppArgs.model_validate(args)
+        token = self.args.token.get_secret_value() if self.args.token else os.environ.get(TOKEN_ENV, "")
+        if not token:
+            raise RuntimeError(f"no API token: set {TOKEN_ENV} (or args.token); the API refuses to run open")
+        self._token = token.encode()
+        self.renderer = renderer
+        root = self.args.work_dir or os.path.join(tempfile.gettempdir(), "letstalk-serve")
+        self.videos = Path(root) / f"videos-{uuid.uuid4().hex[:8]}"
+        self.videos.mkdir(parents=True, exist_ok=True)
+        self.jobs: dict[str, Job] = {}
+        replicas = self.args.max_replicas or self.args.num_replicas
+        self.capacity = replicas * self.args.max_jobs_per_replica + self.args.max_queued_jobs
+        self.max_upload = int(self.args.max_upload_mb * 1024 * 1024)
+        self._model_info: dict | None = None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _auth(self, request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                           {"WWW-Authenticate": "Bearer"})
+
+    def _job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None
+        if job is None:
+            raise ApiError(404, f"no render job {job_id[:64]!r}")
+        return job
+
+    def _video_path(self, job: Job) -> Path:
+        return self.videos / f"{job.id}.mp4"  # job ids are our own 32-hex-digit names
+
+    def _expire(self) -> None:
+        now = time.time()
+        for job in [j for j in self.jobs.values() if j.finished and now - j.finished > self.args.job_ttl_s]:
+            self._video_path(job).unlink(missing_ok=True)
+            del self.jobs[job.id]
+
+    async def _read(self, upload: UploadFile | None, field: str) -> bytes:
+        if not isinstance(upload, StarletteUpload):
+            raise ApiError(422, f"{field}: a file upload is required")
+        name = upload.filename or ""
+        if "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+            raise ApiError(400, f"{field}: the file name must be a plain name without path parts, got {name[:100]!r}")
+        data = await upload.read(self.max_upload + 1)
+        if len(data) > self.max_upload:
+            raise ApiError(413, f"{field}: over the upload limit of {self.args.max_upload_mb:g} MB")
+        if not data:
+            raise ApiError(400, f"{field}: the file is empty")
+        return data
+
+    async def _info(self) -> dict:
+        if self._model_info is None:
+            self._model_info = await self.renderer.info.remote()
+        return self._model_info
+
+    def _check_inputs(self, info: dict, image_bytes: bytes, audio_bytes: bytes):
+        """Decode the uploads here, so bad input is a 4xx before any renderer time is spent."""
+        from letstalk.media import load_audio
+        from letstalk.portrait import load_image
+
+        rate = info["sample_rate"]
+        limit = min(self.args.max_audio_seconds, info["max_audio_seconds"])
+        image = _decode(image_bytes, "portrait", lambda p: load_image(p, max_pixels=self.args.max_image_pixels))
+        wave = _decode(audio_bytes, "audio", lambda p: load_audio(p, rate, max_seconds=limit))
+        frames = round(wave.size / rate * info["fps"])
+        if frames < 1:
+            raise ApiError(400, "audio: too short to give a single video frame")
+        return image, wave, frames, -(-frames // info["clip_frames"])
+
+    async def _run(self, job: Job, image, wave) -> None:
+        try:
+            stream = self.renderer.options(stream=True).render_stream.remote(image, wave, job.options)
+            async for event in stream:
+                kind = event["event"]
+                if kind == "progress":
+                    job.status = "running"
+                    job.clips_done, job.clips_total = event["clips_done"], event["clips_total"]
+                    job.fraction = event["fraction"]
+                elif kind == "failed":
+                    job.status, job.error = "failed", event["error"]
+                elif kind == "done":
+                    path = self._video_path(job)
+                    part = path.with_name(f".{path.name}.part")
+                    await run_in_threadpool(part.write_bytes, event["video"])
+                    part.rename(path)
+                    job.clips_done, job.fraction, job.seconds = job.clips_total, 1.0, event["seconds"]
+                    job.status = "done"
+        except asyncio.CancelledError:
+            job.status = "cancelled"
+            raise
+        except Exception as e:  # the renderer died, or similar: the job fails, the service lives
+            job.status, job.error = "failed", f"render failed: {_one_line(e)}"
+        finally:
+            if job.status in ("queued", "running"):
+                job.status, job.error = "failed", job.error or "the render ended without a result"
+            job.finished = time.time()
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/healthz", summary="Liveness (no token needed)")
+    def healthz(self) -> dict:
+        return {"status": "ok", "active_jobs": sum(j.active for j in self.jobs.values()), "capacity": self.capacity}
+
+    @api.get("/v1/model", summary="The model being served, its defaults and the request limits")
+    async def model(self, request: Request) -> dict:
+        self._auth(request)
+        info = await self.renderer.info.remote()  # fresh: user_config may have changed the defaults
+        return {**info, "limits": {"max_upload_mb": self.args.max_upload_mb,
+                                   "max_audio_seconds": min(self.args.max_audio_seconds, info["max_audio_seconds"]),
+                                   "max_image_pixels": self.args.max_image_pixels,
+                                   "concurrent_jobs": self.capacity}}
+
+    @api.post("/v1/renders", status_code=202, summary="Start a render: portrait image + speech audio")
+    async def create(self, request: Request,
+                     portrait: UploadFile = File(..., description="portrait image (PNG, JPEG, WebP, ...)"),
+                     audio: UploadFile = File(..., description="speech (WAV, MP3, M4A, OGG, ...)"),
+                     steps: int | None = Form(None, description="denoising steps (default: the server's)"),
+                     sampler: str | None = Form(None, description="ddpm | ddim | dpm"),
+                     guidance: float | None = Form(None, description="audio classifier-free guidance scale"),
+                     seed: int = Form(0)) -> JSONResponse:
+        self._auth(request)
+        try:
+            options = RenderOptions(steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+        except ValidationError as e:
+            raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        self._expire()
+        if sum(j.active for j in self.jobs.values()) >= self.capacity:
+            raise ApiError(503, f"all {self.capacity} render slots are busy; retry later",
+                           {"Retry-After": str(self.args.retry_after_s)})
+        image_bytes = await self._read(portrait, "portrait")
+        audio_bytes = await self._read(audio, "audio")
+        info = await self._info()
+        image, wave, frames, clips = await run_in_threadpool(self._check_inputs, info, image_bytes, audio_bytes)
+        job = Job(uuid.uuid4().hex, options.model_dump(exclude_none=True), clips, wave.size / info["sample_rate"])
+        self.jobs[job.id] = job
+        job.task = asyncio.create_task(self._run(job, image, wave))
+        return JSONResponse({"id": job.id, "status": job.status, "frames": frames, "clips_total": clips,
+                             "status_url": f"/v1/renders/{job.id}"}, status_code=202,
+                            headers={"Location": f"/v1/renders/{job.id}"})
+
+    @api.get("/v1/renders/{job_id}", summary="Status, progress (clips done / total) and any error")
+    def status(self, job_id: str, request: Request) -> dict:
+        self._auth(request)
+        return self._job(job_id).public()
+
+    @api.get("/v1/renders/{job_id}/video", summary="The finished mp4", response_class=FileResponse)
+    def video(self, job_id: str, request: Request):
+        self._auth(request)
+        job = self._job(job_id)
+        if job.status != "done":
+            raise ApiError(409, f"job {job.id} is {job.status}" + (f": {job.error}" if job.error else ""))
+        return FileResponse(self._video_path(job), media_type="video/mp4", filename=f"{job.id}.mp4")
+
+    @api.delete("/v1/renders/{job_id}", summary="Cancel a queued or running render; delete a finished one")
+    async def delete(self, job_id: str, request: Request) -> dict:
+        self._auth(request)
+        job = self._job(job_id)
+        if job.active and job.task is not None:
+            job.task.cancel()
+            try:
+                await job.task
+            except asyncio.CancelledError:
+                pass
+            return job.public()
+        self._video_path(job).unlink(missing_ok=True)
+        del self.jobs[job.id]
+        return {"id": job.id, "status": "deleted"}
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "videos", "/nonexistent"), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- builder
+
+
+def build_app(args: AppArgs) -> serve.Application:
+    """The Serve application: Ingress -> Renderer, configured from typed args."""
+    args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
+    renderer_options: dict[str, Any] = {
+        "max_ongoing_requests": args.max_jobs_per_replica,
+        "user_config": args.defaults.model_dump(),
+        "ray_actor_options": {"num_cpus": args.renderer_cpus, "num_gpus": 1 if args.use_gpu else 0},
+    }
+    if args.max_replicas and args.max_replicas > args.num_replicas:
+        renderer_options["autoscaling_config"] = {"min_replicas": args.num_replicas,
+                                                  "max_replicas": args.max_replicas,
+                                                  "target_ongoing_requests": 1}
+    else:
+        renderer_options["num_replicas"] = args.num_replicas
+    renderer = Renderer.options(**renderer_options).bind(
+        args.model, args.mlflow_uri, args.max_audio_seconds, args.max_image_pixels, args.max_jobs_per_replica)
+    return Ingress.bind(renderer, args.model_dump(mode="json") | {"token": args.token.get_secret_value()
+                                                                   if args.token else None})
