@@ -90,12 +90,18 @@ class LetsTalkConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-# Paper Table 5 (B, L) and DiT's S; `tiny` is for tests and CPU demos: small latents, a small
-# audio encoder (4 layers × 32 features), few frames.
+# Paper Table 5 (B, L) and DiT's S; `tiny` is for tests: small latents, a small audio encoder
+# (4 layers × 32 features), few frames; `demo` is the learned CPU demo model.
 PRESETS: dict[str, LetsTalkConfig] = {
     "tiny": LetsTalkConfig(
         input_size=8, num_frames=8, hidden_size=64, depth=2, num_heads=4,
         audio_feature_dim=32, audio_layers=4, audio_tokens=4, audio_token_dim=64, audio_proj_dim=64,
+    ),
+    # The CPU demo model (docs/demo-model.md): 48×48 frames through the lossless space-to-depth
+    # codec (factor 4 -> 48 channels at 12×12), 8-frame clips, D 128, 4 blocks, the tiny audio encoder.
+    "demo": LetsTalkConfig(
+        input_size=12, in_channels=48, num_frames=8, hidden_size=128, depth=4, num_heads=4,
+        audio_feature_dim=32, audio_layers=4, audio_tokens=4, audio_token_dim=128, audio_proj_dim=128,
     ),
     "S": LetsTalkConfig(hidden_size=384, depth=12, num_heads=6),
     "B": LetsTalkConfig(hidden_size=768, depth=12, num_heads=12),

@@ -155,18 +155,27 @@ class GaussianDiffusion:
         return {"num_train_timesteps": self.num_timesteps, "beta_start": self.beta_start,
                 "beta_end": self.beta_end, "beta_schedule": "linear", "prediction_type": "epsilon"}
 
-    def make_scheduler(self, sampler: Sampler, steps: int):
-        """A diffusers scheduler with `steps` timesteps, spaced "trailing" so the first is T-1."""
+    def make_scheduler(self, sampler: Sampler, steps: int, clip_range: float | None = None):
+        """A diffusers scheduler with `steps` timesteps, spaced "trailing" so the first is T-1.
+
+        clip_range: clip the predicted x0 to [-clip_range, clip_range] at every step (data with a
+        known range, e.g. pixels); DDPM and DDIM then recompute ε from the clipped x0. DPM-Solver
+        ignores it.
+        """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
         base = self.scheduler_config() | {"timestep_spacing": "trailing"}
+        if clip_range is not None and not clip_range > 0:
+            raise ValueError(f"clip_range must be > 0 or None, got {clip_range}")
+        clip = ({"clip_sample": False} if clip_range is None
+                else {"clip_sample": True, "clip_sample_range": float(clip_range)})
         if sampler == "ddpm":
             variance = "learned_range" if self.learn_sigma else "fixed_small"
-            sched = DDPMScheduler(**base, variance_type=variance, clip_sample=False)
+            sched = DDPMScheduler(**base, variance_type=variance, **clip)
         elif sampler == "ddim":
-            sched = DDIMScheduler(**base, clip_sample=False, set_alpha_to_one=True)
+            sched = DDIMScheduler(**base, set_alpha_to_one=True, **clip)
         else:
             # ε only: diffusers' DPM-Solver learned-variance path slices output[:, :3] (RGB-pixel
             # assumption), which is wrong for 4-channel latents.
@@ -177,14 +186,15 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, *, sampler: Sampler = "ddpm", steps: int = 250,
-               generator: torch.Generator | None = None,
+               generator: torch.Generator | None = None, clip_range: float | None = None,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Denoise `noise` (B, ..., C, H, W) from t = T-1 to a clean sample of the same shape.
 
         sampler "ddpm" with steps=250 is the paper's setting (respaced ancestral sampling with the
         learned variance); "ddim" (η=0) and "dpm" (DPM-Solver++ 2M) are the fast ones.
+        clip_range: clip the predicted x0 to ±clip_range at every step (see make_scheduler).
         """
-        sched = self.make_scheduler(sampler, steps)
+        sched = self.make_scheduler(sampler, steps, clip_range)
         c = noise.shape[-3]
         x = noise * sched.init_noise_sigma
         total = len(sched.timesteps)
@@ -196,6 +206,10 @@ class GaussianDiffusion:
             if sampler != "ddpm" or not self.learn_sigma:
                 outs = outs[:, :c]
             kwargs = {"generator": generator} if sampler == "ddpm" else {}
+            if sampler == "ddim":
+                # ε re-derived from the clipped x0 (as in GLIDE); diffusers' default keeps the raw ε,
+                # which walks the next x_t off the data range whenever the clip was active
+                kwargs["use_clipped_model_output"] = True
             x = sched.step(outs, t, xs, **kwargs).prev_sample.movedim(1, -3)
             if progress is not None:
                 progress(i + 1, total)

@@ -5,7 +5,7 @@ A bundle directory holds everything a render needs:
     bundle/
       pipeline.json      fps, sample rate, audio limit, diffusion settings
       transformer/       LetsTalkTransformer (config.json + safetensors)
-      vae/               AutoencoderKL (diffusers)
+      vae/               AutoencoderKL (diffusers), or a SpaceToDepthCodec's config.json
       audio_encoder/     Wav2Vec2Model (transformers)
 
 Long audio is rendered in clips of the model's frame count: clip k continues clip k-1 through
@@ -32,7 +32,7 @@ from .diffusion import SAMPLERS, GaussianDiffusion
 from .media import load_audio, write_video
 from .portrait import PortraitCrop, crop_portrait, load_image
 from .transformer import LetsTalkTransformer
-from .vae import LatentCodec, tiny_codec
+from .vae import Codec, LatentCodec, SpaceToDepthCodec, tiny_codec
 
 Progress = Callable[[int, int], None]
 
@@ -60,7 +60,7 @@ class RenderResult:
 
 
 class LetsTalkPipeline:
-    def __init__(self, transformer: LetsTalkTransformer, codec: LatentCodec, audio_encoder: AudioEncoder,
+    def __init__(self, transformer: LetsTalkTransformer, codec: Codec, audio_encoder: AudioEncoder,
                  settings: PipelineSettings | None = None):
         self.transformer = transformer.eval()
         self.codec, self.audio_encoder = codec, audio_encoder
@@ -113,14 +113,14 @@ class LetsTalkPipeline:
         settings = PipelineSettings(**json.loads((path / "pipeline.json").read_text()))
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
         transformer = LetsTalkTransformer.from_pretrained(path / "transformer", **kwargs)
-        codec = LatentCodec.from_pretrained(path / "vae", dtype=dtype)
+        codec = LatentCodec.from_pretrained(path / "vae", dtype=dtype)  # either codec kind
         audio_encoder = AudioEncoder.from_pretrained(path / "audio_encoder", window=transformer.cfg.audio_window)
         pipe = cls(transformer, codec, audio_encoder, settings)
         return pipe.to(device) if device is not None else pipe
 
     def to(self, device: str | torch.device) -> "LetsTalkPipeline":
         self.transformer.to(device)
-        self.codec.vae.to(device)
+        self.codec.to(device)
         self.audio_encoder.model.to(device)
         return self
 
@@ -131,6 +131,17 @@ class LetsTalkPipeline:
         transformer = LetsTalkTransformer.from_preset("tiny")
         return cls(transformer, tiny_codec(seed), tiny_audio_encoder(transformer.cfg.audio_feature_dim,
                                                                      transformer.cfg.audio_layers, seed))
+
+    @classmethod
+    def init_demo(cls, seed: int = 0) -> "LetsTalkPipeline":
+        """Random-initialised `demo` bundle: 48×48 frames through the lossless space-to-depth codec
+        (factor 4), the tiny audio encoder, 8-frame clips. Preprocessing with it gives the demo's data;
+        training fills in the transformer (docs/demo-model.md)."""
+        torch.manual_seed(seed)
+        transformer = LetsTalkTransformer.from_preset("demo")
+        codec = SpaceToDepthCodec(factor=4)  # 48 channels = the preset's in_channels (checked below)
+        return cls(transformer, codec, tiny_audio_encoder(transformer.cfg.audio_feature_dim,
+                                                          transformer.cfg.audio_layers, seed))
 
     # ------------------------------------------------------------------ inputs
 
@@ -165,7 +176,7 @@ class LetsTalkPipeline:
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        self.diffusion.make_scheduler(sampler, steps)  # validates steps before any work
+        self.diffusion.make_scheduler(sampler, steps, self.codec.sample_range)  # validates steps before any work
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         seconds = {} if seconds is None else seconds
@@ -211,7 +222,7 @@ class LetsTalkPipeline:
             done = k * steps
             t0 = time.perf_counter()
             latents = self.diffusion.sample(
-                model_fn, noise, sampler=sampler, steps=steps, generator=generator,
+                model_fn, noise, sampler=sampler, steps=steps, generator=generator, clip_range=self.codec.sample_range,
                 progress=None if progress is None else (lambda i, n, done=done: progress(done + i, total_steps)))
             seconds["denoise"] = seconds.get("denoise", 0.0) + time.perf_counter() - t0
             if m:

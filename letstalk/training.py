@@ -86,16 +86,28 @@ class EMA:
 
     `params` are the tensors to track: the model's parameters, or, under ZeRO-3, each rank's local
     partitions (DeepSpeed's `param.ds_tensor`), so the average is sharded like the weights.
+
+    warmup: use decay min(decay, (1 + n) / (10 + n)) at the n-th update, so that a short run's
+    average is not dominated by the random initial weights (0.9999 forgets them only after ~10⁴
+    steps). `updates` counts the updates; a resumed run sets it (it is not in the state dict).
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], decay: float = 0.9999):
-        self.decay = decay
+    def __init__(self, params: dict[str, torch.Tensor], decay: float = 0.9999, warmup: bool = False):
+        self.decay, self.warmup = decay, warmup
+        self.updates = 0
         self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, params: dict[str, torch.Tensor]) -> None:
+        weight = 1.0 - self.current_decay()
         for k, v in params.items():
-            self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+            self.shadow[k].lerp_(v.detach().float(), weight)
+        self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

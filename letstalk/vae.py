@@ -1,8 +1,16 @@
-"""Frames <-> latents through a frozen Stable Diffusion VAE (diffusers AutoencoderKL)."""
+"""Frames <-> latents: a frozen Stable Diffusion VAE (diffusers AutoencoderKL), or a lossless
+space-to-depth codec with the same interface (the CPU demo's codec).
+
+Both save to / load from a bundle's vae/ folder; `LatentCodec.from_pretrained` (and `load_codec`)
+read its config.json and return whichever codec it describes, so every caller (preprocessing,
+training samples, the render pipeline) works with either.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +39,8 @@ class LatentCodec:
                         slice_size: int = 8) -> "LatentCodec":
         if subfolder is None and str(path_or_id) == DEFAULT_VAE:
             subfolder = "vae"
+        if SpaceToDepthCodec.is_saved_at(Path(path_or_id) / (subfolder or "")):
+            return SpaceToDepthCodec.from_pretrained(Path(path_or_id) / (subfolder or ""), device=device)
         kwargs = {"subfolder": subfolder} if subfolder else {}
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
@@ -42,9 +52,18 @@ class LatentCodec:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.vae.save_pretrained(path)
 
+    def to(self, device: str | torch.device) -> "LatentCodec":
+        self.vae.to(device)
+        return self
+
     @property
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
+
+    @property
+    def sample_range(self) -> float | None:
+        """Latents have no fixed range: samplers must not clip the predicted x0."""
+        return None
 
     def _param(self) -> torch.Tensor:
         return next(self.vae.parameters())
@@ -75,6 +94,106 @@ class LatentCodec:
             x = self.vae.decode(chunk.to(device=p.device, dtype=p.dtype) / self.scaling_factor).sample
             out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
         return torch.cat(out).numpy()
+
+
+class SpaceToDepthCodec:
+    """Lossless codec: uint8 RGB frames (N, H, W, 3) <-> latents (N, 3·f², H/f, W/f).
+
+    Pixels are mapped to [-1, 1], each f×f block becomes 3·f² channels (pixel_unshuffle; channel
+    order c·f² + dy·f + dx), times `scaling_factor`. Decoding inverts it exactly up to uint8
+    rounding. No weights: the vae/ folder holds only config.json. Since latents are pixels, their
+    range is known (±scaling_factor), so samplers clip the predicted x0 to it (`sample_range`).
+
+    Args:
+        factor: downsampling factor f (frame side / latent side).
+        scaling_factor: latents = pixels in [-1, 1] × scaling_factor.
+    """
+
+    CLASS_NAME = "SpaceToDepthCodec"
+
+    def __init__(self, factor: int = 4, scaling_factor: float = 1.0):
+        if factor < 1:
+            raise ValueError(f"factor must be >= 1, got {factor}")
+        if not scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
+        self.factor, self.scaling_factor = int(factor), float(scaling_factor)
+        self.device = torch.device("cpu")
+
+    @property
+    def downsample(self) -> int:
+        return self.factor
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 * self.factor**2
+
+    @property
+    def sample_range(self) -> float:
+        return self.scaling_factor
+
+    def config(self) -> dict:
+        return {"_class_name": self.CLASS_NAME, "factor": self.factor, "scaling_factor": self.scaling_factor}
+
+    @classmethod
+    def is_saved_at(cls, path: str | os.PathLike) -> bool:
+        cfg = Path(path) / "config.json"
+        try:
+            return cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") == cls.CLASS_NAME
+        except ValueError:
+            return False
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "config.json").write_text(json.dumps(self.config(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "SpaceToDepthCodec":
+        """`dtype` is accepted for interface parity and ignored: there are no weights, latents are float32."""
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        if cfg.get("_class_name") != cls.CLASS_NAME:
+            raise ValueError(f"{path}/config.json does not describe a {cls.CLASS_NAME}")
+        codec = cls(cfg["factor"], cfg.get("scaling_factor", 1.0))
+        return codec.to(device) if device is not None else codec
+
+    def to(self, device: str | torch.device) -> "SpaceToDepthCodec":
+        self.device = torch.device(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3f², H/f, W/f) float32 latents in [-scaling_factor, scaling_factor]."""
+        frames = torch.from_numpy(np.array(frames)) if not isinstance(frames, torch.Tensor) else frames
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+            raise ValueError(f"frames must be uint8 with shape (N, H, W, 3), got {tuple(frames.shape)} {frames.dtype}")
+        if frames.shape[1] % self.factor or frames.shape[2] % self.factor:
+            raise ValueError(f"frame size {tuple(frames.shape[1:3])} must be a multiple of {self.factor}")
+        x = frames.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, H, W)
+        return torch.nn.functional.pixel_unshuffle(x, self.factor) * self.scaling_factor  # (N, 3f², H/f, W/f)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(N, 3f², h, w) latents -> (N, f·h, f·w, 3) uint8 frames."""
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must have shape (N, {self.latent_channels}, h, w), got {tuple(latents.shape)}")
+        x = torch.nn.functional.pixel_shuffle(latents.float() / self.scaling_factor, self.factor)  # (N, 3, H, W)
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+Codec = LatentCodec | SpaceToDepthCodec
+
+
+def load_codec(path: str | os.PathLike, **kwargs) -> Codec:
+    """The codec saved at `path` (a bundle's vae/ folder), whichever kind it is."""
+    return LatentCodec.from_pretrained(path, **kwargs)
+
+
+def codec_downsample(path: str | os.PathLike) -> int:
+    """Frame side / latent side of the codec saved at `path`, from its config.json alone."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if cfg.get("_class_name") == SpaceToDepthCodec.CLASS_NAME:
+        return int(cfg["factor"])
+    return 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
 def tiny_codec(seed: int = 0) -> LatentCodec:

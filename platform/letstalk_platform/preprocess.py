@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from letstalk.audio import AudioEncoder
 from letstalk.clips import SCHEMA_VERSION, ClipSpec, build_clip_rows, decode_video, load_mouth_track
-from letstalk.vae import LatentCodec
+from letstalk.vae import LatentCodec, codec_downsample
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 TENSOR_COLUMNS = ("latents", "audio", "motion", "refs", "mouth")
@@ -64,8 +64,7 @@ def clip_spec(cfg: PreprocessConfig) -> ClipSpec:
     """Fill the sizes the config leaves open from the bundle's transformer and codec configs."""
     bundle = Path(cfg.model)
     tcfg = json.loads((bundle / "transformer" / "config.json").read_text())
-    vcfg = json.loads((bundle / "vae" / "config.json").read_text())
-    down = 2 ** (len(vcfg["block_out_channels"]) - 1)
+    down = codec_downsample(bundle / "vae")  # AutoencoderKL or space-to-depth codec
     clip_frames = cfg.clip_frames or tcfg["num_frames"]
     return ClipSpec(
         fps=cfg.fps, sample_rate=cfg.sample_rate, image_size=cfg.image_size or tcfg["input_size"] * down,

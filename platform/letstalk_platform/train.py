@@ -14,6 +14,7 @@ written by rank 0: loadable without Ray or DeepSpeed) and `state.json` (step, ep
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import tempfile
@@ -47,10 +48,17 @@ class TrainConfig(BaseModel):
     portrait_fusion: Literal["symbiotic", "direct", "siamese"] = "symbiotic"
     audio_fusion: Literal["direct", "siamese", "symbiotic"] = "direct"
     batch_size: int = Field(4, ge=1, description="clips per worker per step")
+    shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer (0: shard "
+                                "order, i.e. a video's clips in a row)")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_warmup: bool = Field(False, description="decay min(ema_decay, (1+n)/(10+n)) at step n: for short runs")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup from 0")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warmup: constant, or "
+                                                      "cosine decay to min_lr_ratio·lr at `steps`")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     steps: int = Field(300_000, ge=1)
@@ -113,6 +121,16 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
     }
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Learning rate at optimizer step `step` (0-based) as a fraction of cfg.lr."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 # ------------------------------------------------------------------------------------------
 # Worker side
 # ------------------------------------------------------------------------------------------
@@ -164,9 +182,11 @@ def train_loop(config: dict[str, Any]) -> None:
         model.enable_gradient_checkpointing()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg, bf16))
+                                           config=deepspeed_config(cfg, bf16),
+                                           lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                                               opt, lambda s: lr_factor(cfg, s)))
     zero3 = cfg.zero_stage == 3
-    ema = EMA(_ema_tensors(engine.module, zero3), cfg.ema_decay)
+    ema = EMA(_ema_tensors(engine.module, zero3), cfg.ema_decay, warmup=cfg.ema_warmup)
     diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"])
     augment = Augment(cfg.flip_prob, cfg.audio_dropout, cfg.motion_noise, cfg.motion_ref_prob)
     log = tracking.RankZeroLogger(cfg.mlflow_uri, config["run_id"], rank)
@@ -179,14 +199,18 @@ def train_loop(config: dict[str, Any]) -> None:
             ema.load_state_dict(torch.load(Path(d) / f"ema-rank{rank}.pt", map_location=device, weights_only=True))
             state = json.loads((Path(d) / "state.json").read_text())
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        ema.updates = step
         print(f"rank {rank}: resumed at step {step}")
 
     shard = ray.train.get_dataset_shard("train")
     t_last, samples_since = time.perf_counter(), 0
     while step < cfg.steps:
         skip = batch_in_epoch  # data position: skip the batches this epoch already consumed
-        for i, batch in enumerate(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
-                                                           device=device)):
+        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
+                                           local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                                           local_shuffle_seed=(cfg.seed * 1000 + rank) * 1000 + epoch
+                                           if cfg.shuffle_buffer else None)
+        for i, batch in enumerate(batches):
             if i < skip:
                 continue
             inputs = prepare_batch(batch, augment, arch["audio_window"], generator)
@@ -261,7 +285,7 @@ def _log_samples(ema_state: dict, arch: dict, config: dict, log: tracking.RankZe
         motion = torch.as_tensor(clip["motion"], device=device).float()[None]
         noise = torch.randn((1, *clip["latents"].shape), generator=g, device=device)
         latents = diffusion.sample(lambda x, t: model(x, t, ref, audio, motion), noise, sampler="ddim",
-                                   steps=cfg.sample_steps, generator=g)
+                                   steps=cfg.sample_steps, generator=g, clip_range=codec.sample_range)
         frames = codec.decode(latents[0])
         fps, sr = config["fps"], config["sample_rate"]
         wave = load_audio(clip["path"], sr)[int(clip["start"] / fps * sr):][: int(len(frames) / fps * sr)]

@@ -1,0 +1,101 @@
+"""The learned demo model's pieces: space-to-depth codec, `demo` preset and bundle, x0 clipping,
+the training knobs (LR schedule, EMA warmup), and the shipped models/demo bundle."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from letstalk.config import LetsTalkConfig
+from letstalk.diffusion import GaussianDiffusion
+from letstalk.pipeline import LetsTalkPipeline
+from letstalk.training import EMA
+from letstalk.vae import LatentCodec, SpaceToDepthCodec, codec_downsample, load_codec, tiny_codec
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "demo"
+
+
+def test_space_to_depth_codec_is_lossless_and_saves(tmp_path):
+    codec = SpaceToDepthCodec(factor=4, scaling_factor=1.0)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    lat = codec.encode(frames)
+    assert lat.shape == (3, 48, 12, 12) and lat.dtype == torch.float32
+    assert lat.abs().max() <= 1.0 and codec.sample_range == 1.0
+    assert np.array_equal(codec.decode(lat), frames)
+    # channel c·f² + dy·f + dx of latent pixel (i, j) is image pixel (4i + dy, 4j + dx), colour c
+    assert lat[1, 2 * 16 + 3 * 4 + 1, 5, 7] == pytest.approx(frames[1, 4 * 5 + 3, 4 * 7 + 1, 2] / 127.5 - 1)
+    codec.save_pretrained(tmp_path / "vae")
+    for loaded in (LatentCodec.from_pretrained(tmp_path / "vae"), load_codec(tmp_path / "vae")):
+        assert isinstance(loaded, SpaceToDepthCodec) and loaded.factor == 4
+    assert codec_downsample(tmp_path / "vae") == 4
+    with pytest.raises(ValueError, match="multiple of 4"):
+        codec.encode(frames[:, :46])
+    with pytest.raises(ValueError, match="latents must have shape"):
+        codec.decode(lat[:, :47])
+
+
+def test_autoencoder_codec_still_loads(tmp_path):
+    tiny_codec().save_pretrained(tmp_path / "vae")
+    codec = LatentCodec.from_pretrained(tmp_path / "vae")
+    assert isinstance(codec, LatentCodec) and codec.sample_range is None
+    assert codec_downsample(tmp_path / "vae") == 8
+
+
+def test_demo_bundle_round_trip_and_render(tmp_path):
+    cfg = LetsTalkConfig.from_name("demo")
+    assert (cfg.input_size, cfg.in_channels, cfg.num_frames) == (12, 48, 8)
+    pipe = LetsTalkPipeline.init_demo(seed=0)
+    path = pipe.save_pretrained(tmp_path / "demo")
+    assert json.loads((path / "vae" / "config.json").read_text())["_class_name"] == "SpaceToDepthCodec"
+    loaded = LetsTalkPipeline.from_pretrained(path)
+    assert isinstance(loaded.codec, SpaceToDepthCodec) and loaded.image_size == 48
+    wave = np.random.default_rng(0).standard_normal(16000 // 2).astype(np.float32) * 0.1  # 0.5 s: 12 frames
+    res = loaded.render(np.full((80, 80, 3), 128, np.uint8), wave, steps=2, sampler="ddim")
+    assert res.frames.shape == (12, 48, 48, 3)
+
+
+def test_clip_range_bounds_the_predicted_x0():
+    """A model whose ε is far off would leave the data range; clipping x0 keeps the sample inside it."""
+    diffusion = GaussianDiffusion(learn_sigma=False)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def bad(x, t):
+        return -5 * x  # ε pointing the wrong way: x0 = (x + 5·sqrt(1-ᾱ)·x) / sqrt(ᾱ) explodes
+
+    for sampler in ("ddim", "ddpm"):
+        free = diffusion.sample(bad, noise, sampler=sampler, steps=5, generator=torch.Generator().manual_seed(1))
+        clipped = diffusion.sample(bad, noise, sampler=sampler, steps=5, clip_range=1.0,
+                                   generator=torch.Generator().manual_seed(1))
+        assert free.abs().max() > 10
+        assert clipped.abs().max() <= 1.0 + 1e-4
+    with pytest.raises(ValueError, match="clip_range"):
+        diffusion.make_scheduler("ddim", 5, clip_range=0.0)
+
+
+def test_lr_schedule_and_ema_warmup():
+    from letstalk_platform.train import TrainConfig, lr_factor
+
+    cfg = TrainConfig(data="x", steps=1000, warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(cfg, 0) == pytest.approx(0.01) and lr_factor(cfg, 99) == pytest.approx(1.0)
+    assert lr_factor(cfg, 100) == pytest.approx(1.0) and lr_factor(cfg, 1000) == pytest.approx(0.1)
+    assert lr_factor(cfg, 550) == pytest.approx(0.55)
+    assert lr_factor(TrainConfig(data="x"), 10**5) == 1.0  # the defaults: constant, no warmup
+
+    ema = EMA({"w": torch.zeros(2)}, decay=0.999, warmup=True)
+    assert ema.current_decay() == pytest.approx(0.1)
+    ema.update({"w": torch.ones(2)})  # weight 0.9 on the new value at the first update
+    assert torch.allclose(ema.shadow["w"], torch.full((2,), 0.9))
+    ema.updates = 10**6
+    assert ema.current_decay() == 0.999
+
+
+@pytest.mark.skipif(not (SHIPPED / "pipeline.json").is_file(), reason="models/demo not built yet")
+def test_shipped_demo_model_loads_and_fits_the_budget():
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20, f"models/demo is {size / 2**20:.1f} MiB"
+    pipe = LetsTalkPipeline.from_pretrained(SHIPPED)
+    assert isinstance(pipe.codec, SpaceToDepthCodec) and pipe.image_size == 48
+    assert pipe.transformer.cfg == LetsTalkConfig.from_name("demo")
