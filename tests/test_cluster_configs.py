@@ -19,6 +19,8 @@ its validator here.
                        unknown top-level keys, "auto" values (HF-integration only), optimizer params against
                        the optimizer class DeepSpeed would build.
     preprocess/*.yaml  letstalk_platform.preprocess.PreprocessConfig (what jobs/preprocess.py loads).
+    serve/*.yaml       `serve run` configs: Ray Serve's schema models + our AppArgs / RenderDefaults, one
+                       Ingress replica, HTTP on 127.0.0.1.
 
 cluster/docker/Dockerfile is checked by the test_dockerfile_* cases (FROM first, pins = pyproject's).
 """
@@ -287,8 +289,9 @@ def _check_runtime_env(text: Any, where: str) -> None:
         assert isinstance(k, str) and isinstance(v, str), f"{where}: env_vars must map str -> str ({k}: {v!r})"
 
 
-def _check_serve_config(text: Any, gpus_per_pod: dict[str, int], where: str) -> None:
-    """serveConfigV2 through Ray Serve's schema models; they allow unknown keys, so those are checked here."""
+def _check_serve_config(text: Any, gpus_per_pod: dict[str, int] | None, where: str) -> None:
+    """A Serve config through Ray Serve's schema models (they allow unknown keys, so those are checked
+    here), and our application's builder args through AppArgs. `gpus_per_pod` None: no GPU needed."""
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import (DeploymentSchema, HTTPOptionsSchema, RayActorOptionsSchema,
                                   ServeApplicationSchema, ServeDeploySchema)
@@ -308,6 +311,20 @@ def _check_serve_config(text: Any, gpus_per_pod: dict[str, int], where: str) -> 
         assert module and attr.isidentifier(), f"{awhere}: import_path must be 'module:builder'"
         # The module itself may not exist yet; its top-level package must.
         assert importlib.util.find_spec(module.split(".")[0]) is not None, f"{awhere}: no package for {module}"
+        if app["import_path"] == "letstalk_platform.serve:build_app":
+            from letstalk_platform.serve import AppArgs
+
+            AppArgs.model_validate(app.get("args") or {})
+            names = {d.get("name") for d in app.get("deployments") or []}
+            assert names <= {"Ingress", "Renderer"}, f"{awhere}: build_app makes Ingress and Renderer, not {names}"
+            for dep in app.get("deployments") or []:
+                if dep.get("name") == "Ingress":  # the job table lives in its one replica
+                    assert dep.get("num_replicas", 1) == 1 and "autoscaling_config" not in dep, (
+                        f"{awhere}: Ingress must have exactly one replica")
+                if dep.get("name") == "Renderer" and "user_config" in dep:
+                    from letstalk_platform.render import RenderDefaults
+
+                    RenderDefaults.model_validate(dep["user_config"])
         for dep in app.get("deployments") or []:
             dwhere = f"{awhere} deployment {dep.get('name')}"
             _unknown(dep, set(DeploymentSchema.model_fields), dwhere)
@@ -317,6 +334,8 @@ def _check_serve_config(text: Any, gpus_per_pod: dict[str, int], where: str) -> 
             opts = dep.get("ray_actor_options") or {}
             _unknown(opts, set(RayActorOptionsSchema.model_fields), f"{dwhere} ray_actor_options")
             gpu_replica_max = max(gpu_replica_max, float(opts.get("num_gpus", 0)))
+    if gpus_per_pod is None:
+        return
     assert gpu_replica_max > 0, f"{where}: no deployment asks for a GPU (num_gpus)"
     assert max(gpus_per_pod.values(), default=0) >= gpu_replica_max, (
         f"{where}: no worker group has {gpu_replica_max} GPU(s) per pod for a replica")
@@ -475,6 +494,13 @@ def validate_preprocess(cfg: Any, path: Path) -> None:
     PreprocessConfig.model_validate(cfg)
 
 
+def validate_serve(cfg: Any, path: Path) -> None:
+    """cluster/serve/*.yaml: `serve run` configs; local ones bind 127.0.0.1."""
+    _check_serve_config(yaml.safe_dump(cfg), None, rel(path))
+    host = (cfg.get("http_options") or {}).get("host")
+    assert host == "127.0.0.1", f"{rel(path)}: a local Serve config binds 127.0.0.1, not {host!r}"
+
+
 def validate_train(cfg: Any, path: Path) -> None:
     from letstalk_platform.train import TrainConfig
 
@@ -495,6 +521,7 @@ VALIDATORS: dict[tuple[str, str], tuple[Callable[[Any, Path], None], bool]] = {
     ("deepspeed", ".json"): (validate_deepspeed, False),
     ("preprocess", ".yaml"): (validate_preprocess, False),
     ("train", ".yaml"): (validate_train, False),
+    ("serve", ".yaml"): (validate_serve, False),
 }
 
 
@@ -655,6 +682,12 @@ def _renderer(serve: dict) -> dict:
     (_rayjob, lambda d: _gpu_worker(d).update(minReplicas=3), "minReplicas"),
     (_rayservice, lambda d: d["spec"].pop("rayClusterConfig"), "rayClusterConfig"),
     (_rayservice, lambda d: _set_serve(d, lambda s: _renderer(s).update(num_replica=2)), "num_replica"),
+    (_rayservice, lambda d: _set_serve(d, lambda s: s["applications"][0]["deployments"][0].update(num_replicas=3)),
+     "exactly one replica"),
+    (_rayservice, lambda d: _set_serve(d, lambda s: s["applications"][0]["args"].update(max_upload_mb=-1)),
+     "max_upload_mb"),
+    (_rayservice, lambda d: _set_serve(d, lambda s: _renderer(s).update(user_config={"sampler": "euler"})),
+     "sampler"),
     (_rayservice, lambda d: _set_serve(d, lambda s: _renderer(s)["autoscaling_config"].update(
         min_replicas=9)), "max_replicas"),
     (_rayservice, lambda d: _set_serve(d, lambda s: _renderer(s)["autoscaling_config"].update(
@@ -667,7 +700,8 @@ def _renderer(serve: dict) -> dict:
      "GPU"),
 ], ids=["api-version", "no-entrypoint", "unknown-script", "script-outside-jobs", "misspelled-spec-field",
         "runtime-env-typo", "ray-version", "no-token-auth", "no-gpu-request", "no-image", "no-shm",
-        "mount-without-volume", "start-param-int", "replicas-out-of-range", "no-cluster", "serve-deployment-typo",
+        "mount-without-volume", "start-param-int", "replicas-out-of-range", "no-cluster", "serve-deployment-typo", "two-ingress-replicas",
+        "bad-app-args", "bad-user-config",
         "serve-min-over-max", "serve-autoscaling-typo", "serve-actor-option-typo", "serve-import-path",
         "replica-needs-more-gpus-than-a-pod"])
 def test_kuberay_validator_rejects(make, breakage, match):

@@ -37,6 +37,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .render import Cancel, RenderCancelled, RenderDefaults, RenderOptions, RenderWorker
 
@@ -162,6 +163,7 @@ class Job:
         self.created = time.time()
         self.finished: float | None = None
         self.seconds: dict[str, float] = {}
+        self.rendered_with: dict | None = None  # the options after the renderer's defaults filled the gaps
         self.task: asyncio.Task | None = None
 
     @property
@@ -174,7 +176,7 @@ class Job:
                              "fraction": self.fraction},
                 "audio_seconds": round(self.duration_s, 3), "options": self.options, "error": self.error,
                 "created": self.created, "finished": self.finished,
-                "seconds": self.seconds, "video": f"/v1/renders/{self.id}/video" if self.status == "done" else None}
+                "rendered_with": self.rendered_with, "seconds": self.seconds, "video": f"/v1/renders/{self.id}/video" if self.status == "done" else None}
 
 
 class ApiError(Exception):
@@ -207,6 +209,11 @@ api = FastAPI(
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -292,6 +299,7 @@ class Ingress:
         return image, wave, frames, -(-frames // info["clip_frames"])
 
     async def _run(self, job: Job, image, wave) -> None:
+        stream = None
         try:
             stream = self.renderer.options(stream=True).render_stream.remote(image, wave, job.options)
             async for event in stream:
@@ -308,9 +316,12 @@ class Ingress:
                     await run_in_threadpool(part.write_bytes, event["video"])
                     part.rename(path)
                     job.clips_done, job.fraction, job.seconds = job.clips_total, 1.0, event["seconds"]
+                    job.rendered_with = event["options"]
                     job.status = "done"
         except asyncio.CancelledError:
             job.status = "cancelled"
+            if stream is not None:
+                stream.cancel()  # reaches the replica: its render stops at the next denoising step
             raise
         except Exception as e:  # the renderer died, or similar: the job fails, the service lives
             job.status, job.error = "failed", f"render failed: {_one_line(e)}"

@@ -1,0 +1,132 @@
+"""Serving overhead and concurrency: the HTTP API vs a direct LetsTalkPipeline.render, in one run.
+
+    python bench/serve.py [--bundle DIR] [--seconds 2] [--steps 25] [--repeats 3]
+
+Prints (1) the end-to-end HTTP render time (upload, validation, Serve hop, render, mp4 back)
+over the time of rendering the same input straight to an mp4 with the pipeline in this process
+(overhead ratio), and (2) throughput with 4 concurrent requests over 1 at a time (same server).
+Without --bundle a random tiny bundle is used (the model's quality does not matter here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+import soundfile as sf
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+from letstalk.pipeline import LetsTalkPipeline  # noqa: E402
+from letstalk.synthetic import draw_portrait, speech_like_audio  # noqa: E402
+
+TOKEN = "bench-token"
+
+
+def inputs(seconds: float) -> tuple[bytes, bytes]:
+    img, wav = io.BytesIO(), io.BytesIO()
+    Image.fromarray(draw_portrait(128, seed=0)).save(img, format="PNG")
+    sf.write(wav, speech_like_audio(seconds, seed=0), 16000, format="WAV")
+    return img.getvalue(), wav.getvalue()
+
+
+def http_render(url: str, portrait: bytes, audio: bytes, steps: int) -> float:
+    t0 = time.perf_counter()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = requests.post(f"{url}/v1/renders", headers=auth, timeout=600,
+                      files={"portrait": ("p.png", portrait), "audio": ("a.wav", audio)},
+                      data={"steps": steps, "sampler": "ddim"})
+    r.raise_for_status()
+    job = r.json()["id"]
+    while True:
+        st = requests.get(f"{url}/v1/renders/{job}", headers=auth, timeout=60).json()
+        if st["status"] == "done":
+            break
+        if st["status"] not in ("queued", "running"):
+            raise RuntimeError(st)
+        time.sleep(0.02)
+    video = requests.get(f"{url}/v1/renders/{job}/video", headers=auth, timeout=60)
+    video.raise_for_status()
+    assert len(video.content) > 1000
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bundle")
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--concurrent", type=int, default=4)
+    args = p.parse_args()
+
+    from ray import serve
+
+    from letstalk_platform.runtime import init_ray
+    from letstalk_platform.serve import AppArgs, build_app
+
+    tmp = tempfile.mkdtemp(prefix="bench-serve-")
+    bundle = args.bundle or str(LetsTalkPipeline.init_tiny().save_pretrained(Path(tmp) / "tiny"))
+    portrait, audio = inputs(args.seconds)
+    (Path(tmp) / "p.png").write_bytes(portrait)
+    (Path(tmp) / "a.wav").write_bytes(audio)
+
+    pipe = LetsTalkPipeline.from_pretrained(bundle)
+
+    def direct() -> float:
+        t0 = time.perf_counter()
+        pipe.render_to_file(Path(tmp) / "p.png", Path(tmp) / "a.wav", Path(tmp) / "direct.mp4",
+                            steps=args.steps, sampler="ddim")
+        return time.perf_counter() - t0
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(model=bundle, token=TOKEN, renderer_cpus=0,
+                                max_jobs_per_replica=args.concurrent)), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    http_render(url, portrait, audio, args.steps)  # warm-up (first request loads lazily)
+    direct()
+
+    direct_t, http_t = [], []
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both
+        direct_t.append(direct())
+        http_t.append(http_render(url, portrait, audio, args.steps))
+    d, h = statistics.median(direct_t), statistics.median(http_t)
+    frames = round(args.seconds * 25)
+    print(f"input: {args.seconds:g} s audio -> {frames} frames, DDIM-{args.steps}, {os.cpu_count()} CPUs, "
+          f"bundle {Path(bundle).name}")
+    print(f"direct pipeline render_to_file: median {d:.3f} s  {[round(x, 3) for x in direct_t]}")
+    print(f"HTTP end to end:                median {h:.3f} s  {[round(x, 3) for x in http_t]}")
+    print(f"overhead ratio HTTP / direct:   {h / d:.2f}  (+{h - d:.3f} s per request)")
+
+    n = args.concurrent
+    t0 = time.perf_counter()
+    for _ in range(n):
+        http_render(url, portrait, audio, args.steps)
+    serial = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda _: http_render(url, portrait, audio, args.steps), range(n)))
+    parallel = time.perf_counter() - t0
+    print(f"throughput 1 at a time: {n / serial:.3f} videos/s; {n} concurrent: {n / parallel:.3f} videos/s; "
+          f"ratio {serial / parallel:.2f}")
+    serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""The Ray Serve render API and the batch job, on a real local Ray Serve with real HTTP clients."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+import soundfile as sf
+from PIL import Image
+
+from letstalk.media import load_video_frames, probe
+from letstalk.synthetic import draw_portrait, speech_like_audio
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-1234"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+DEFAULT_STEPS = 5  # the app's user_config default, distinct from RenderDefaults' 25
+
+
+def png_bytes(seed: int = 1, size: int = 96) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(draw_portrait(size, seed=seed)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wav_bytes(seconds: float, seed: int = 1, silent: bool = False) -> bytes:
+    buf = io.BytesIO()
+    wave = np.zeros(int(seconds * 16000), np.float32) if silent else speech_like_audio(seconds, seed=seed)
+    sf.write(buf, wave, 16000, format="WAV")
+    return buf.getvalue()
+
+
+def load_job(name: str):
+    """A jobs/*.py script as a module, to call its main() in this process (and this Ray)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, bundle, tmp_path_factory):
+    """The app as `jobs/serve.py` deploys it: one renderer replica running one job at a time."""
+    from ray import serve
+
+    from letstalk_platform.serve import AppArgs, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = AppArgs(model=str(bundle), token=TOKEN, renderer_cpus=0, max_jobs_per_replica=1, max_upload_mb=1,
+                   max_audio_seconds=20, retry_after_s=7, work_dir=str(tmp_path_factory.mktemp("serve")),
+                   defaults={"steps": DEFAULT_STEPS, "sampler": "ddim"})
+    serve.run(build_app(args), name="letstalk", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def post(url, portrait=None, audio=None, names=("face.png", "speech.wav"), headers=AUTH, **options):
+    files = {}
+    if portrait is not None:
+        files["portrait"] = (names[0], portrait)
+    if audio is not None:
+        files["audio"] = (names[1], audio)
+    return requests.post(f"{url}/v1/renders", headers=headers, files=files,
+                         data={k: str(v) for k, v in options.items()}, timeout=60)
+
+
+def wait_done(url, job_id, timeout=120, poll=0.05):
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = requests.get(f"{url}/v1/renders/{job_id}", headers=AUTH, timeout=10).json()
+        seen.append(st)
+        if st["status"] not in ("queued", "running"):
+            return st, seen
+        time.sleep(poll)
+    raise AssertionError(f"job {job_id} still {seen[-1]['status']} after {timeout} s")
+
+
+def test_health_auth_and_openapi(server):
+    assert requests.get(f"{server}/healthz", timeout=10).json()["status"] == "ok"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        r = requests.get(f"{server}/v1/model", headers=headers, timeout=10)
+        assert r.status_code == 401 and "token" in r.json()["error"]
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert post(server, png_bytes(), wav_bytes(0.5), headers={}).status_code == 401
+    model = requests.get(f"{server}/v1/model", headers=AUTH, timeout=30).json()
+    assert model["image_size"] == 64 and model["clip_frames"] == 8
+    assert model["defaults"]["steps"] == DEFAULT_STEPS
+    assert model["limits"]["max_audio_seconds"] == 20
+    paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
+    assert {"/v1/renders", "/v1/renders/{job_id}", "/v1/renders/{job_id}/video", "/v1/model", "/healthz"} <= set(paths)
+
+
+def test_render_through_the_api(server, tmp_path):
+    """A 1.5 s clip: 38 frames in 5 clips of 8; progress rises clip by clip; the mp4 matches the audio."""
+    r = post(server, png_bytes(), wav_bytes(1.5), steps=120, sampler="ddpm", seed=3)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["frames"] == 38 and body["clips_total"] == 5
+    final, seen = wait_done(server, body["id"])
+    assert final["status"] == "done", final
+    assert final["progress"] == {"clips_done": 5, "clips_total": 5, "fraction": 1.0}
+    fractions = [s["progress"]["fraction"] for s in seen]
+    assert fractions == sorted(fractions)
+    running_clips = {s["progress"]["clips_done"] for s in seen if s["status"] == "running"}
+    assert len(running_clips) >= 3, f"progress did not move clip by clip: {running_clips}"
+    assert final["rendered_with"] == {"steps": 120, "sampler": "ddpm", "guidance": 1.0, "seed": 3}
+    video = requests.get(f"{server}/v1/renders/{body['id']}/video", headers=AUTH, timeout=30)
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    path = tmp_path / "out.mp4"
+    path.write_bytes(video.content)
+    info = probe(path)
+    assert info.has_audio and abs(info.duration - 1.5) < 0.1
+    frames = load_video_frames(path)
+    assert frames.shape == (38, 64, 64, 3)
+    # defaults from user_config apply to requests that leave options out
+    r = post(server, png_bytes(), wav_bytes(0.4))
+    final, _ = wait_done(server, r.json()["id"])
+    assert final["rendered_with"]["steps"] == DEFAULT_STEPS and final["rendered_with"]["sampler"] == "ddim"
+    assert requests.delete(f"{server}/v1/renders/{r.json()['id']}", headers=AUTH, timeout=10).json()["status"] == "deleted"
+    assert requests.get(f"{server}/v1/renders/{r.json()['id']}", headers=AUTH, timeout=10).status_code == 404
+
+
+def test_cancel_frees_the_renderer_and_full_means_503(server):
+    long = post(server, png_bytes(), wav_bytes(12.0), steps=250, sampler="ddpm")  # ~1 min of rendering here
+    assert long.status_code == 202
+    job = long.json()["id"]
+    deadline = time.monotonic() + 60
+    while requests.get(f"{server}/v1/renders/{job}", headers=AUTH, timeout=10).json()["progress"]["fraction"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    busy = post(server, png_bytes(), wav_bytes(0.4))
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "7", busy.text
+    assert "busy" in busy.json()["error"]
+    assert requests.get(f"{server}/v1/renders/{job}/video", headers=AUTH, timeout=10).status_code == 409
+    cancelled = requests.delete(f"{server}/v1/renders/{job}", headers=AUTH, timeout=30).json()
+    assert cancelled["status"] == "cancelled"
+    # the renderer thread stopped: a short render now finishes long before the long one would have
+    t0 = time.monotonic()
+    r = post(server, png_bytes(), wav_bytes(0.4))
+    assert r.status_code == 202, r.text
+    final, _ = wait_done(server, r.json()["id"], timeout=40)
+    assert final["status"] == "done" and time.monotonic() - t0 < 30
+    assert requests.get(f"{server}/v1/renders/{job}/video", headers=AUTH, timeout=10).status_code == 409
+
+
+@pytest.mark.parametrize("case, expect, words", [
+    ("portrait_not_image", 400, ["portrait"]),
+    ("audio_corrupt", 400, ["audio"]),
+    ("audio_empty", 400, ["audio", "empty"]),
+    ("audio_is_image", 400, ["audio"]),
+    ("upload_too_big", 413, ["portrait", "limit"]),
+    ("audio_too_long", 413, ["audio", "limit"]),
+    ("missing_audio", 422, ["audio"]),
+    ("zero_steps", 422, ["steps"]),
+    ("unknown_sampler", 422, ["sampler"]),
+    ("path_in_filename", 400, ["path"]),
+])
+def test_bad_input_gets_a_4xx_reason(server, case, expect, words):
+    face, speech = png_bytes(), wav_bytes(0.4)
+    kwargs = {
+        "portrait_not_image": dict(portrait=b"just some text, not an image"),
+        "audio_corrupt": dict(audio=bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8))),
+        "audio_empty": dict(audio=b""),
+        "audio_is_image": dict(audio=face),
+        "upload_too_big": dict(portrait=b"\x89PNG" + bytes(1_200_000)),
+        "audio_too_long": dict(audio=wav_bytes(25.0, silent=True)),
+        "missing_audio": dict(audio=None),
+        "zero_steps": dict(steps=0),
+        "unknown_sampler": dict(sampler="euler"),
+        "path_in_filename": dict(names=("../../etc/face.png", "speech.wav")),
+    }[case]
+    kwargs = {"portrait": face, "audio": speech} | kwargs
+    r = post(server, kwargs.pop("portrait"), kwargs.pop("audio"), **kwargs)
+    assert r.status_code == expect, r.text
+    error = r.json()["error"]
+    assert "\n" not in error and all(w in error for w in words), error
+    health = requests.get(f"{server}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["active_jobs"] == 0
+
+
+def test_unknown_job_ids(server):
+    for job in ("0" * 32, "not-a-job"):
+        r = requests.get(f"{server}/v1/renders/{job}", headers=AUTH, timeout=10)
+        assert r.status_code == 404 and "no render job" in r.json()["error"]
+        assert requests.delete(f"{server}/v1/renders/{job}", headers=AUTH, timeout=10).status_code == 404
+    r = requests.get(f"{server}/v1/renders/..%2F..%2Fetc%2Fpasswd/video", headers=AUTH, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]
+
+
+def write_inputs(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"face": folder / "face.png", "speech": folder / "speech.wav", "short": folder / "short.wav",
+             "text": folder / "notes.png"}
+    paths["face"].write_bytes(png_bytes(2))
+    paths["speech"].write_bytes(wav_bytes(1.0, seed=2))
+    paths["short"].write_bytes(wav_bytes(0.5, seed=3))
+    paths["text"].write_text("not an image")
+    return paths
+
+
+def test_batch_through_the_serve_app(server, tmp_path):
+    """Good rows rendered by the running app's Renderer, bad rows recorded, a re-run renders nothing."""
+    render_batch = load_job("render_batch")
+    inputs = write_inputs(tmp_path / "in")
+    manifest = tmp_path / "in" / "rows.csv"
+    manifest.write_text(
+        "id,portrait,audio,steps,sampler\n"
+        "alice,face.png,speech.wav,,\n"
+        "bob,face.png,short.wav,10,dpm\n"
+        "carol,face.png,missing.wav,,\n"        # no such file
+        "dave,notes.png,short.wav,,\n"          # not an image: fails inside the renderer
+        "../evil,face.png,short.wav,,\n"        # unsafe id
+        "erin,face.png,short.wav,,euler\n"      # unknown sampler
+        "alice,face.png,short.wav,,\n")         # duplicate id
+    out = tmp_path / "out"
+    assert render_batch.main(["--manifest", str(manifest), "--out", str(out), "--no-progress"]) == 0
+    rows = {r["row"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert [rows[i]["status"] for i in range(7)] == ["rendered", "rendered"] + ["failed"] * 5
+    errors = [rows[i]["error"] for i in range(2, 7)]
+    for error, word in zip(errors, ["not found", "portrait", "plain name", "sampler", "earlier row"]):
+        assert word in error, errors
+    assert load_video_frames(out / "alice.mp4").shape[0] == 25
+    assert load_video_frames(out / "bob.mp4").shape[0] == 12 and rows[1]["clips"] == 2
+    assert rows[0]["seconds_total"] > 0 and rows[0]["frames"] == 25
+    assert sorted(p.name for p in out.iterdir()) == ["alice.mp4", "bob.mp4", "results.parquet"]
+    mtime = (out / "alice.mp4").stat().st_mtime_ns
+    assert render_batch.main(["--manifest", str(manifest), "--out", str(out), "--no-progress"]) == 0
+    again = pq.read_table(out / "results.parquet").to_pylist()
+    assert [r["status"] for r in again] == ["skipped", "skipped"] + ["failed"] * 5
+    assert (out / "alice.mp4").stat().st_mtime_ns == mtime
+
+
+def test_batch_standalone_on_ray_data(ray_local, bundle, tmp_path):
+    render_batch = load_job("render_batch")
+    inputs = write_inputs(tmp_path / "in")
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "one", "portrait": str(inputs["face"]), "audio": str(inputs["short"]), "seed": 1},
+        {"id": "two", "portrait": str(inputs["face"]), "audio": str(inputs["text"])},  # not audio
+    ]) + "\n")
+    out = tmp_path / "out"
+    code = render_batch.main(["--manifest", str(manifest), "--out", str(out), "--standalone", "--model", str(bundle),
+                              "--steps", "4", "--cpus", "0.5", "--no-progress"])
+    assert code == 0
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["rendered", "failed"]
+    assert "audio" in rows[1]["error"]
+    assert load_video_frames(out / "one.mp4").shape == (12, 64, 64, 3)
+
+
+def test_batch_starts_and_removes_its_own_app(server, bundle, tmp_path):
+    import pyarrow as pa
+    from ray import serve
+
+    render_batch = load_job("render_batch")
+    inputs = write_inputs(tmp_path / "in")
+    manifest = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"portrait": [str(inputs["face"])], "audio": [str(inputs["short"])]}), manifest)
+    out = tmp_path / "out"
+    args = ["--manifest", str(manifest), "--out", str(out), "--app", "batch-only", "--no-progress"]
+    assert render_batch.main(args) == 2  # no such app and no --model: a clear error, nothing started
+    assert render_batch.main(args + ["--model", str(bundle), "--cpus", "0", "--steps", "3"]) == 0
+    assert (out / "row00000.mp4").is_file()
+    assert "batch-only" not in serve.status().applications
+
+
+def test_jobs_refuse_bad_setup(bundle, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LETSTALK_API_TOKEN"}
+    r = subprocess.run([sys.executable, "jobs/serve.py", "--model", str(bundle)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "LETSTALK_API_TOKEN" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "m.csv").write_text("portrait\nface.png\n")
+    r = subprocess.run([sys.executable, "jobs/render_batch.py", "--manifest", str(tmp_path / "m.csv"),
+                        "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "audio" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_serve_job_from_a_shell(bundle, tmp_path):
+    """`python jobs/serve.py` as a user runs it: its own Ray, 127.0.0.1, token from the environment."""
+    port = free_port()
+    env = dict(os.environ, LETSTALK_API_TOKEN=TOKEN, RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen([sys.executable, "jobs/serve.py", "--model", str(bundle), "--port", str(port),
+                             "--steps", "3"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or the app not ready
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(1)
+        r = post(url, png_bytes(), wav_bytes(0.6))
+        assert r.status_code == 202, r.text
+        final, _ = wait_done(url, r.json()["id"], poll=0.2)
+        assert final["status"] == "done" and final["rendered_with"]["steps"] == 3
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
