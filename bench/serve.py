@@ -99,6 +99,11 @@ def main() -> None:
     serve.run(build_app(AppArgs(model=bundle, token=TOKEN, renderer_cpus=0,
                                 max_jobs_per_replica=args.concurrent)), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
+    threads = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60).json()[
+        "torch_threads"]
+    import torch
+
+    torch.set_num_threads(threads)  # the same intra-op threads as the replica (Ray sets them from num_cpus)
     http_render(url, portrait, audio, args.steps)  # warm-up (first request loads lazily)
     direct()
 
@@ -109,7 +114,7 @@ def main() -> None:
     d, h = statistics.median(direct_t), statistics.median(http_t)
     frames = round(args.seconds * 25)
     print(f"input: {args.seconds:g} s audio -> {frames} frames, DDIM-{args.steps}, {os.cpu_count()} CPUs, "
-          f"bundle {Path(bundle).name}")
+          f"bundle {Path(bundle).name}, {threads} torch thread(s) in both")
     print(f"direct pipeline render_to_file: median {d:.3f} s  {[round(x, 3) for x in direct_t]}")
     print(f"HTTP end to end:                median {h:.3f} s  {[round(x, 3) for x in http_t]}")
     print(f"overhead ratio HTTP / direct:   {h / d:.2f}  (+{h - d:.3f} s per request)")

@@ -8,6 +8,7 @@ frame rate; then frame i gets the window of frames i-2..i+2 (clamped at the edge
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class AudioEncoder:
         self.sample_rate, self.window = sample_rate, window
         # the CNN needs at least its receptive field of samples
         self.min_samples = self._receptive_field(model.config)
+        self._hook_lock = threading.Lock()
 
     @staticmethod
     def _receptive_field(config: Wav2Vec2Config) -> int:
@@ -85,13 +87,15 @@ class AudioEncoder:
         hidden, _ = self.model.feature_projection(feats.transpose(1, 2).to(param.dtype))  # (1, frames, D)
 
         layers: list[torch.Tensor] = []
-        hooks = [layer.register_forward_hook(lambda m, a, out: layers.append(out[0] if isinstance(out, tuple) else out))
-                 for layer in self.model.encoder.layers]
-        try:
-            self.model.encoder(hidden)
-        finally:
-            for h in hooks:
-                h.remove()
+        with self._hook_lock:  # the hooks sit on the shared model: one caller at a time (Serve runs several)
+            hooks = [layer.register_forward_hook(lambda m, a, out: layers.append(out[0] if isinstance(out, tuple)
+                                                                                 else out))
+                     for layer in self.model.encoder.layers]
+            try:
+                self.model.encoder(hidden)
+            finally:
+                for h in hooks:
+                    h.remove()
         return torch.stack(layers, dim=2)[0].float()  # (1, frames, layers, D) -> (frames, layers, D)
 
     def __call__(self, audio: np.ndarray | torch.Tensor, num_frames: int) -> torch.Tensor:

@@ -248,7 +248,12 @@ def test_batch_through_the_serve_app(server, tmp_path):
     assert (out / "alice.mp4").stat().st_mtime_ns == mtime
 
 
-def test_batch_standalone_on_ray_data(ray_local, bundle, tmp_path):
+def test_batch_standalone_on_ray_data_from_the_registry(ray_local, bundle, tmp_path):
+    """--standalone with the model taken from the MLflow registry by alias."""
+    from letstalk_platform import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.register_bundle(uri, tracking.start_run(uri, "serve", "r", {}), bundle, "talk", "production")
     render_batch = load_job("render_batch")
     inputs = write_inputs(tmp_path / "in")
     manifest = tmp_path / "rows.jsonl"
@@ -257,8 +262,9 @@ def test_batch_standalone_on_ray_data(ray_local, bundle, tmp_path):
         {"id": "two", "portrait": str(inputs["face"]), "audio": str(inputs["text"])},  # not audio
     ]) + "\n")
     out = tmp_path / "out"
-    code = render_batch.main(["--manifest", str(manifest), "--out", str(out), "--standalone", "--model", str(bundle),
-                              "--steps", "4", "--cpus", "0.5", "--no-progress"])
+    code = render_batch.main(["--manifest", str(manifest), "--out", str(out), "--standalone", "--model",
+                              "models:/talk@production", "--mlflow-uri", uri, "--steps", "4", "--cpus", "0.5",
+                              "--no-progress"])
     assert code == 0
     rows = pq.read_table(out / "results.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["rendered", "failed"]

@@ -41,7 +41,11 @@ def server(tmp_path_factory):
         pytest.fail("mlflow server did not start")
     yield uri
     proc.terminate()
-    proc.wait(10)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:  # a loaded machine: uvicorn workers can be slow to stop
+        proc.kill()
+        proc.wait(10)
 
 
 @pytest.mark.parametrize("store", ["server", "sqlite"])
@@ -58,7 +62,7 @@ def test_run_registry_and_alias(store, request, bundle, tmp_path):
     v2 = tracking.register_bundle(uri, run_id, bundle, "talk", "production")
     assert (v1, v2) == (1, 2)
     local = tracking.resolve_bundle("models:/talk@production", uri, cache=tmp_path / "cache")
-    assert (local / "pipeline.json").is_file() and local.name == "talk-v2"
+    assert (local / "pipeline.json").is_file() and local.name.startswith("talk-v2-")
     assert (local / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     with pytest.raises(ValueError, match="not in the registry"):
         tracking.resolve_bundle("models:/talk@nope", uri, cache=tmp_path / "cache")

@@ -158,6 +158,7 @@ class RenderWorker:
         return {
             "bundle": str(self.bundle_dir),
             "device": str(self.device),
+            "torch_threads": __import__("torch").get_num_threads(),
             "image_size": self.pipe.image_size,
             "fps": self.pipe.settings.fps,
             "sample_rate": self.pipe.settings.sample_rate,

@@ -7,6 +7,7 @@ A registered model version is a LetsTalkPipeline bundle stored as the run artifa
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -82,7 +83,9 @@ def resolve_bundle(model: str, uri: str | None = None, cache: str | os.PathLike 
     except mlflow.exceptions.MlflowException as e:
         raise ValueError(f"{model}: not in the registry at {uri or mlflow.get_tracking_uri()} "
                          f"({' '.join(str(e).split())[:200]})") from None
-    dst = Path(cache or Path.home() / ".cache" / "letstalk" / "models") / f"{m['name']}-v{version.version}"
+    # keyed by the registry and the version's source too: two registries both have a "letstalk" v1
+    key = hashlib.sha1(f"{uri or mlflow.get_tracking_uri()}|{version.source}".encode()).hexdigest()[:12]
+    dst = Path(cache or Path.home() / ".cache" / "letstalk" / "models") / f"{m['name']}-v{version.version}-{key}"
     if not (dst / "pipeline.json").is_file():
         dst.mkdir(parents=True, exist_ok=True)
         mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst), tracking_uri=uri)
