@@ -257,3 +257,17 @@ def test_feature_networks_load_through_their_real_paths(tmp_path):
     torch.save({"net_recon": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a Deep3DFaceRecon"):
         metrics.load_face_recon(tmp_path / "other.pth")
+
+
+def test_seam_ratio_finds_jumps_at_clip_boundaries():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 100, (1, 32, 32, 3)).astype(np.float32)
+    drift = np.arange(40, dtype=np.float32)[:, None, None, None] * 2.0  # a steady change every frame
+    smooth = (base + drift).clip(0, 255).astype(np.uint8)
+    assert metrics.seam_ratio([smooth], 8) == pytest.approx(1.0, abs=0.05)
+    jumpy = (base + drift + 12.0 * (np.arange(40) // 8)[:, None, None, None]).clip(0, 255).astype(np.uint8)
+    assert metrics.seam_ratio([jumpy], 8) > 5
+    with pytest.raises(ValueError, match="no clip boundary"):
+        metrics.seam_ratio([smooth[:8]], 8)
+    with pytest.raises(ValueError, match="do not change"):
+        metrics.seam_ratio([np.repeat(smooth[:1], 20, axis=0)], 8)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["check_frame_pair", "resize_frames", "psnr", "ssim", "face_region", "crop_region", "PSNR_CAP"]
+__all__ = ["check_frame_pair", "resize_frames", "psnr", "ssim", "face_region", "crop_region", "PSNR_CAP", "seam_ratio"]
 
 PSNR_CAP = 100.0  # dB: identical frames have infinite PSNR; tables and MLflow get this instead
 MIN_SSIM_SIDE = 11  # the Gaussian window
@@ -96,3 +96,27 @@ def crop_region(frames, box: tuple[int, int, int, int]) -> np.ndarray:
     if x1 <= x0 or y1 <= y0:
         raise ValueError(f"region {box} lies outside the {w}×{h} frame")
     return frames[:, y0:y1, x0:x1]
+
+
+def seam_ratio(videos, clip_len: int) -> float:
+    """Temporal seams of clip-by-clip rendering: the mean frame-to-frame change across clip boundaries
+    (frame k·clip_len vs the one before it) over the median change within clips, pooled over videos.
+
+    About 1 for seamless video; a model whose clips do not continue each other scores well above it.
+    """
+    if clip_len < 2:
+        raise ValueError(f"clip_len must be >= 2, got {clip_len}")
+    boundary, within = [], []
+    for i, v in enumerate(videos):
+        f = _frames(v, f"video {i}").astype(np.float32)
+        d = np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))  # d[t-1] = |f_t - f_{t-1}|
+        t = np.arange(1, len(f))
+        boundary.append(d[t % clip_len == 0])
+        within.append(d[t % clip_len != 0])
+    boundary, within = np.concatenate(boundary or [[]]), np.concatenate(within or [[]])
+    if boundary.size == 0:
+        raise ValueError(f"no clip boundary: the videos must be longer than one clip ({clip_len} frames)")
+    median = float(np.median(within)) if within.size else 0.0
+    if median <= 1e-6:
+        raise ValueError("the frames do not change within clips: a seam ratio is undefined")
+    return float(boundary.mean() / median)

@@ -268,7 +268,8 @@ def score_model(gen: list[np.ndarray], videos: list[EvalVideo], ex: Extractors, 
 
 COLUMNS = [("fid", "FID ↓", 2), ("fvd", "FVD ↓", 2), ("ssim", "SSIM ↑", 4), ("psnr", "PSNR ↑", 2),
            ("efid", "E-FID ↓", 4), ("face_ssim", "face SSIM ↑", 4), ("face_psnr", "face PSNR ↑", 2),
-           ("sync", "sync ↑", 3), ("sync_control", "sync control", 3), ("blinks_per_min", "blinks/min", 1)]
+           ("sync", "sync ↑", 3), ("sync_control", "sync control", 3), ("seam", "seam ↓", 2),
+           ("blinks_per_min", "blinks/min", 1)]
 
 
 def markdown_table(rows: list[dict[str, Any]], protocol: dict[str, Any]) -> str:
@@ -290,7 +291,8 @@ def markdown_table(rows: list[dict[str, Any]], protocol: dict[str, Any]) -> str:
     intro = (f"Protocol: first {p['frames']} frames of {p['videos']} eval videos, {p['size']}×{p['size']} px, "
              f"{p['sampler']} {p['steps']} steps, guidance {p['guidance']:g}, seed {p['seed']}. "
              f"Sync: mean Pearson r of pixel mouth opening vs audio loudness (best lag 0..{p['max_lag']}); "
-             "control: the same with another video's audio.")
+             "control: the same with another video's audio. Seam: mean frame change across clip boundaries / "
+             "median change within clips (1 = seamless).")
     return "\n".join([intro, "", *lines, "", "Notes (– = not computed):", *notes]) + "\n"
 
 
@@ -326,6 +328,7 @@ def evaluate_models(cfg: EvalConfig, cache: str | os.PathLike | None = None) -> 
         gen = render_videos(pipe, videos, cfg, spec, desc=f"render {label}")
         values, notes = score_model(gen, videos, extractors, spec, cfg.max_lag)
         tcfg = pipe.transformer.cfg
+        values["seam"] = _try(notes, "seam", lambda: metrics.seam_ratio(gen, tcfg.num_frames))
         rows.append({"model": label, "source": model, "portrait_fusion": tcfg.portrait_fusion,
                      "audio_fusion": tcfg.audio_fusion, **values, "notes": notes})
     rows.append(reference_row(videos, spec, cfg.max_lag))
