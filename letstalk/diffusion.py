@@ -187,18 +187,36 @@ class GaussianDiffusion:
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, *, sampler: Sampler = "ddpm", steps: int = 250,
                generator: torch.Generator | None = None, clip_range: float | None = None,
+               x_init: torch.Tensor | None = None, strength: float = 1.0,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Denoise `noise` (B, ..., C, H, W) from t = T-1 to a clean sample of the same shape.
 
         sampler "ddpm" with steps=250 is the paper's setting (respaced ancestral sampling with the
         learned variance); "ddim" (η=0) and "dpm" (DPM-Solver++ 2M) are the fast ones.
         clip_range: clip the predicted x0 to ±clip_range at every step (see make_scheduler).
+        x_init, strength: start from x_init (same shape as noise, e.g. the reference frame repeated)
+            noised to t = strength·T instead of from pure noise, and run only the steps of the
+            `steps`-step grid at or below that t (SDEdit / diffusers img2img). strength 1 (default)
+            is sampling from noise.
         """
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
         sched = self.make_scheduler(sampler, steps, clip_range)
         c = noise.shape[-3]
-        x = noise * sched.init_noise_sigma
-        total = len(sched.timesteps)
-        for i, t in enumerate(sched.timesteps):
+        timesteps = sched.timesteps
+        if x_init is None or strength == 1.0:
+            x = noise * sched.init_noise_sigma
+        else:
+            start = min(self.num_timesteps - 1, int(round(strength * self.num_timesteps)))
+            timesteps = timesteps[timesteps <= start]
+            if len(timesteps) == 0:
+                raise ValueError(f"strength {strength} leaves none of the {steps} steps")
+            t0 = torch.full((x_init.shape[0],), int(timesteps[0]), device=x_init.device, dtype=torch.long)
+            x = self.q_sample(x_init.to(noise.dtype), t0, noise)
+            if sampler == "dpm":
+                raise ValueError("strength < 1 needs the ddpm or ddim sampler")
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
             tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
             out = model_fn(x, tt).float()
             # diffusers wants channels on axis 1: (B, F, C, H, W) -> (B, C, F, H, W)

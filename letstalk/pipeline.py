@@ -47,6 +47,12 @@ class PipelineSettings:
     num_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 2e-2
+    # default sampling start: 1 = from pure noise; s < 1 = from the last motion frame (the reference
+    # for the first clip) noised to t = s·T (GaussianDiffusion.sample's x_init/strength)
+    strength: float = 1.0
+    # the model denoises the clip minus the reference latent (trained with TrainConfig.residual):
+    # the sample plus the reference is the clip
+    residual: bool = False
 
 
 @dataclass
@@ -165,14 +171,16 @@ class LetsTalkPipeline:
     # ------------------------------------------------------------------ rendering
 
     def iter_clips(self, portrait, audio, *, steps: int = 250, sampler: str = "ddpm", guidance: float = 1.0,
-                   seed: int = 0, progress: Progress | None = None,
+                   seed: int = 0, strength: float | None = None, progress: Progress | None = None,
                    seconds: dict[str, float] | None = None) -> Iterator[np.ndarray]:
         """Yield the video clip by clip as uint8 frames (f, H, W, 3).
 
         portrait: image path / array / PIL image, or a reference latent (1, C, h, w).
         audio: audio path or (samples,) float array at the pipeline's sample rate.
         `progress(done, total)` counts denoising steps over the whole video; `seconds` (if given)
-        accumulates time spent in audio encoding, denoising and VAE decoding.
+        accumulates time spent in audio encoding, denoising and VAE decoding. `strength` (default:
+        the bundle's pipeline.json) < 1 starts each clip from its last motion frame noised to
+        t = strength·T instead of from pure noise.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -190,14 +198,14 @@ class LetsTalkPipeline:
         feats = self.audio_encoder(wave, num_frames).to(self.device)  # (N, window, layers, A)
         seconds["audio"] = seconds.get("audio", 0.0) + time.perf_counter() - t0
         for latents in self.denoise_clips(ref, feats, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                                          progress=progress, seconds=seconds):
+                                          strength=strength, progress=progress, seconds=seconds):
             t0 = time.perf_counter()
             frames = self.codec.decode(latents[0])
             seconds["decode"] = seconds.get("decode", 0.0) + time.perf_counter() - t0
             yield frames
 
     def denoise_clips(self, ref: torch.Tensor, feats: torch.Tensor, *, steps: int, sampler: str, guidance: float,
-                      seed: int, progress: Progress | None = None,
+                      seed: int, strength: float | None = None, progress: Progress | None = None,
                       seconds: dict[str, float] | None = None) -> Iterator[torch.Tensor]:
         """Reference latent (1, C, h, w) + audio features (N, window, layers, A) -> latent clips (1, f, C, h, w).
 
@@ -211,6 +219,7 @@ class LetsTalkPipeline:
         total_steps = steps * len(starts)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         motion = ref[:, None].expand(1, m, *ref.shape[1:]) if m else None  # (1, M, C, h, w)
+        strength = self.settings.strength if strength is None else strength
         for k, start in enumerate(starts):
             f = min(clip_len, num_frames - start)
             audio_clip = feats[None, start:start + f]  # (1, f, window, layers, A)
@@ -221,9 +230,17 @@ class LetsTalkPipeline:
 
             done = k * steps
             t0 = time.perf_counter()
+            last = ref if motion is None else motion[:, -1]  # (1, C, h, w): the frame the clip continues
+            base = ref[:, None] if self.settings.residual else torch.zeros_like(ref[:, None])  # (1, 1, C, h, w)
+            clip_range = self.codec.sample_range
+            if clip_range is not None and self.settings.residual:
+                clip_range = 2 * clip_range  # a difference of two values in [-r, r]
             latents = self.diffusion.sample(
-                model_fn, noise, sampler=sampler, steps=steps, generator=generator, clip_range=self.codec.sample_range,
-                progress=None if progress is None else (lambda i, n, done=done: progress(done + i, total_steps)))
+                model_fn, noise, sampler=sampler, steps=steps, generator=generator, clip_range=clip_range,
+                x_init=(last[:, None] - base).expand_as(noise) if strength < 1 else None, strength=strength,
+                progress=None if progress is None else (lambda i, n, done=done: progress(done + round(i * steps / n),
+                                                                                         total_steps)))
+            latents = latents + base
             seconds["denoise"] = seconds.get("denoise", 0.0) + time.perf_counter() - t0
             if m:
                 motion = torch.cat([motion, latents], dim=1)[:, -m:]

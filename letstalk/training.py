@@ -36,12 +36,13 @@ class Augment:
 
 
 def prepare_batch(batch: dict[str, torch.Tensor], augment: Augment, audio_window: int,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None = None, residual: bool = False) -> dict[str, torch.Tensor]:
     """Shard columns (letstalk.clips layout) -> model inputs, float32, on the batch's device.
 
     batch: latents (B, F, C, h, w), audio (B, F + window - 1, layers, D), motion (B, M, C, h, w),
            refs (B, K, C, h, w).
     Returns x0 (B, F, C, h, w), portrait (B, C, h, w), audio (B, F, window, layers, D), motion.
+    residual: x0 is the clip minus the portrait (broadcast over frames) instead of the clip.
     """
     x0 = batch["latents"].float()
     b, dev = x0.shape[0], x0.device
@@ -68,6 +69,8 @@ def prepare_batch(batch: dict[str, torch.Tensor], augment: Augment, audio_window
         x0 = torch.where(flip.view(b, 1, 1, 1, 1), x0.flip(-1), x0)
         motion = torch.where(flip.view(b, 1, 1, 1, 1), motion.flip(-1), motion)
         portrait = torch.where(flip.view(b, 1, 1, 1), portrait.flip(-1), portrait)
+    if residual:  # the diffusion target is the clip minus its portrait (see PipelineSettings.residual)
+        x0 = x0 - portrait[:, None]
     return {"x0": x0, "portrait": portrait, "audio": audio, "motion": motion}
 
 

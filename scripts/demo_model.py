@@ -59,7 +59,8 @@ def seam_ratio(frames: np.ndarray, clip_len: int) -> float:
 
 
 def evaluate(model: str, data: str, videos: int = 4, steps: int = 25, sampler: str = "ddim", guidance: float = 1.0,
-             seconds: float | None = None, split: str = "eval", sheet: str | None = None, seed: int = 0) -> dict:
+             seconds: float | None = None, split: str = "eval", sheet: str | None = None, seed: int = 0,
+             strength: float | None = None) -> dict:
     pipe = LetsTalkPipeline.from_pretrained(model)
     manifest = json.loads((Path(data) / "manifest.json").read_text())
     entries = [e for e in manifest["inputs"] if e["status"] == "ok" and e["split"] == split][:videos]
@@ -78,7 +79,7 @@ def evaluate(model: str, data: str, videos: int = 4, steps: int = 25, sampler: s
         t0 = time.perf_counter()
         ref = pipe.codec.encode(crop.image[None]).to(pipe.device)
         frames = np.concatenate(list(pipe.iter_clips(ref, wave, steps=steps, sampler=sampler, guidance=guidance,
-                                                     seed=seed)))
+                                                     seed=seed, strength=strength)))
         secs = time.perf_counter() - t0
         n = len(frames)
         gt_frames = gt.frames[:n]
@@ -106,6 +107,7 @@ def evaluate(model: str, data: str, videos: int = 4, steps: int = 25, sampler: s
     keys = ("sync", "control", "sync_gt", "psnr", "seam", "seam_gt")
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     return {"model": model, "videos": len(rows), "steps": steps, "sampler": sampler, "guidance": guidance,
+            "strength": pipe.settings.strength if strength is None else strength,
             "mean": summary, "per_video": rows}
 
 
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--steps", type=int, default=25)
     q.add_argument("--sampler", default="ddim")
     q.add_argument("--guidance", type=float, default=1.0)
+    q.add_argument("--strength", type=float, help="sampling start (default: the bundle's pipeline.json)")
     q.add_argument("--sheet", help="PNG: ground truth (top) vs rendered (bottom) frames of the first video")
     q.add_argument("--json", help="write the full result here")
     args = p.parse_args(argv)
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(LetsTalkPipeline.init_demo(seed=args.seed).save_pretrained(args.dir))
         return 0
     res = evaluate(args.model, args.data, args.videos, args.steps, args.sampler, args.guidance, args.seconds,
-                   args.split, args.sheet)
+                   args.split, args.sheet, strength=args.strength)
     for r in res["per_video"]:
         print(f"{r['video']:>14} {r['identity']:>8} frames {r['frames']:4d}  sync {r['sync']:+.3f} "
               f"(control {r['control']:+.3f}, gt {r['sync_gt']:+.3f})  psnr {r['psnr']:5.1f} dB  "

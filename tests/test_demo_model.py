@@ -99,3 +99,35 @@ def test_shipped_demo_model_loads_and_fits_the_budget():
     pipe = LetsTalkPipeline.from_pretrained(SHIPPED)
     assert isinstance(pipe.codec, SpaceToDepthCodec) and pipe.image_size == 48
     assert pipe.transformer.cfg == LetsTalkConfig.from_name("demo")
+
+
+def test_strength_starts_from_the_noised_init():
+    """strength < 1: only the grid steps at or below strength·T run, starting from x_init noised there."""
+    diffusion = GaussianDiffusion(learn_sigma=False)
+    init = torch.full((1, 2, 3, 4, 4), 0.5)
+    calls = []
+
+    def perfect(x, t):  # knows x0 = init: ε = (x - sqrt(ᾱ)·x0) / sqrt(1 - ᾱ)
+        calls.append(int(t[0]))
+        ab = torch.as_tensor(diffusion.alphas_cumprod[t.long()], dtype=x.dtype).view(-1, 1, 1, 1, 1)
+        return (x - ab.sqrt() * init) / (1 - ab).sqrt()
+
+    out = diffusion.sample(perfect, torch.randn(init.shape), sampler="ddim", steps=10, clip_range=1.0,
+                           x_init=init, strength=0.45)
+    assert calls == [399, 299, 199, 99]
+    assert torch.allclose(out, init, atol=1e-4)
+    with pytest.raises(ValueError, match="strength"):
+        diffusion.sample(perfect, torch.randn(init.shape), sampler="ddim", steps=10, x_init=init, strength=0.0)
+
+
+def test_residual_target_is_the_clip_minus_its_portrait():
+    from letstalk.training import Augment, prepare_batch
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(2, 8, 48, 12, 12, generator=g), "audio": torch.randn(2, 12, 4, 32, generator=g),
+             "motion": torch.randn(2, 2, 48, 12, 12, generator=g), "refs": torch.randn(2, 1, 48, 12, 12, generator=g)}
+    aug = Augment(flip_prob=0.0, audio_dropout=0.0, motion_noise=0.0, motion_ref_prob=0.0)
+    plain = prepare_batch(batch, aug, 5)
+    res = prepare_batch(batch, aug, 5, residual=True)
+    assert torch.equal(plain["x0"], batch["latents"])
+    assert torch.allclose(res["x0"], batch["latents"] - batch["refs"][:, 0, None])

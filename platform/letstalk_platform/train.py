@@ -67,6 +67,8 @@ class TrainConfig(BaseModel):
     sample_clips: int = Field(1, ge=0, description="eval clips rendered to MLflow at every checkpoint")
     sample_steps: int = Field(25, ge=1, description="DDIM steps for those samples")
     gradient_checkpointing: bool = False
+    residual: bool = Field(False, description="diffuse the clip minus its portrait latent (written to the "
+                           "bundle's pipeline.json)")
     flip_prob: float = 0.5
     audio_dropout: float = 0.1
     motion_noise: float = 0.1
@@ -213,7 +215,7 @@ def train_loop(config: dict[str, Any]) -> None:
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
-            inputs = prepare_batch(batch, augment, arch["audio_window"], generator)
+            inputs = prepare_batch(batch, augment, arch["audio_window"], generator, residual=cfg.residual)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 terms = loss_terms(engine, diffusion, inputs, generator)
             engine.backward(terms["loss"])
@@ -239,7 +241,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 log.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 full = _save_and_report(engine, ema, zero3, rank, arch, metrics,
-                                        {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+                                        {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                         "residual": cfg.residual})
                 if full is not None and config.get("samples"):
                     _log_samples(full, arch, config, log, step, device)
             if step >= cfg.steps:
@@ -284,8 +287,13 @@ def _log_samples(ema_state: dict, arch: dict, config: dict, log: tracking.RankZe
         audio = windows_from_context(torch.as_tensor(clip["audio"], device=device).float(), arch["audio_window"])[None]
         motion = torch.as_tensor(clip["motion"], device=device).float()[None]
         noise = torch.randn((1, *clip["latents"].shape), generator=g, device=device)
+        clip_range = codec.sample_range
+        if clip_range is not None and cfg.residual:
+            clip_range *= 2
         latents = diffusion.sample(lambda x, t: model(x, t, ref, audio, motion), noise, sampler="ddim",
-                                   steps=cfg.sample_steps, generator=g, clip_range=codec.sample_range)
+                                   steps=cfg.sample_steps, generator=g, clip_range=clip_range)
+        if cfg.residual:
+            latents = latents + ref[:, None]
         frames = codec.decode(latents[0])
         fps, sr = config["fps"], config["sample_rate"]
         wave = load_audio(clip["path"], sr)[int(clip["start"] / fps * sr):][: int(len(frames) / fps * sr)]
@@ -360,7 +368,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     bundle_dir = run_dir / "bundle"
     with result.checkpoint.as_directory() as ckpt:
-        export_bundle(Path(ckpt) / "transformer", data_bundle, bundle_dir, spec)
+        export_bundle(Path(ckpt) / "transformer", data_bundle, bundle_dir, spec, residual=cfg.residual)
     summary = {"run_id": run_id, "steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
                "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path, "bundle": str(bundle_dir)}
     if cfg.register_name:
@@ -395,12 +403,20 @@ def _sample_clips(cfg: TrainConfig, manifest: dict[str, Any]) -> list[dict[str, 
     return [r | {"path": paths[r["video_id"]]} for r in rows]
 
 
-def export_bundle(transformer_dir: Path, data_bundle: Path, out: Path, spec: dict[str, Any]) -> Path:
-    """EMA transformer + the codec and audio encoder the data was tokenized with -> a render bundle."""
+def export_bundle(transformer_dir: Path, data_bundle: Path, out: Path, spec: dict[str, Any],
+                  residual: bool | None = None, **settings: Any) -> Path:
+    """EMA transformer + the codec and audio encoder the data was tokenized with -> a render bundle.
+
+    residual: how the model was trained (TrainConfig.residual); None reads it from the checkpoint's
+    state.json beside `transformer_dir`. `settings`: other PipelineSettings fields (e.g. strength).
+    """
+    if residual is None:
+        state = Path(transformer_dir).parent / "state.json"
+        residual = bool(json.loads(state.read_text()).get("residual", False)) if state.is_file() else False
     pipe = LetsTalkPipeline(  # the constructor checks that the three parts fit together
         LetsTalkTransformer.from_pretrained(transformer_dir),
         LatentCodec.from_pretrained(data_bundle / "vae"),
         AudioEncoder.from_pretrained(data_bundle / "audio_encoder", window=spec["audio_window"]),
-        PipelineSettings(fps=spec["fps"], sample_rate=spec["sample_rate"]),
+        PipelineSettings(fps=spec["fps"], sample_rate=spec["sample_rate"], residual=residual, **settings),
     )
     return pipe.save_pretrained(out)
