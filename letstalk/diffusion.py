@@ -21,6 +21,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 Sampler = Literal["ddpm", "ddim", "dpm"]
+# what the network's first C channels are: ε (ADM/DiT, the paper), or v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·x0
+# (Salimans & Ho 2022), whose trivial high-noise answer is -x0 rather than the identity map x_t -> ε
+Prediction = Literal["epsilon", "v_prediction"]
+PREDICTIONS: tuple[str, ...] = ("epsilon", "v_prediction")
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm")
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -62,9 +66,11 @@ class GaussianDiffusion:
     """
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2,
-                 learn_sigma: bool = True):
+                 learn_sigma: bool = True, prediction: Prediction = "epsilon"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.num_timesteps, self.beta_start, self.beta_end = num_timesteps, beta_start, beta_end
-        self.learn_sigma = learn_sigma
+        self.learn_sigma, self.prediction = learn_sigma, prediction
         betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
         alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -105,9 +111,16 @@ class GaussianDiffusion:
             return output[..., :c, :, :], output[..., c:, :, :]
         return output, None
 
+    def to_eps(self, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's prediction (self.prediction) -> ε. For v: ε = sqrt(ᾱ)·v + sqrt(1-ᾱ)·x_t."""
+        if self.prediction == "epsilon":
+            return pred
+        return self._at(self.sqrt_alphas_cumprod, t, xt) * pred + self._at(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt
+
     def p_mean_variance(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model's Gaussian p(x_{t-1} | x_t) from its raw output."""
-        eps, v = self.split_output(output, xt)
+        pred, v = self.split_output(output, xt)
+        eps = self.to_eps(pred, xt, t)
         if v is None:
             log_var = self._at(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
         else:
@@ -129,13 +142,17 @@ class GaussianDiffusion:
         output = model_fn(xt, t)
         if output.shape[:-3] != xt.shape[:-3] or output.shape[-2:] != xt.shape[-2:]:
             raise ValueError(f"model output {tuple(output.shape)} does not match the input {tuple(xt.shape)}")
-        eps, v = self.split_output(output.float(), xt)
-        terms = {"mse": mean_flat((noise - eps) ** 2)}
+        pred, v = self.split_output(output.float(), xt)
+        if self.prediction == "epsilon":
+            target = noise
+        else:  # v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·x0
+            target = self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        terms = {"mse": mean_flat((target - pred) ** 2)}
         if v is None:
             terms["vb"] = torch.zeros_like(terms["mse"])
         else:
             # the VB term only trains the variance: the mean (through ε) is detached
-            frozen = torch.cat([eps.detach(), v], dim=-3)
+            frozen = torch.cat([pred.detach(), v], dim=-3)
             terms["vb"] = self.vb_terms_bpd(frozen, x0, xt, t)
         terms["loss"] = terms["mse"] + terms["vb"]
         return terms
@@ -153,7 +170,7 @@ class GaussianDiffusion:
 
     def scheduler_config(self) -> dict:
         return {"num_train_timesteps": self.num_timesteps, "beta_start": self.beta_start,
-                "beta_end": self.beta_end, "beta_schedule": "linear", "prediction_type": "epsilon"}
+                "beta_end": self.beta_end, "beta_schedule": "linear", "prediction_type": self.prediction}
 
     def make_scheduler(self, sampler: Sampler, steps: int, clip_range: float | None = None):
         """A diffusers scheduler with `steps` timesteps, spaced "trailing" so the first is T-1.

@@ -53,6 +53,7 @@ class PipelineSettings:
     # the model denoises the clip minus the reference latent (trained with TrainConfig.residual):
     # the sample plus the reference is the clip
     residual: bool = False
+    prediction: str = "epsilon"  # what the network predicts: "epsilon" or "v_prediction" (GaussianDiffusion)
 
 
 @dataclass
@@ -72,7 +73,8 @@ class LetsTalkPipeline:
         self.codec, self.audio_encoder = codec, audio_encoder
         self.settings = settings or PipelineSettings()
         s = self.settings
-        self.diffusion = GaussianDiffusion(s.num_timesteps, s.beta_start, s.beta_end, transformer.cfg.learn_sigma)
+        self.diffusion = GaussianDiffusion(s.num_timesteps, s.beta_start, s.beta_end, transformer.cfg.learn_sigma,
+                                           prediction=s.prediction)
         self._check_components()
 
     def _check_components(self) -> None:

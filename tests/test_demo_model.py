@@ -131,3 +131,21 @@ def test_residual_target_is_the_clip_minus_its_portrait():
     res = prepare_batch(batch, aug, 5, residual=True)
     assert torch.equal(plain["x0"], batch["latents"])
     assert torch.allclose(res["x0"], batch["latents"] - batch["refs"][:, 0, None])
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_v_prediction_perfect_model_recovers_x0(learn_sigma):
+    diffusion = GaussianDiffusion(learn_sigma=learn_sigma, prediction="v_prediction")
+    x0 = torch.rand(1, 2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) - 0.5
+
+    def perfect(x, t):
+        ab = torch.as_tensor(diffusion.alphas_cumprod[t.long()], dtype=x.dtype).view(-1, 1, 1, 1, 1)
+        v = ab.sqrt() * (x - ab.sqrt() * x0) / (1 - ab).sqrt() - (1 - ab).sqrt() * x0
+        return torch.cat([v, torch.zeros_like(v)], 2) if learn_sigma else v
+
+    assert diffusion.training_losses(perfect, x0, torch.tensor([700]))["mse"].item() < 1e-10
+    for sampler in ("ddim", "ddpm", "dpm"):
+        out = diffusion.sample(perfect, torch.randn(x0.shape), sampler=sampler, steps=20, clip_range=1.0)
+        assert torch.allclose(out, x0, atol=1e-4), sampler
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion(prediction="x0")

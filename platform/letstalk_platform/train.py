@@ -69,6 +69,8 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     residual: bool = Field(False, description="diffuse the clip minus its portrait latent (written to the "
                            "bundle's pipeline.json)")
+    prediction: Literal["epsilon", "v_prediction"] = Field("epsilon", description="the network's target "
+                                                             "(written to the bundle's pipeline.json)")
     flip_prob: float = 0.5
     audio_dropout: float = 0.1
     motion_noise: float = 0.1
@@ -189,7 +191,7 @@ def train_loop(config: dict[str, Any]) -> None:
                                                opt, lambda s: lr_factor(cfg, s)))
     zero3 = cfg.zero_stage == 3
     ema = EMA(_ema_tensors(engine.module, zero3), cfg.ema_decay, warmup=cfg.ema_warmup)
-    diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"])
+    diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"], prediction=cfg.prediction)
     augment = Augment(cfg.flip_prob, cfg.audio_dropout, cfg.motion_noise, cfg.motion_ref_prob)
     log = tracking.RankZeroLogger(cfg.mlflow_uri, config["run_id"], rank)
 
@@ -242,7 +244,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 full = _save_and_report(engine, ema, zero3, rank, arch, metrics,
                                         {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                         "residual": cfg.residual})
+                                         "residual": cfg.residual, "prediction": cfg.prediction})
                 if full is not None and config.get("samples"):
                     _log_samples(full, arch, config, log, step, device)
             if step >= cfg.steps:
@@ -280,7 +282,7 @@ def _log_samples(ema_state: dict, arch: dict, config: dict, log: tracking.RankZe
     model = LetsTalkTransformer(**arch).to(device).eval()
     model.load_state_dict(ema_state)
     codec = LatentCodec.from_pretrained(Path(config["data_bundle"]) / "vae", device=device)
-    diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"])
+    diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"], prediction=cfg.prediction)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     for k, clip in enumerate(config["samples"]):
         ref = torch.as_tensor(clip["refs"][0], device=device).float()[None]
@@ -368,7 +370,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     bundle_dir = run_dir / "bundle"
     with result.checkpoint.as_directory() as ckpt:
-        export_bundle(Path(ckpt) / "transformer", data_bundle, bundle_dir, spec, residual=cfg.residual)
+        export_bundle(Path(ckpt) / "transformer", data_bundle, bundle_dir, spec, residual=cfg.residual,
+                      prediction=cfg.prediction)
     summary = {"run_id": run_id, "steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
                "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path, "bundle": str(bundle_dir)}
     if cfg.register_name:
@@ -407,12 +410,15 @@ def export_bundle(transformer_dir: Path, data_bundle: Path, out: Path, spec: dic
                   residual: bool | None = None, **settings: Any) -> Path:
     """EMA transformer + the codec and audio encoder the data was tokenized with -> a render bundle.
 
-    residual: how the model was trained (TrainConfig.residual); None reads it from the checkpoint's
-    state.json beside `transformer_dir`. `settings`: other PipelineSettings fields (e.g. strength).
+    residual, settings["prediction"]: how the model was trained (TrainConfig.residual, .prediction);
+    when not given, read from the checkpoint's state.json beside `transformer_dir`. `settings`: other
+    PipelineSettings fields (e.g. strength).
     """
+    state_file = Path(transformer_dir).parent / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if residual is None:
-        state = Path(transformer_dir).parent / "state.json"
-        residual = bool(json.loads(state.read_text()).get("residual", False)) if state.is_file() else False
+        residual = bool(state.get("residual", False))
+    settings.setdefault("prediction", state.get("prediction", "epsilon"))
     pipe = LetsTalkPipeline(  # the constructor checks that the three parts fit together
         LetsTalkTransformer.from_pretrained(transformer_dir),
         LatentCodec.from_pretrained(data_bundle / "vae"),
