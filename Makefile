@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick bench install clean
+.PHONY: demo quick-demo test test-quick bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -13,8 +13,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# the main job: dataset -> Ray Data -> Ray Train + DeepSpeed -> MLflow -> Ray Serve -> evaluation (~30 min)
 demo: install
-	$(PY) -m letstalk.cli demo --out out/demo
+	$(PY) jobs/demo.py --out out/demo
+
+# seconds: the shipped learned model (models/demo) renders a drawn portrait + speech-like audio
+quick-demo: install
+	$(PY) -m letstalk.cli demo --out out/quick-demo
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -94,7 +94,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bundle = Path(args.model) if args.model else out / "tiny-bundle"
+    shipped = Path(__file__).resolve().parents[1] / "models" / "demo"  # the learned demo model (a checkout)
+    bundle = Path(args.model) if args.model else shipped if (shipped / "pipeline.json").is_file() \
+        else out / "tiny-bundle"
     if not (bundle / "pipeline.json").exists():
         LetsTalkPipeline.init_tiny(seed=0).save_pretrained(bundle)
         print(f"wrote a random-initialised tiny bundle to {bundle}")
@@ -170,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_tiny)
 
-    p = sub.add_parser("demo", help="render a drawn portrait and speech-like audio with a tiny bundle")
-    p.add_argument("--out", default="out/demo")
-    p.add_argument("--model", default=None, help="bundle directory (default: a new random tiny bundle)")
+    p = sub.add_parser("demo", help="render a drawn portrait and speech-like audio with the shipped demo model")
+    p.add_argument("--out", default="out/quick-demo")
+    p.add_argument("--model", default=None,
+                   help="bundle directory (default: models/demo of this checkout, else a new random tiny bundle)")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
