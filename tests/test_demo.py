@@ -37,5 +37,5 @@ def test_reduced_demo_runs_every_stage(ray_local, tmp_path):
     held_out = sum(e["split"] == "eval" and e["status"] == "ok" for e in manifest["inputs"])
     assert held_out >= 1 and table["protocol"]["videos"] == min(2, held_out)
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    assert client.get_model_version_by_alias("letstalk-demo", "candidate").version == "1"
+    assert int(client.get_model_version_by_alias("letstalk-demo", "candidate").version) == 1
     assert "letstalk-demo@candidate" in (out / "results.md").read_text()

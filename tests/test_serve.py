@@ -62,6 +62,7 @@ def server(ray_local, bundle, tmp_path_factory):
     from letstalk_platform.serve import AppArgs, build_app
 
     port = free_port()
+    serve.shutdown()  # an earlier test's Serve would keep its own HTTP options
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(model=str(bundle), token=TOKEN, renderer_cpus=0, max_jobs_per_replica=1, max_upload_mb=1,
                    max_audio_seconds=20, retry_after_s=7, work_dir=str(tmp_path_factory.mktemp("serve")),

@@ -258,7 +258,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         handle = serve.get_deployment_handle("Renderer", app_name="letstalk-demo")
         records = batch.run_batch(items, videos_dir, batch.serve_render(handle), concurrency=1)
         _http_wait(job)
-        serve.delete("letstalk-demo")
+        serve.shutdown()  # the app and Serve itself (its HTTP port was this demo's choice)
         rendered = {r["id"]: Path(r["output"]) for r in records if r["status"] in ("rendered", "skipped")}
         failed = [r for r in records if r["status"] == "failed"]
         if failed:
