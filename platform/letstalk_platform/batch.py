@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from .render import RenderOptions, RenderWorker, check_name
+from .render import RenderOptions, RenderWorker, check_name, one_line
 
 OPTION_COLUMNS = ("steps", "sampler", "guidance", "seed")
 RESULT_FIELDS = ("row", "id", "portrait", "audio", "status", "error", "output", "frames", "clips",
@@ -74,7 +74,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         else:
             raise ValueError(f"unsupported manifest type {suffix!r}: use .csv, .jsonl or .parquet")
     except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"manifest {path.name}: cannot be read ({' '.join(str(e).split())[:200]})") from None
+        raise ValueError(f"manifest {path.name}: cannot be read ({one_line(e, 200)})") from None
     if not rows:
         raise ValueError(f"manifest {path.name} has no rows")
     missing = {"portrait", "audio"} - set().union(*(r.keys() for r in rows))
@@ -198,7 +198,7 @@ def run_batch(items: list[Item], out_dir: Path, render: Render | None, *, concur
                         try:
                             result = fut.result()
                         except Exception as e:  # a crashed replica or similar: this row fails, the batch goes on
-                            result = {"status": "failed", "error": f"render failed: {' '.join(str(e).split())[:300]}"}
+                            result = {"status": "failed", "error": f"render failed: {one_line(e, 300)}"}
                         finish(item, result)
     finally:
         bar.close()
@@ -235,11 +235,10 @@ class BatchRenderer:
         out: dict[str, list] = {"row": [], "result": []}
         for row, portrait, audio, options in zip(batch["row"], batch["portrait"], batch["audio"], batch["options"]):
             try:
-                res = self.worker.render(Path(portrait).read_bytes(), Path(audio).read_bytes(), json.loads(options))
-                result = {"status": "done", "video": res.video, "frames": res.num_frames, "clips": res.clips,
-                          "duration_s": res.duration_s, "seconds": res.seconds}
+                result = self.worker.render(Path(portrait).read_bytes(), Path(audio).read_bytes(),
+                                            json.loads(options)).result()
             except (ValueError, ValidationError, OSError) as e:
-                result = {"status": "failed", "error": " ".join(str(e).split())[:500]}
+                result = {"status": "failed", "error": one_line(e)}
             out["row"].append(int(row))
             out["result"].append(result)
         return {"row": out["row"], "result": [json.dumps({k: v for k, v in r.items() if k != "video"})

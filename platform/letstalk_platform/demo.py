@@ -78,6 +78,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _bundle_dir(path: str) -> Path | None:
+    """A bundle folder as given, or relative to the repository; None if neither exists."""
+    return next((p.resolve() for p in (Path(path), REPO / path) if (p / "pipeline.json").is_file()), None)
+
+
 def _held_out(shards: Path, n: int) -> list[dict[str, Any]]:
     manifest = json.loads((shards / "manifest.json").read_text())
     entries = [e for e in manifest["inputs"] if e["status"] == "ok" and e["split"] == "eval"]
@@ -267,8 +272,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         print(f"    batch: {len(records)} videos (results.parquet in {videos_dir}); HTTP: {http_video.name}")
 
     with stages("evaluate (held-out identities)"):
-        compare = [c for c in cfg.compare if (REPO / c / "pipeline.json").is_file() or (Path(c) / "pipeline.json").is_file()]
-        compare = [str((REPO / c) if (REPO / c).exists() else Path(c)) for c in compare]
+        compare = [str(p) for c in cfg.compare for p in [_bundle_dir(c)] if p is not None]
         frames = int(round(cfg.seconds * spec["fps"])) - 1
         report = evaluate_models(EvalConfig(models=[model_uri, *compare], data=str(shards), out=str(out / "eval"),
                                             mlflow_uri=mlflow_uri, experiment="letstalk-demo-eval", steps=cfg.steps,

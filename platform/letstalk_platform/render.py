@@ -66,6 +66,31 @@ class RenderOutput:
     options: dict
     seconds: dict[str, float] = field(default_factory=dict)
 
+    def result(self) -> dict:
+        """The plain dict a Serve call or a Ray Data row carries back (status "done")."""
+        return {"status": "done", "video": self.video, "frames": self.num_frames, "clips": self.clips,
+                "duration_s": self.duration_s, "face_found": self.face_found, "options": self.options,
+                "seconds": self.seconds}
+
+
+def one_line(e: BaseException, limit: int = 500) -> str:
+    """An exception as one line of at most `limit` characters (for JSON errors and result tables)."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
+def decode_file(data: bytes, what: str, load: Callable[[str], np.ndarray]) -> np.ndarray:
+    """Uploaded bytes -> `load(path)` of a temporary file with our own name (the client's file name
+    never becomes a path); a loader's ValueError comes back as one line naming `what`, not the path."""
+    if not data:
+        raise ValueError(f"{what}: the file is empty")
+    with tempfile.TemporaryDirectory(prefix="letstalk-in-") as tmp:
+        path = Path(tmp) / what
+        path.write_bytes(data)
+        try:
+            return load(str(path))
+        except ValueError as e:  # ImageError / MediaError
+            raise ValueError(f"{what}: {one_line(e).replace(str(path), 'upload').replace(tmp, '')}") from None
+
 
 def check_name(name: str, what: str = "name") -> str:
     """A user-supplied name that will become part of a file name: a plain name or a ValueError."""
@@ -99,26 +124,14 @@ class RenderWorker:
         """Image bytes (any format Pillow reads) or an array -> (H, W, 3) uint8; ImageError if not."""
         if isinstance(portrait, np.ndarray):
             return load_image(portrait, max_pixels=self.max_image_pixels)
-        return self._via_file(portrait, "portrait", lambda p: load_image(p, max_pixels=self.max_image_pixels))
+        return decode_file(portrait, "portrait", lambda p: load_image(p, max_pixels=self.max_image_pixels))
 
     def decode_audio(self, audio: bytes | np.ndarray) -> np.ndarray:
         """Audio bytes (any format ffmpeg reads) or a float array -> mono float32; MediaError if not."""
         if isinstance(audio, np.ndarray):
             return self.pipe.prepare_audio(np.array(audio, dtype=np.float32))  # a writable copy
         rate = self.pipe.settings.sample_rate
-        return self._via_file(audio, "audio", lambda p: load_audio(p, rate, max_seconds=self.max_audio_seconds))
-
-    @staticmethod
-    def _via_file(data: bytes, what: str, load: Callable[[str], np.ndarray]) -> np.ndarray:
-        if not data:
-            raise ValueError(f"{what}: the file is empty")
-        with tempfile.TemporaryDirectory(prefix="letstalk-in-") as tmp:
-            path = Path(tmp) / what  # our own name: the client's file name is never used as a path
-            path.write_bytes(data)
-            try:
-                return load(str(path))
-            except ValueError as e:  # ImageError / MediaError: name the field, not our temp path
-                raise ValueError(f"{what}: {str(e).replace(str(path), 'upload').replace(tmp, '')}") from None
+        return decode_file(audio, "audio", lambda p: load_audio(p, rate, max_seconds=self.max_audio_seconds))
 
     # ------------------------------------------------------------------ render
 

@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .render import Cancel, RenderCancelled, RenderDefaults, RenderOptions, RenderWorker
+from .render import Cancel, RenderDefaults, RenderOptions, RenderWorker, decode_file, one_line
 
 TOKEN_ENV = "LETSTALK_API_TOKEN"
 APP_NAME = "letstalk"
@@ -66,10 +66,6 @@ class AppArgs(BaseModel):
     job_ttl_s: float = Field(24 * 3600, gt=0, description="finished jobs (and videos) kept this long")
     work_dir: str | None = Field(None, description="where finished videos are kept (default: a temp folder)")
     defaults: RenderDefaults = RenderDefaults()
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:500] or type(e).__name__
 
 
 # ---------------------------------------------------------------------------------- Renderer
@@ -106,10 +102,8 @@ class Renderer:
             cancel.set()
             raise
         except (ValueError, ValidationError) as e:
-            return {"status": "failed", "error": _one_line(e)}
-        return {"status": "done", "video": out.video, "frames": out.num_frames, "clips": out.clips,
-                "duration_s": out.duration_s, "face_found": out.face_found, "options": out.options,
-                "seconds": out.seconds}
+            return {"status": "failed", "error": one_line(e)}
+        return out.result()
 
     async def render_stream(self, portrait: Any, audio: Any, options: dict | None = None):
         """Yields {"event": "progress", ...} while rendering, then one "done" or "failed" event."""
@@ -140,11 +134,9 @@ class Renderer:
             try:
                 out = job.result()
             except (ValueError, ValidationError) as e:
-                yield {"event": "failed", "error": _one_line(e)}
+                yield {"event": "failed", "error": one_line(e)}
                 return
-            yield {"event": "done", "video": out.video, "frames": out.num_frames, "clips": out.clips,
-                   "duration_s": out.duration_s, "face_found": out.face_found, "options": out.options,
-                   "seconds": out.seconds}
+            yield out.result() | {"event": "done"}
         except (asyncio.CancelledError, GeneratorExit):
             cancel.set()
             raise
@@ -186,16 +178,13 @@ class ApiError(Exception):
 
 
 def _decode(data: bytes, field: str, load):
-    """Decode an upload through the library's loaders; their one-line errors become 400 (413 for limits)."""
-    with tempfile.TemporaryDirectory(prefix="letstalk-up-") as tmp:
-        path = Path(tmp) / field  # our own name: the client's file name never becomes a path
-        path.write_bytes(data)
-        try:
-            return load(str(path))
-        except ValueError as e:
-            message = _one_line(e).replace(str(path), "upload").replace(tmp, "")
-            over_limit = "over the" in message and "limit" in message
-            raise ApiError(413 if over_limit else 400, f"{field}: {message}") from None
+    """decode_file, its one-line errors as 400 (413 when a limit is exceeded)."""
+    try:
+        return decode_file(data, field, load)
+    except ValueError as e:
+        message = str(e)
+        over_limit = "over the" in message and "limit" in message
+        raise ApiError(413 if over_limit else 400, message) from None
 
 
 api = FastAPI(
@@ -324,7 +313,7 @@ class Ingress:
                 stream.cancel()  # reaches the replica: its render stops at the next denoising step
             raise
         except Exception as e:  # the renderer died, or similar: the job fails, the service lives
-            job.status, job.error = "failed", f"render failed: {_one_line(e)}"
+            job.status, job.error = "failed", f"render failed: {one_line(e)}"
         finally:
             if job.status in ("queued", "running"):
                 job.status, job.error = "failed", job.error or "the render ended without a result"
