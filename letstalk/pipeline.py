@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .audio import AudioEncoder, tiny_audio_encoder
-from .diffusion import SAMPLERS, GaussianDiffusion
+from .diffusion import SAMPLERS, ClipTarget, GaussianDiffusion
 from .media import load_audio, write_video
 from .portrait import PortraitCrop, crop_portrait, load_image
 from .transformer import LetsTalkTransformer
@@ -53,6 +53,8 @@ class PipelineSettings:
     # the model denoises the clip minus the reference latent (trained with TrainConfig.residual):
     # the sample plus the reference is the clip
     residual: bool = False
+    # x0 = (clip - base) · residual_scale (ClipTarget): the sample divided by it, plus the base, is the clip
+    residual_scale: float = 1.0
     prediction: str = "epsilon"  # what the network predicts: "epsilon" or "v_prediction" (GaussianDiffusion)
 
 
@@ -75,6 +77,7 @@ class LetsTalkPipeline:
         s = self.settings
         self.diffusion = GaussianDiffusion(s.num_timesteps, s.beta_start, s.beta_end, transformer.cfg.learn_sigma,
                                            prediction=s.prediction)
+        self.target = ClipTarget(s.residual, s.residual_scale)
         self._check_components()
 
     def _check_components(self) -> None:
@@ -222,6 +225,7 @@ class LetsTalkPipeline:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         motion = ref[:, None].expand(1, m, *ref.shape[1:]) if m else None  # (1, M, C, h, w)
         strength = self.settings.strength if strength is None else strength
+        target = self.target
         for k, start in enumerate(starts):
             f = min(clip_len, num_frames - start)
             audio_clip = feats[None, start:start + f]  # (1, f, window, layers, A)
@@ -233,16 +237,13 @@ class LetsTalkPipeline:
             done = k * steps
             t0 = time.perf_counter()
             last = ref if motion is None else motion[:, -1]  # (1, C, h, w): the frame the clip continues
-            base = ref[:, None] if self.settings.residual else torch.zeros_like(ref[:, None])  # (1, 1, C, h, w)
-            clip_range = self.codec.sample_range
-            if clip_range is not None and self.settings.residual:
-                clip_range = 2 * clip_range  # a difference of two values in [-r, r]
             latents = self.diffusion.sample(
-                model_fn, noise, sampler=sampler, steps=steps, generator=generator, clip_range=clip_range,
-                x_init=(last[:, None] - base).expand_as(noise) if strength < 1 else None, strength=strength,
+                model_fn, noise, sampler=sampler, steps=steps, generator=generator,
+                clip_range=target.sample_range(self.codec.sample_range),
+                x_init=target.encode(last[:, None], ref).expand_as(noise) if strength < 1 else None, strength=strength,
                 progress=None if progress is None else (lambda i, n, done=done: progress(done + round(i * steps / n),
                                                                                          total_steps)))
-            latents = latents + base
+            latents = target.decode(latents, ref)
             seconds["denoise"] = seconds.get("denoise", 0.0) + time.perf_counter() - t0
             if m:
                 motion = torch.cat([motion, latents], dim=1)[:, -m:]

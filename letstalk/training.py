@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .audio import windows_from_context
-from .diffusion import GaussianDiffusion
+from .diffusion import ClipTarget, GaussianDiffusion
 from .transformer import LetsTalkTransformer
 
 
@@ -36,13 +36,13 @@ class Augment:
 
 
 def prepare_batch(batch: dict[str, torch.Tensor], augment: Augment, audio_window: int,
-                  generator: torch.Generator | None = None, residual: bool = False) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None = None, target: ClipTarget = ClipTarget()) -> dict[str, torch.Tensor]:
     """Shard columns (letstalk.clips layout) -> model inputs, float32, on the batch's device.
 
     batch: latents (B, F, C, h, w), audio (B, F + window - 1, layers, D), motion (B, M, C, h, w),
            refs (B, K, C, h, w).
     Returns x0 (B, F, C, h, w), portrait (B, C, h, w), audio (B, F, window, layers, D), motion.
-    residual: x0 is the clip minus the portrait (broadcast over frames) instead of the clip.
+    target: how x0 is made from the clip and its portrait (ClipTarget: the clip, or (clip - portrait) · scale).
     """
     x0 = batch["latents"].float()
     b, dev = x0.shape[0], x0.device
@@ -69,18 +69,35 @@ def prepare_batch(batch: dict[str, torch.Tensor], augment: Augment, audio_window
         x0 = torch.where(flip.view(b, 1, 1, 1, 1), x0.flip(-1), x0)
         motion = torch.where(flip.view(b, 1, 1, 1, 1), motion.flip(-1), motion)
         portrait = torch.where(flip.view(b, 1, 1, 1), portrait.flip(-1), portrait)
-    if residual:  # the diffusion target is the clip minus its portrait (see PipelineSettings.residual)
-        x0 = x0 - portrait[:, None]
+    x0 = target.encode(x0, portrait)
     return {"x0": x0, "portrait": portrait, "audio": audio, "motion": motion}
 
 
+def motion_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:
+    """(B, F, C, h, w) clip -> (B, 1, 1, h, w) loss weights 1 + strength · (how much each latent pixel
+    moves over the clip, relative to the clip's mean), normalised to mean 1 per sample.
+
+    With the residual target the moving parts (mouth, eyes) are a few % of the pixels, so the plain
+    MSE barely rewards getting the mouth right; this shifts the loss towards them.
+    """
+    if strength < 0:
+        raise ValueError(f"motion weight strength must be >= 0, got {strength}")
+    spread = x0.float().std(dim=1, keepdim=True).mean(dim=2, keepdim=True)  # (B, 1, 1, h, w)
+    w = 1 + strength * spread / (spread.mean(dim=(-1, -2), keepdim=True) + 1e-8)
+    return w / w.mean(dim=(-1, -2), keepdim=True)
+
+
 def loss_terms(model, diffusion: GaussianDiffusion, inputs: dict[str, torch.Tensor],
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """One diffusion training step's losses (batch means): loss, mse, vb. `model` may be a wrapper."""
+               generator: torch.Generator | None = None, motion_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """One diffusion training step's losses (batch means): loss, mse, vb. `model` may be a wrapper.
+
+    motion_weight > 0 weights the MSE towards the parts of the clip that move (`motion_weights`).
+    """
     x0 = inputs["x0"]
     t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=generator, device="cpu").to(x0.device)
+    weight = motion_weights(x0, motion_weight) if motion_weight > 0 else None
     terms = diffusion.training_losses(
-        lambda x, tt: model(x, tt, inputs["portrait"], inputs["audio"], inputs["motion"]), x0, t)
+        lambda x, tt: model(x, tt, inputs["portrait"], inputs["audio"], inputs["motion"]), x0, t, weight=weight)
     return {k: v.mean() for k, v in terms.items()}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from letstalk.config import LetsTalkConfig
-from letstalk.diffusion import GaussianDiffusion
+from letstalk.diffusion import ClipTarget, GaussianDiffusion
 from letstalk.pipeline import LetsTalkPipeline
 from letstalk.training import EMA
 from letstalk.vae import LatentCodec, SpaceToDepthCodec, codec_downsample, load_codec, tiny_codec
@@ -128,9 +128,24 @@ def test_residual_target_is_the_clip_minus_its_portrait():
              "motion": torch.randn(2, 2, 48, 12, 12, generator=g), "refs": torch.randn(2, 1, 48, 12, 12, generator=g)}
     aug = Augment(flip_prob=0.0, audio_dropout=0.0, motion_noise=0.0, motion_ref_prob=0.0)
     plain = prepare_batch(batch, aug, 5)
-    res = prepare_batch(batch, aug, 5, residual=True)
+    res = prepare_batch(batch, aug, 5, target=ClipTarget(residual=True))
     assert torch.equal(plain["x0"], batch["latents"])
     assert torch.allclose(res["x0"], batch["latents"] - batch["refs"][:, 0, None])
+    scaled = prepare_batch(batch, aug, 5, target=ClipTarget(residual=True, scale=8.0))
+    assert torch.allclose(scaled["x0"], 8.0 * res["x0"])
+
+
+def test_scaled_target_round_trips_and_bounds_its_range():
+    g = torch.Generator().manual_seed(0)
+    clip, portrait = torch.rand(2, 3, 4, 5, 5, generator=g) * 2 - 1, torch.rand(2, 4, 5, 5, generator=g) * 2 - 1
+    for target in (ClipTarget(), ClipTarget(True), ClipTarget(True, 12.0), ClipTarget(False, 0.5)):
+        x0 = target.encode(clip, portrait)
+        assert torch.allclose(target.decode(x0, portrait), clip, atol=1e-6)
+        assert x0.abs().max() <= target.sample_range(1.0)
+    assert ClipTarget(True, 12.0).sample_range(1.0) == 24.0 and ClipTarget(True).sample_range(None) is None
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            ClipTarget(True, bad)
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
@@ -149,3 +164,17 @@ def test_v_prediction_perfect_model_recovers_x0(learn_sigma):
         assert torch.allclose(out, x0, atol=1e-4), sampler
     with pytest.raises(ValueError, match="prediction"):
         GaussianDiffusion(prediction="x0")
+
+
+def test_motion_weights_favour_the_moving_pixels_and_average_one():
+    from letstalk.training import motion_weights
+
+    x0 = torch.zeros(2, 8, 3, 6, 6)
+    x0[:, ::2, :, 4, 2] = 1.0  # one pixel blinks on and off (the "mouth"); the rest is still
+    w = motion_weights(x0, 3.0)
+    assert w.shape == (2, 1, 1, 6, 6)
+    assert torch.allclose(w.mean(dim=(-1, -2)), torch.ones(2, 1, 1))
+    assert w[0, 0, 0, 4, 2] > 10 * w[0, 0, 0, 0, 0]
+    assert torch.allclose(motion_weights(x0, 0.0), torch.ones_like(w))
+    with pytest.raises(ValueError, match="strength"):
+        motion_weights(x0, -1.0)

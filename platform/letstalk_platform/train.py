@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from letstalk.audio import AudioEncoder
 from letstalk.config import PRESETS, LetsTalkConfig
-from letstalk.diffusion import GaussianDiffusion
+from letstalk.diffusion import ClipTarget, GaussianDiffusion
 from letstalk.pipeline import LetsTalkPipeline, PipelineSettings
 from letstalk.training import EMA, Augment, init_from_checkpoint, loss_terms, prepare_batch
 from letstalk.transformer import LetsTalkTransformer
@@ -69,6 +69,10 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     residual: bool = Field(False, description="diffuse the clip minus its portrait latent (written to the "
                            "bundle's pipeline.json)")
+    residual_scale: float = Field(1.0, gt=0, description="x0 = (clip - portrait) · residual_scale (or clip · "
+                                  "residual_scale): about 1 / the RMS of the target (written to pipeline.json)")
+    motion_weight: float = Field(0.0, ge=0, description="weight the loss towards what moves in the clip "
+                                 "(mouth, eyes): letstalk.training.motion_weights")
     prediction: Literal["epsilon", "v_prediction"] = Field("epsilon", description="the network's target "
                                                              "(written to the bundle's pipeline.json)")
     flip_prob: float = 0.5
@@ -104,6 +108,10 @@ class TrainConfig(BaseModel):
         if not v or not all(c.isalnum() or c in "-_." for c in v) or v.startswith("."):
             raise ValueError("name may hold only letters, digits, '-', '_' and '.'")
         return v
+
+    @property
+    def target(self) -> ClipTarget:
+        return ClipTarget(self.residual, self.residual_scale)
 
 
 def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
@@ -217,9 +225,9 @@ def train_loop(config: dict[str, Any]) -> None:
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
-            inputs = prepare_batch(batch, augment, arch["audio_window"], generator, residual=cfg.residual)
+            inputs = prepare_batch(batch, augment, arch["audio_window"], generator, target=cfg.target)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                terms = loss_terms(engine, diffusion, inputs, generator)
+                terms = loss_terms(engine, diffusion, inputs, generator, motion_weight=cfg.motion_weight)
             engine.backward(terms["loss"])
             engine.step()
             ema.update(_ema_tensors(engine.module, zero3))
@@ -244,7 +252,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 full = _save_and_report(engine, ema, zero3, rank, arch, metrics,
                                         {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                         "residual": cfg.residual, "prediction": cfg.prediction})
+                                         "residual": cfg.residual, "residual_scale": cfg.residual_scale,
+                                         "prediction": cfg.prediction})
                 if full is not None and config.get("samples"):
                     _log_samples(full, arch, config, log, step, device)
             if step >= cfg.steps:
@@ -289,13 +298,9 @@ def _log_samples(ema_state: dict, arch: dict, config: dict, log: tracking.RankZe
         audio = windows_from_context(torch.as_tensor(clip["audio"], device=device).float(), arch["audio_window"])[None]
         motion = torch.as_tensor(clip["motion"], device=device).float()[None]
         noise = torch.randn((1, *clip["latents"].shape), generator=g, device=device)
-        clip_range = codec.sample_range
-        if clip_range is not None and cfg.residual:
-            clip_range *= 2
         latents = diffusion.sample(lambda x, t: model(x, t, ref, audio, motion), noise, sampler="ddim",
-                                   steps=cfg.sample_steps, generator=g, clip_range=clip_range)
-        if cfg.residual:
-            latents = latents + ref[:, None]
+                                   steps=cfg.sample_steps, generator=g, clip_range=cfg.target.sample_range(codec.sample_range))
+        latents = cfg.target.decode(latents, ref)
         frames = codec.decode(latents[0])
         fps, sr = config["fps"], config["sample_rate"]
         wave = load_audio(clip["path"], sr)[int(clip["start"] / fps * sr):][: int(len(frames) / fps * sr)]
@@ -418,6 +423,7 @@ def export_bundle(transformer_dir: Path, data_bundle: Path, out: Path, spec: dic
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if residual is None:
         residual = bool(state.get("residual", False))
+    settings.setdefault("residual_scale", float(state.get("residual_scale", 1.0)))
     settings.setdefault("prediction", state.get("prediction", "epsilon"))
     pipe = LetsTalkPipeline(  # the constructor checks that the three parts fit together
         LetsTalkTransformer.from_pretrained(transformer_dir),
