@@ -12,10 +12,16 @@ Long audio is rendered in clips of the model's frame count: clip k continues cli
 its last `num_motion_frames` clean latents (the first clip uses the reference latent), and the
 last clip is rendered at its true, shorter length, so the video has exactly
 round(duration × fps) frames and no padded frames.
+
+Per request, the reference latent is encoded once (prepare_portrait) and the audio features are
+computed once for the whole audio (iter_clips); every clip and step reuses them. Speed switches
+(autocast, SDPA kernels, torch.compile, decode overlap, batching of concurrent renders) are
+`InferenceOptions` (letstalk/accel.py), set with `set_inference`; all are off by default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .accel import InferenceOptions, autocast, check_sdpa_backend, compile_transformer, overlapped, sdpa_backend
 from .audio import AudioEncoder, tiny_audio_encoder
+from .batching import ClipBatcher
 from .diffusion import SAMPLERS, ClipTarget, GaussianDiffusion
 from .media import load_audio, write_video
 from .portrait import PortraitCrop, crop_portrait, load_image
@@ -72,6 +80,8 @@ class LetsTalkPipeline:
     def __init__(self, transformer: LetsTalkTransformer, codec: Codec, audio_encoder: AudioEncoder,
                  settings: PipelineSettings | None = None):
         self.transformer = transformer.eval()
+        self.inference = InferenceOptions()  # speed switches, all off (set_inference)
+        self._batcher: ClipBatcher | None = None
         self.codec, self.audio_encoder = codec, audio_encoder
         self.settings = settings or PipelineSettings()
         s = self.settings
@@ -117,7 +127,8 @@ class LetsTalkPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "LetsTalkPipeline":
+                        dtype: torch.dtype | None = None,
+                        inference: InferenceOptions | dict | None = None) -> "LetsTalkPipeline":
         path = Path(path)
         if not (path / "pipeline.json").is_file():
             raise ValueError(f"{path} is not a LetsTalk bundle (no pipeline.json)")
@@ -127,7 +138,10 @@ class LetsTalkPipeline:
         codec = LatentCodec.from_pretrained(path / "vae", dtype=dtype)  # either codec kind
         audio_encoder = AudioEncoder.from_pretrained(path / "audio_encoder", window=transformer.cfg.audio_window)
         pipe = cls(transformer, codec, audio_encoder, settings)
-        return pipe.to(device) if device is not None else pipe
+        pipe = pipe.to(device) if device is not None else pipe
+        if inference is not None:
+            pipe.set_inference(inference)
+        return pipe
 
     def to(self, device: str | torch.device) -> "LetsTalkPipeline":
         self.transformer.to(device)
@@ -153,6 +167,38 @@ class LetsTalkPipeline:
         codec = SpaceToDepthCodec(factor=4)  # 48 channels = the preset's in_channels (checked below)
         return cls(transformer, codec, tiny_audio_encoder(transformer.cfg.audio_feature_dim,
                                                           transformer.cfg.audio_layers, seed))
+
+    # ------------------------------------------------------------------ speed switches
+
+    def set_inference(self, options: InferenceOptions | dict | None = None, **changes) -> InferenceOptions:
+        """Apply speed switches (letstalk/accel.py) to this pipeline, on its current device.
+
+        `options` replaces the current ones (a dict is checked for unknown keys); keyword `changes`
+        edit single fields, e.g. `pipe.set_inference(dtype="bf16")`. Checks that the device can run
+        them (fp16 needs CUDA; the SDPA backend is tried once) and raises a one-line ValueError if
+        not. Call it before rendering, not while renders run.
+        """
+        if isinstance(options, dict):
+            options = InferenceOptions.from_dict(options)
+        elif options is not None and not isinstance(options, InferenceOptions):
+            raise ValueError(f"options must be InferenceOptions or a dict, got {type(options).__name__}")
+        options = options or self.inference
+        if changes:
+            options = InferenceOptions.from_dict(options.to_dict() | changes)
+        device, cfg = self.device, self.transformer.cfg
+        autocast(options.dtype, device)  # ValueError for fp16 off CUDA
+        check_sdpa_backend(options.sdpa_backend, device, options.dtype, cfg.hidden_size // cfg.num_heads)
+        if (options.compile, options.compile_backend) != (self.inference.compile, self.inference.compile_backend):
+            compile_transformer(self.transformer, options.compile, options.compile_backend)
+        self._batcher = (ClipBatcher(self.transformer.forward_with_guidance, options.max_batch, options.batch_wait_ms)
+                         if options.batch_clips else None)
+        self.inference = options
+        return options
+
+    @property
+    def batcher(self) -> ClipBatcher | None:
+        """The batcher that merges concurrent renders' forward passes (InferenceOptions.batch_clips)."""
+        return self._batcher
 
     # ------------------------------------------------------------------ inputs
 
@@ -202,12 +248,22 @@ class LetsTalkPipeline:
             raise ValueError(f"audio is too short: {wave.size / s.sample_rate * 1000:.0f} ms gives no video frame")
         feats = self.audio_encoder(wave, num_frames).to(self.device)  # (N, window, layers, A)
         seconds["audio"] = seconds.get("audio", 0.0) + time.perf_counter() - t0
-        for latents in self.denoise_clips(ref, feats, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                                          strength=strength, progress=progress, seconds=seconds):
+        clips = self.denoise_clips(ref, feats, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                                   strength=strength, progress=progress, seconds=seconds)
+
+        def decode(latents: torch.Tensor) -> np.ndarray:  # (1, f, C, h, w) -> (f, H, W, 3)
             t0 = time.perf_counter()
             frames = self.codec.decode(latents[0])
             seconds["decode"] = seconds.get("decode", 0.0) + time.perf_counter() - t0
-            yield frames
+            return frames
+
+        if self.inference.overlap_decode:
+            # clip k decodes in a background thread while clip k+1 denoises; the "decode" and "denoise"
+            # seconds then overlap in time
+            yield from overlapped(clips, decode)
+        else:
+            for latents in clips:
+                yield decode(latents)
 
     def denoise_clips(self, ref: torch.Tensor, feats: torch.Tensor, *, steps: int, sampler: str, guidance: float,
                       seed: int, strength: float | None = None, progress: Progress | None = None,
@@ -226,28 +282,47 @@ class LetsTalkPipeline:
         motion = ref[:, None].expand(1, m, *ref.shape[1:]) if m else None  # (1, M, C, h, w)
         strength = self.settings.strength if strength is None else strength
         target = self.target
+        forward, session = self._forward()
         for k, start in enumerate(starts):
             f = min(clip_len, num_frames - start)
             audio_clip = feats[None, start:start + f]  # (1, f, window, layers, A)
             noise = torch.randn((1, f, *ref.shape[1:]), generator=generator, device=self.device)
 
             def model_fn(x, t, audio_clip=audio_clip, motion=motion):
-                return self.transformer.forward_with_guidance(x, t, ref, audio_clip, motion, guidance=guidance)
+                return forward(x, t, ref, audio_clip, motion, guidance=guidance)
 
             done = k * steps
             t0 = time.perf_counter()
             last = ref if motion is None else motion[:, -1]  # (1, C, h, w): the frame the clip continues
-            latents = self.diffusion.sample(
-                model_fn, noise, sampler=sampler, steps=steps, generator=generator,
-                clip_range=target.sample_range(self.codec.sample_range),
-                x_init=target.encode(last[:, None], ref).expand_as(noise) if strength < 1 else None, strength=strength,
-                progress=None if progress is None else (lambda i, n, done=done: progress(done + round(i * steps / n),
-                                                                                         total_steps)))
+            with session():  # this render is in flight for the batcher while its clip denoises
+                latents = self.diffusion.sample(
+                    model_fn, noise, sampler=sampler, steps=steps, generator=generator,
+                    clip_range=target.sample_range(self.codec.sample_range),
+                    x_init=target.encode(last[:, None], ref).expand_as(noise) if strength < 1 else None,
+                    strength=strength,
+                    progress=None if progress is None else (lambda i, n, done=done: progress(
+                        done + round(i * steps / n), total_steps)))
             latents = target.decode(latents, ref)
             seconds["denoise"] = seconds.get("denoise", 0.0) + time.perf_counter() - t0
             if m:
                 motion = torch.cat([motion, latents], dim=1)[:, -m:]
             yield latents
+
+    def _forward(self) -> tuple[Callable[..., torch.Tensor], Callable[[], contextlib.AbstractContextManager]]:
+        """The denoiser call for this pipeline's InferenceOptions — forward(x, t, portrait, audio,
+        motion, guidance=) -> (B, F, C', H, W) — and the batcher-session context for one clip."""
+        opts, device = self.inference, self.device
+        batcher = self._batcher
+        inner = self.transformer.forward_with_guidance if batcher is None else batcher
+        session = contextlib.nullcontext if batcher is None else batcher.session
+        if opts.dtype == "fp32" and opts.sdpa_backend == "auto":
+            return inner, session
+
+        def forward(*args, **kwargs):
+            with autocast(opts.dtype, device), sdpa_backend(opts.sdpa_backend):
+                return inner(*args, **kwargs)
+
+        return forward, session
 
     def render(self, portrait, audio, **kwargs) -> RenderResult:
         """Render to memory: RenderResult.frames (N, H, W, 3) uint8 and .audio."""
