@@ -3,6 +3,8 @@
     export LETSTALK_API_TOKEN=$(python -c "import secrets; print(secrets.token_urlsafe(32))")
     python jobs/serve.py --model models:/letstalk@production --mlflow-uri sqlite:///mlflow.db
     python jobs/serve.py --model models/demo --port 8000          # a local bundle folder
+    python jobs/serve.py --model models/demo --use-gpu --dtype bf16 --compile regional \
+        --overlap-decode --batch-clips --max-batch 4 --jobs-per-replica 4   # speed switches (docs/serving.md)
 
 API docs at http://127.0.0.1:8000/docs. The proxy binds 127.0.0.1 unless --host says otherwise;
 every /v1 route needs `Authorization: Bearer $LETSTALK_API_TOKEN`.
@@ -36,6 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25, help="default denoising steps")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], default="ddim", help="default sampler")
     p.add_argument("--guidance", type=float, default=1.0, help="default audio guidance scale")
+    speed = p.add_argument_group("speed switches (letstalk.accel.InferenceOptions; all off by default)")
+    speed.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="autocast of the denoiser (fp16: CUDA only)")
+    speed.add_argument("--sdpa-backend", choices=["auto", "flash", "efficient", "math"], default="auto")
+    speed.add_argument("--compile", choices=["none", "regional", "full"], default="none",
+                       help="torch.compile each transformer block (regional) or the whole transformer")
+    speed.add_argument("--overlap-decode", action="store_true", help="decode clip k while clip k+1 denoises")
+    speed.add_argument("--batch-clips", action="store_true",
+                       help="merge the denoising steps of a replica's concurrent renders into one batch")
+    speed.add_argument("--max-batch", type=int, default=4, help="most clips in one merged forward pass")
+    speed.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a step waits for others to join")
     args = p.parse_args(argv)
     token = os.environ.get(TOKEN_ENV, "")
     try:
@@ -53,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                            num_replicas=args.replicas, max_replicas=args.max_replicas,
                            max_jobs_per_replica=args.jobs_per_replica, max_upload_mb=args.max_upload_mb,
                            max_audio_seconds=args.max_audio_seconds,
-                           defaults=RenderDefaults(steps=args.steps, sampler=args.sampler, guidance=args.guidance))
+                           defaults=RenderDefaults(steps=args.steps, sampler=args.sampler, guidance=args.guidance),
+                           inference={"dtype": args.dtype, "sdpa_backend": args.sdpa_backend, "compile": args.compile,
+                                      "overlap_decode": args.overlap_decode, "batch_clips": args.batch_clips,
+                                      "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms})
     except ValueError as e:
         print(f"serve: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

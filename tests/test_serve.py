@@ -66,7 +66,10 @@ def server(ray_local, bundle, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(model=str(bundle), token=TOKEN, renderer_cpus=0, max_jobs_per_replica=1, max_upload_mb=1,
                    max_audio_seconds=20, retry_after_s=7, work_dir=str(tmp_path_factory.mktemp("serve")),
-                   defaults={"steps": DEFAULT_STEPS, "sampler": "ddim"})
+                   defaults={"steps": DEFAULT_STEPS, "sampler": "ddim"},
+                   # the decode overlap and the batcher on the HTTP path (progress, cancel); with one job at
+                   # a time the batcher never waits (docs/serving.md)
+                   inference={"overlap_decode": True, "batch_clips": True})
     serve.run(build_app(args), name="letstalk", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -105,6 +108,7 @@ def test_health_auth_and_openapi(server):
     assert model["image_size"] == 64 and model["clip_frames"] == 8
     assert model["defaults"]["steps"] == DEFAULT_STEPS
     assert model["limits"]["max_audio_seconds"] == 20
+    assert model["inference"]["overlap_decode"] and model["inference"]["batch_clips"]
     paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
     assert {"/v1/renders", "/v1/renders/{job_id}", "/v1/renders/{job_id}/video", "/v1/model", "/healthz"} <= set(paths)
 

@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from letstalk.accel import InferenceOptions
 from letstalk.media import load_audio
 from letstalk.pipeline import LetsTalkPipeline
 from letstalk.portrait import load_image
@@ -101,17 +102,21 @@ def check_name(name: str, what: str = "name") -> str:
 
 
 class RenderWorker:
-    """One loaded pipeline; `render` is safe to call from several threads at once."""
+    """One loaded pipeline; `render` is safe to call from several threads at once.
+
+    `inference` (letstalk.accel.InferenceOptions or its dict) switches on autocast, SDPA kernels,
+    torch.compile, decode overlap and batching of the concurrent renders' clips (batch_clips).
+    """
 
     def __init__(self, bundle_dir: str | os.PathLike, *, device: str | None = None,
                  defaults: RenderDefaults | None = None, max_audio_seconds: float | None = None,
-                 max_image_pixels: int = 40_000_000):
+                 max_image_pixels: int = 40_000_000, inference: InferenceOptions | dict | None = None):
         self.bundle_dir = Path(bundle_dir)
         if device is None:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe = LetsTalkPipeline.from_pretrained(self.bundle_dir, device=device)
+        self.pipe = LetsTalkPipeline.from_pretrained(self.bundle_dir, device=device, inference=inference)
         self.device = device
         self.defaults = defaults or RenderDefaults()
         limit = self.pipe.settings.max_audio_seconds
@@ -181,6 +186,7 @@ class RenderWorker:
                             "portrait_fusion": str(cfg.portrait_fusion), "audio_fusion": str(cfg.audio_fusion),
                             "parameters": sum(p.numel() for p in self.pipe.transformer.parameters())},
             "defaults": self.defaults.model_dump(),
+            "inference": self.pipe.inference.to_dict(),
             "max_audio_seconds": self.max_audio_seconds,
             "max_image_pixels": self.max_image_pixels,
         }

@@ -32,12 +32,14 @@ from typing import Any
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from letstalk.accel import InferenceOptions
 
 from .render import Cancel, RenderDefaults, RenderOptions, RenderWorker, decode_file, one_line
 
@@ -66,6 +68,21 @@ class AppArgs(BaseModel):
     job_ttl_s: float = Field(24 * 3600, gt=0, description="finished jobs (and videos) kept this long")
     work_dir: str | None = Field(None, description="where finished videos are kept (default: a temp folder)")
     defaults: RenderDefaults = RenderDefaults()
+    inference: dict = Field(default_factory=lambda: InferenceOptions().to_dict(), description=(
+        "speed switches (letstalk.accel.InferenceOptions): dtype fp32|bf16|fp16, sdpa_backend "
+        "auto|flash|efficient|math, compile none|regional|full, overlap_decode, batch_clips, max_batch, "
+        "batch_wait_ms"))
+
+    @field_validator("inference")
+    @classmethod
+    def _check_inference(cls, value: dict) -> dict:
+        return InferenceOptions.from_dict(value).to_dict()  # one source of truth for names and ranges
+
+    @model_validator(mode="after")
+    def _fp16_needs_a_gpu(self) -> "AppArgs":
+        if self.inference["dtype"] == "fp16" and not self.use_gpu:
+            raise ValueError("inference dtype fp16 needs use_gpu (CPU renderers: fp32 or bf16)")
+        return self
 
 
 # ---------------------------------------------------------------------------------- Renderer
@@ -76,12 +93,14 @@ class Renderer:
     """Wraps RenderWorker: `render` (one call, for batch) and `render_stream` (progress events)."""
 
     def __init__(self, model: str, mlflow_uri: str | None = None, max_audio_seconds: float | None = None,
-                 max_image_pixels: int = 40_000_000, threads: int = 2):
+                 max_image_pixels: int = 40_000_000, threads: int = 2, inference: dict | None = None):
         from .tracking import resolve_bundle
 
         bundle = resolve_bundle(model, mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
         self.model = model
-        self.worker = RenderWorker(bundle, max_audio_seconds=max_audio_seconds, max_image_pixels=max_image_pixels)
+        # with inference["batch_clips"], the `threads` renders running at once share merged forward passes
+        self.worker = RenderWorker(bundle, max_audio_seconds=max_audio_seconds, max_image_pixels=max_image_pixels,
+                                   inference=inference)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="render")
 
     def reconfigure(self, config: dict) -> None:
@@ -412,6 +431,7 @@ def build_app(args: AppArgs) -> serve.Application:
     else:
         renderer_options["num_replicas"] = args.num_replicas
     renderer = Renderer.options(**renderer_options).bind(
-        args.model, args.mlflow_uri, args.max_audio_seconds, args.max_image_pixels, args.max_jobs_per_replica)
+        args.model, args.mlflow_uri, args.max_audio_seconds, args.max_image_pixels, args.max_jobs_per_replica,
+        args.inference)
     return Ingress.bind(renderer, args.model_dump(mode="json") | {"token": args.token.get_secret_value()
                                                                    if args.token else None})
