@@ -1,11 +1,13 @@
 """Serving overhead and concurrency: the HTTP API vs a direct LetsTalkPipeline.render, in one run.
 
-    python bench/serve.py [--bundle DIR] [--seconds 2] [--steps 25] [--repeats 3]
+    python bench/serve.py [--bundle DIR] [--seconds 2] [--steps 25] [--repeats 3] [--batch-clips]
 
 Prints (1) the end-to-end HTTP render time (upload, validation, Serve hop, render, mp4 back)
 over the time of rendering the same input straight to an mp4 with the pipeline in this process
 (overhead ratio), and (2) throughput with 4 concurrent requests over 1 at a time (same server).
 Without --bundle a random tiny bundle is used (the model's quality does not matter here).
+`--batch-clips` serves with InferenceOptions.batch_clips (the concurrent renders of the replica
+share merged forward passes; bench/inference.py compares it with and without in one run).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--concurrent", type=int, default=4)
+    p.add_argument("--batch-clips", action="store_true", help="merge the replica's concurrent renders' steps")
     args = p.parse_args()
 
     from ray import serve
@@ -96,8 +99,9 @@ def main() -> None:
         port = s.getsockname()[1]
     init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(model=bundle, token=TOKEN, renderer_cpus=0,
-                                max_jobs_per_replica=args.concurrent)), name="bench", route_prefix="/")
+    inference = {"batch_clips": True, "max_batch": args.concurrent} if args.batch_clips else {}
+    serve.run(build_app(AppArgs(model=bundle, token=TOKEN, renderer_cpus=0, max_jobs_per_replica=args.concurrent,
+                                inference=inference)), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     threads = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60).json()[
         "torch_threads"]
@@ -114,7 +118,7 @@ def main() -> None:
     d, h = statistics.median(direct_t), statistics.median(http_t)
     frames = round(args.seconds * 25)
     print(f"input: {args.seconds:g} s audio -> {frames} frames, DDIM-{args.steps}, {os.cpu_count()} CPUs, "
-          f"bundle {Path(bundle).name}, {threads} torch thread(s) in both")
+          f"bundle {Path(bundle).name}, {threads} torch thread(s) in both, batch_clips {args.batch_clips}")
     print(f"direct pipeline render_to_file: median {d:.3f} s  {[round(x, 3) for x in direct_t]}")
     print(f"HTTP end to end:                median {h:.3f} s  {[round(x, 3) for x in http_t]}")
     print(f"overhead ratio HTTP / direct:   {h / d:.2f}  (+{h - d:.3f} s per request)")

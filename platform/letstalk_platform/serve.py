@@ -101,7 +101,11 @@ class Renderer:
         # with inference["batch_clips"], the `threads` renders running at once share merged forward passes
         self.worker = RenderWorker(bundle, max_audio_seconds=max_audio_seconds, max_image_pixels=max_image_pixels,
                                    inference=inference)
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="render")
+        import torch
+
+        # torch.set_num_threads does not reach threads started later: each render thread gets the replica's
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="render",
+                                       initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
 
     def reconfigure(self, config: dict) -> None:
         """user_config: {steps, sampler, guidance} defaults, applied to requests that omit them."""
