@@ -10,6 +10,10 @@
    one L block at 16 frames (with and without activation checkpointing), scaled to bf16.
 3. Time for 300k steps of L at the paper's batch (16 clips) on 8×A800 at an assumed MFU, from
    the FLOPs of one forward counted on the meta device.
+4. Training switches (`--switches`, plain PyTorch, one process, ratios within one run): a training
+   step (forward + backward) of the S preset in fp32, bf16 autocast and with activation
+   checkpointing (time and the bytes autograd keeps), and one AdamW step over S's parameters with
+   torch's per-tensor loop, multi-tensor foreach and fused kernels (TrainConfig.optimizer).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from letstalk import LetsTalkTransformer, count_parameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model import timed  # noqa: E402  (bench/model.py: median of `repeats` after a warm-up)
 from letstalk.config import LetsTalkConfig
 
 A800_BF16_PEAK = 312e12  # dense bf16 FLOP/s (A100/A800 class)
@@ -78,7 +85,7 @@ def plain_loop(shards: Path, steps: int, batch: int) -> float:
     return (steps - 5) * batch / (time.perf_counter() - t0)
 
 
-def ray_train(shards: Path, root: Path, steps: int, batch: int) -> tuple[float, float]:
+def ray_train(shards: Path, root: Path, steps: int, batch: int) -> tuple[float, float, float]:
     from mlflow.tracking import MlflowClient
 
     from letstalk_platform.runtime import init_ray
@@ -93,8 +100,9 @@ def ray_train(shards: Path, root: Path, steps: int, batch: int) -> tuple[float, 
     client = MlflowClient(uri)
     rates = [m.value for m in client.get_metric_history(summary["run_id"], "samples_per_s") if m.step > 5]
     rss = max(m.value for m in client.get_metric_history(summary["run_id"], "peak_rss_mb"))
+    wait = [m.value for m in client.get_metric_history(summary["run_id"], "data_wait_frac") if m.step > 5]
     # every interval holds the same number of samples: total samples / total time = harmonic mean
-    return float(len(rates) / np.sum(1.0 / np.asarray(rates))), rss
+    return float(len(rates) / np.sum(1.0 / np.asarray(rates))), rss, float(np.mean(wait))
 
 
 def saved_bytes_per_block(cfg: LetsTalkConfig, checkpointing: bool) -> int:
@@ -170,12 +178,79 @@ def time_on_paper(steps: int = 300_000, batch: int = 16, gpus: int = 8, mfu: flo
           f"activation checkpointing)")
 
 
+def training_switches(preset: str, frames: int, repeats: int) -> None:
+    """Forward + backward of one clip under each switch, and one AdamW step per implementation."""
+    from letstalk.diffusion import GaussianDiffusion
+    from letstalk.training import loss_terms
+
+    cfg = LetsTalkConfig.from_name(preset, num_frames=frames)
+    torch.manual_seed(0)
+    model = LetsTalkTransformer(**cfg.to_dict())
+    s, c, m = cfg.input_size, cfg.in_channels, cfg.num_motion_frames
+    inputs = {"x0": torch.randn(1, frames, c, s, s), "portrait": torch.randn(1, c, s, s),
+              "audio": torch.randn(1, frames, cfg.audio_window, cfg.audio_layers, cfg.audio_feature_dim),
+              "motion": torch.randn(1, m, c, s, s)}
+    diffusion = GaussianDiffusion(learn_sigma=cfg.learn_sigma)
+    print(f"training switches: {preset}, {count_parameters(model)['total'] / 1e6:.1f}M parameters, 1 clip of "
+          f"{frames} frames at {s}×{s} latents, {torch.get_num_threads()} threads, median of {repeats}")
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def step(bf16: bool) -> int:
+        """One training step; returns the bytes autograd keeps for the backward (each storage once,
+        the fp32 weights not counted)."""
+        saved, seen = 0, set(weights)
+
+        def pack(t):
+            nonlocal saved
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                saved += t.untyped_storage().nbytes()
+            return t
+
+        model.zero_grad(set_to_none=True)
+        g = torch.Generator().manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_terms(model, diffusion, inputs, g)["loss"]
+        loss.backward()
+        return saved
+
+    rows = []
+    for name, ckpt, bf16 in (("fp32", False, False), ("bf16 autocast", False, True),
+                             ("fp32 + activation checkpointing", True, False),
+                             ("bf16 + activation checkpointing", True, True)):
+        model.enable_gradient_checkpointing() if ckpt else model.disable_gradient_checkpointing()
+        seconds = timed(lambda: step(bf16), repeats)
+        rows.append((name, seconds, step(bf16)))
+    model.disable_gradient_checkpointing()
+    base_s, base_b = rows[0][1], rows[0][2]
+    for name, seconds, saved in rows:
+        print(f"  {name:34s} {seconds:7.2f} s/step  x{base_s / seconds:.2f} speed   "
+              f"saved for backward {saved / 2**20:8.1f} MiB  x{saved / base_b:.3f} memory")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt_rows = []
+    for name, kwargs in (("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        opt = torch.optim.AdamW(params, lr=1e-4, **kwargs)
+        opt_rows.append((name, timed(opt.step, max(repeats, 5))))
+    for name, seconds in opt_rows:
+        print(f"  AdamW {name:8s} {seconds * 1e3:8.1f} ms/step  x{opt_rows[0][1] / seconds:.2f} vs loop")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8, help="global batch (clips per step)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--switches", action="store_true", help="also time the training switches (minutes)")
+    parser.add_argument("--switch-preset", default="S")
+    parser.add_argument("--switch-frames", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     if not args.skip_throughput:
@@ -183,13 +258,15 @@ def main() -> None:
             root = Path(d)
             shards = make_shards(root)
             plain = plain_loop(shards, args.steps, args.batch)
-            ray_rate, rss = ray_train(shards, root, args.steps, args.batch)
+            ray_rate, rss, wait = ray_train(shards, root, args.steps, args.batch)
         print(f"tiny preset, global batch {args.batch}: plain loop {plain:.1f} samples/s, "
               f"Ray Train + DeepSpeed ZeRO-2 (2 workers) {ray_rate:.1f} samples/s, ratio {ray_rate / plain:.2f}; "
-              f"peak RSS per worker {rss:.0f} MB")
+              f"peak RSS per worker {rss:.0f} MB; rank 0 waited for data {wait:.1%} of the time")
     if not args.skip_memory:
         memory_on_paper()
         time_on_paper()
+    if args.switches:
+        training_switches(args.switch_preset, args.switch_frames, args.repeats)
 
 
 if __name__ == "__main__":

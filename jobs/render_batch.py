@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from letstalk_platform.batch import data_results, plan_items, read_manifest, run_batch, serve_render
-from letstalk_platform.render import RenderDefaults
+from letstalk_platform.render import RenderDefaults, add_speed_args, speed_options
 from letstalk_platform.runtime import init_ray
 from letstalk_platform.serve import APP_NAME, TOKEN_ENV, AppArgs, build_app
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], help="default sampler for rows without their own")
     p.add_argument("--guidance", type=float, help="default guidance for rows without their own")
     p.add_argument("--no-progress", action="store_true")
+    add_speed_args(p)  # for the renderers this job starts (a running app keeps its own)
     args = p.parse_args(argv)
     out = Path(args.out)
     started = False
@@ -64,13 +65,17 @@ def main(argv: list[str] | None = None) -> int:
             from letstalk_platform.tracking import resolve_bundle
 
             model = str(resolve_bundle(model, args.mlflow_uri).resolve())  # resolved here: workers have another cwd
+        inference = speed_options(args)
+        if inference["dtype"] == "fp16" and not args.use_gpu:
+            raise ValueError("--dtype fp16 needs --use-gpu (CPU renderers: fp32 or bf16)")
         init_ray()
         if args.standalone:
             if model is None:
                 raise ValueError("--standalone needs --model")
             actors = args.concurrency or 1
             records = run_batch(items, out, None, progress=not args.no_progress, results_iter=data_results(
-                model, actors=actors, use_gpu=args.use_gpu, cpus_per_actor=args.cpus, defaults=defaults.model_dump()))
+                model, actors=actors, use_gpu=args.use_gpu, cpus_per_actor=args.cpus, defaults=defaults.model_dump(),
+                inference=inference))
         else:
             from ray import serve
 
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 if model is None:
                     raise ValueError(f"no Serve application {args.app!r} is running: give --model to start one")
                 app_args = AppArgs(model=model, mlflow_uri=args.mlflow_uri, use_gpu=args.use_gpu,
-                                   renderer_cpus=args.cpus, defaults=defaults,
+                                   renderer_cpus=args.cpus, defaults=defaults, inference=inference,
                                    token=os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(32))
                 print(f"render_batch: starting Serve application {args.app!r} (no HTTP route) for this batch",
                       file=sys.stderr)

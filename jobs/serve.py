@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from letstalk_platform.render import RenderDefaults
+from letstalk_platform.render import RenderDefaults, add_speed_args, speed_options
 from letstalk_platform.runtime import init_ray
 from letstalk_platform.serve import APP_NAME, TOKEN_ENV, AppArgs, build_app
 
@@ -38,17 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25, help="default denoising steps")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], default="ddim", help="default sampler")
     p.add_argument("--guidance", type=float, default=1.0, help="default audio guidance scale")
-    speed = p.add_argument_group("speed switches (letstalk.accel.InferenceOptions; all off by default)")
-    speed.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                       help="autocast of the denoiser (fp16: CUDA only)")
-    speed.add_argument("--sdpa-backend", choices=["auto", "flash", "efficient", "math"], default="auto")
-    speed.add_argument("--compile", choices=["none", "regional", "full"], default="none",
-                       help="torch.compile each transformer block (regional) or the whole transformer")
-    speed.add_argument("--overlap-decode", action="store_true", help="decode clip k while clip k+1 denoises")
-    speed.add_argument("--batch-clips", action="store_true",
-                       help="merge the denoising steps of a replica's concurrent renders into one batch")
-    speed.add_argument("--max-batch", type=int, default=4, help="most clips in one merged forward pass")
-    speed.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a step waits for others to join")
+    add_speed_args(p)
     args = p.parse_args(argv)
     token = os.environ.get(TOKEN_ENV, "")
     try:
@@ -67,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                            max_jobs_per_replica=args.jobs_per_replica, max_upload_mb=args.max_upload_mb,
                            max_audio_seconds=args.max_audio_seconds,
                            defaults=RenderDefaults(steps=args.steps, sampler=args.sampler, guidance=args.guidance),
-                           inference={"dtype": args.dtype, "sdpa_backend": args.sdpa_backend, "compile": args.compile,
-                                      "overlap_decode": args.overlap_decode, "batch_clips": args.batch_clips,
-                                      "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms})
+                           inference=speed_options(args))
     except ValueError as e:
         print(f"serve: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

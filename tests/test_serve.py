@@ -126,7 +126,7 @@ def test_render_through_the_api(server, tmp_path):
     assert fractions == sorted(fractions)
     running_clips = {s["progress"]["clips_done"] for s in seen if s["status"] == "running"}
     assert len(running_clips) >= 3, f"progress did not move clip by clip: {running_clips}"
-    assert final["rendered_with"] == {"steps": 120, "sampler": "ddpm", "guidance": 1.0, "seed": 3}
+    assert final["rendered_with"] == {"steps": 120, "sampler": "ddpm", "guidance": 1.0, "seed": 3, "dtype": "fp32"}
     video = requests.get(f"{server}/v1/renders/{body['id']}/video", headers=AUTH, timeout=30)
     assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
     path = tmp_path / "out.mp4"
@@ -245,6 +245,7 @@ def test_batch_through_the_serve_app(server, tmp_path):
     assert load_video_frames(out / "alice.mp4").shape[0] == 25
     assert load_video_frames(out / "bob.mp4").shape[0] == 12 and rows[1]["clips"] == 2
     assert rows[0]["seconds_total"] > 0 and rows[0]["frames"] == 25
+    assert (rows[1]["steps"], rows[1]["sampler"], rows[1]["dtype"]) == (10, "dpm", "fp32")
     assert sorted(p.name for p in out.iterdir()) == ["alice.mp4", "bob.mp4", "results.parquet"]
     mtime = (out / "alice.mp4").stat().st_mtime_ns
     assert render_batch.main(["--manifest", str(manifest), "--out", str(out), "--no-progress"]) == 0
@@ -269,10 +270,12 @@ def test_batch_standalone_on_ray_data_from_the_registry(ray_local, bundle, tmp_p
     out = tmp_path / "out"
     code = render_batch.main(["--manifest", str(manifest), "--out", str(out), "--standalone", "--model",
                               "models:/talk@production", "--mlflow-uri", uri, "--steps", "4", "--cpus", "0.5",
-                              "--no-progress"])
+                              "--dtype", "bf16", "--overlap-decode", "--no-progress"])
     assert code == 0
     rows = pq.read_table(out / "results.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["rendered", "failed"]
+    # the speed switches reached the Ray Data actors: the row says what rendered it
+    assert (rows[0]["dtype"], rows[0]["steps"], rows[0]["sampler"]) == ("bf16", 4, "ddim")
     assert "audio" in rows[1]["error"]
     assert load_video_frames(out / "one.mp4").shape == (12, 64, 64, 3)
 
@@ -288,6 +291,9 @@ def test_batch_starts_and_removes_its_own_app(server, bundle, tmp_path):
     out = tmp_path / "out"
     args = ["--manifest", str(manifest), "--out", str(out), "--app", "batch-only", "--no-progress"]
     assert render_batch.main(args) == 2  # no such app and no --model: a clear error, nothing started
+    assert render_batch.main(args + ["--model", str(bundle), "--dtype", "fp16"]) == 2  # fp16 needs a GPU
+    assert render_batch.main(args + ["--model", str(bundle), "--max-batch", "0"]) == 2
+    assert not out.exists() and "batch-only" not in serve.status().applications
     assert render_batch.main(args + ["--model", str(bundle), "--cpus", "0", "--steps", "3"]) == 0
     assert (out / "row00000.mp4").is_file()
     assert "batch-only" not in serve.status().applications
@@ -298,6 +304,9 @@ def test_jobs_refuse_bad_setup(bundle, tmp_path):
     r = subprocess.run([sys.executable, "jobs/serve.py", "--model", str(bundle)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "LETSTALK_API_TOKEN" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "jobs/serve.py", "--model", str(bundle), "--batch-wait-ms", "5000"], cwd=ROOT,
+                       env=dict(env, LETSTALK_API_TOKEN=TOKEN), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "batch_wait_ms" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "m.csv").write_text("portrait\nface.png\n")
     r = subprocess.run([sys.executable, "jobs/render_batch.py", "--manifest", str(tmp_path / "m.csv"),
                         "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -61,7 +61,9 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
     client = MlflowClient(uri)
     run = client.get_run(summary["run_id"])
     assert run.data.params["preset"] == "tiny" and run.data.params["zero_stage"] == "2"
-    assert {"loss", "mse", "vb", "grad_norm", "samples_per_s", "lr"} <= run.data.metrics.keys()
+    assert {"loss", "mse", "vb", "grad_norm", "samples_per_s", "lr", "data_wait_frac"} <= run.data.metrics.keys()
+    assert all(0 <= v < 1 for _, v in history(uri, summary["run_id"], "data_wait_frac"))
+    assert run.data.tags["optimizer_kernel"] == "AdamW fused"  # optimizer "auto": torch's fused AdamW
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert {"config.json", "summary.json", "bundle", "samples"} <= artifacts
     samples = sorted(Path(a.path).name for a in client.list_artifacts(summary["run_id"], "samples"))
@@ -102,7 +104,8 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
 
 def test_zero3_resumes_after_a_worker_dies(shards, tmp_path):
     summary, uri = train(shards, tmp_path, steps=6, checkpoint_every=2, zero_stage=3, name="z3", fail_at_step=3,
-                         max_failures=2, register_name=None)
+                         max_failures=2, register_name=None, prefetch_batches=2)
+    assert MlflowClient(uri).get_run(summary["run_id"]).data.tags["optimizer_kernel"] == "AdamW fused"
     run_dir = tmp_path / "runs" / "z3"
     assert (run_dir / ".chaos-done").read_text().startswith("killed rank 1 at step 3")
     assert summary["steps"] == 6
@@ -114,6 +117,28 @@ def test_zero3_resumes_after_a_worker_dies(shards, tmp_path):
     shard0 = torch.load(Path(summary["checkpoint"]) / "ema-rank0.pt", weights_only=True)
     total = sum(p.numel() for p in model.parameters())
     assert sum(v.numel() for v in shard0.values()) < total  # a partition, not the whole model
+
+
+def test_optimizer_choice_reaches_the_deepspeed_config(tmp_path):
+    from pydantic import ValidationError
+
+    from letstalk_platform.train import TrainConfig, deepspeed_config
+
+    base = tmp_path / "ds.json"  # a GPU base config naming DeepSpeed's own FusedAdam
+    base.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"eps": 1e-6, "foreach": True}}}))
+
+    def params(**kw):
+        return deepspeed_config(TrainConfig(data="d", deepspeed=str(base), **kw), False)["optimizer"]["params"]
+
+    assert params() == {"eps": 1e-6, "lr": 1e-4, "weight_decay": 0.0, "torch_adam": True, "fused": True}
+    assert params(optimizer="foreach")["foreach"] is True and "fused" not in params(optimizer="foreach")
+    assert params(optimizer="loop")["foreach"] is False
+    gpu = params(optimizer="deepspeed", use_gpu=True)
+    assert not {"torch_adam", "fused", "foreach"} & gpu.keys()
+    with pytest.raises(ValidationError, match="needs use_gpu"):
+        TrainConfig(data="d", optimizer="deepspeed")
+    with pytest.raises(ValidationError):
+        TrainConfig(data="d", optimizer="sgd")
 
 
 def test_prepare_batch_shapes_and_augmentations():

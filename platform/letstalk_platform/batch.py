@@ -34,7 +34,8 @@ from .render import RenderOptions, RenderWorker, check_name, one_line
 
 OPTION_COLUMNS = ("steps", "sampler", "guidance", "seed")
 RESULT_FIELDS = ("row", "id", "portrait", "audio", "status", "error", "output", "frames", "clips",
-                 "duration_s", "seconds_total", "seconds_denoise", "seconds_decode", "finished_at")
+                 "duration_s", "steps", "sampler", "dtype", "seconds_total", "seconds_denoise", "seconds_decode",
+                 "finished_at")
 
 
 @dataclass
@@ -125,10 +126,11 @@ def write_atomic(path: Path, data: bytes) -> None:
 def _record(item: Item, status: str, out: Path | None = None, result: dict | None = None,
             error: str | None = None) -> dict:
     result = result or {}
-    seconds = result.get("seconds") or {}
+    seconds, options = result.get("seconds") or {}, result.get("options") or {}
     return {"row": item.row, "id": item.id, "portrait": item.portrait, "audio": item.audio, "status": status,
             "error": error, "output": str(out) if out else None, "frames": result.get("frames"),
-            "clips": result.get("clips"), "duration_s": result.get("duration_s"),
+            "clips": result.get("clips"), "duration_s": result.get("duration_s"), "steps": options.get("steps"),
+            "sampler": options.get("sampler"), "dtype": options.get("dtype"),
             "seconds_total": seconds.get("worker_total"), "seconds_denoise": seconds.get("denoise"),
             "seconds_decode": seconds.get("decode"), "finished_at": time.time() if status != "skipped" else None}
 
@@ -138,7 +140,8 @@ def write_results(records: list[dict], out_dir: Path) -> Path:
     schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("portrait", pa.string()),
                         ("audio", pa.string()), ("status", pa.string()), ("error", pa.string()),
                         ("output", pa.string()), ("frames", pa.int64()), ("clips", pa.int64()),
-                        ("duration_s", pa.float64()), ("seconds_total", pa.float64()),
+                        ("duration_s", pa.float64()), ("steps", pa.int64()), ("sampler", pa.string()),
+                        ("dtype", pa.string()), ("seconds_total", pa.float64()),
                         ("seconds_denoise", pa.float64()), ("seconds_decode", pa.float64()),
                         ("finished_at", pa.float64())])
     path = out_dir / "results.parquet"
@@ -226,10 +229,11 @@ def serve_render(handle) -> Render:
 class BatchRenderer:
     """Ray Data actor: one RenderWorker per actor; rows in, videos (bytes) out."""
 
-    def __init__(self, bundle_dir: str, defaults: dict | None = None):
+    def __init__(self, bundle_dir: str, defaults: dict | None = None, inference: dict | None = None):
         from .render import RenderDefaults
 
-        self.worker = RenderWorker(bundle_dir, defaults=RenderDefaults.model_validate(defaults or {}))
+        self.worker = RenderWorker(bundle_dir, defaults=RenderDefaults.model_validate(defaults or {}),
+                                   inference=inference)
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"row": [], "result": []}
@@ -247,8 +251,10 @@ class BatchRenderer:
 
 
 def data_results(bundle_dir: str, *, actors: int, use_gpu: bool, cpus_per_actor: float,
-                 defaults: dict | None = None) -> Callable[[list[Item]], Iterable[tuple[Item, dict]]]:
-    """The standalone back end: a Ray Data actor pool over the rows."""
+                 defaults: dict | None = None, inference: dict | None = None
+                 ) -> Callable[[list[Item]], Iterable[tuple[Item, dict]]]:
+    """The standalone back end: a Ray Data actor pool over the rows; `inference`: the actors'
+    letstalk.accel.InferenceOptions (dict)."""
     import ray
 
     def results(todo: list[Item]) -> Iterable[tuple[Item, dict]]:
@@ -258,7 +264,8 @@ def data_results(bundle_dir: str, *, actors: int, use_gpu: bool, cpus_per_actor:
         ds = ray.data.from_items([{"row": i.row, "portrait": i.portrait, "audio": i.audio,
                                    "options": json.dumps(i.options)} for i in todo],
                                  override_num_blocks=len(todo))
-        ds = ds.map_batches(BatchRenderer, fn_constructor_kwargs={"bundle_dir": bundle_dir, "defaults": defaults},
+        ds = ds.map_batches(BatchRenderer, fn_constructor_kwargs={"bundle_dir": bundle_dir, "defaults": defaults,
+                                                               "inference": inference},
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor)
         for row in ds.iter_rows():

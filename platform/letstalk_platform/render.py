@@ -8,6 +8,7 @@ ingress decodes uploads to validate them); outputs come back as the bytes of a f
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import tempfile
@@ -51,6 +52,28 @@ class RenderOptions(BaseModel):
     def resolve(self, defaults: RenderDefaults) -> dict:
         return {"steps": self.steps or defaults.steps, "sampler": self.sampler or defaults.sampler,
                 "guidance": defaults.guidance if self.guidance is None else self.guidance, "seed": self.seed}
+
+
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    """The speed-switch flags of jobs/serve.py and jobs/render_batch.py (letstalk.accel.InferenceOptions)."""
+    speed = parser.add_argument_group("speed switches (letstalk.accel.InferenceOptions; all off by default)")
+    speed.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="autocast of the denoiser (fp16: CUDA only)")
+    speed.add_argument("--sdpa-backend", choices=["auto", "flash", "efficient", "math"], default="auto")
+    speed.add_argument("--compile", choices=["none", "regional", "full"], default="none",
+                       help="torch.compile each transformer block (regional) or the whole transformer")
+    speed.add_argument("--overlap-decode", action="store_true", help="decode clip k while clip k+1 denoises")
+    speed.add_argument("--batch-clips", action="store_true",
+                       help="merge the denoising steps of a renderer's concurrent renders into one batch")
+    speed.add_argument("--max-batch", type=int, default=4, help="most clips in one merged forward pass")
+    speed.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a step waits for others to join")
+
+
+def speed_options(args: argparse.Namespace) -> dict:
+    """The parsed speed flags as an InferenceOptions dict (validated: a one-line ValueError)."""
+    return InferenceOptions(dtype=args.dtype, sdpa_backend=args.sdpa_backend, compile=args.compile,
+                            overlap_decode=args.overlap_decode, batch_clips=args.batch_clips,
+                            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms).to_dict()
 
 
 class RenderCancelled(Exception):
@@ -169,7 +192,7 @@ class RenderWorker:
             video = out.read_bytes()
         seconds = dict(result.seconds, worker_total=time.perf_counter() - t0)
         return RenderOutput(video, result.num_frames, clips, wave.size / self.pipe.settings.sample_rate,
-                            result.face_found, kwargs, seconds)
+                            result.face_found, dict(kwargs, dtype=self.pipe.inference.dtype), seconds)
 
     def info(self) -> dict:
         cfg = self.pipe.transformer.cfg

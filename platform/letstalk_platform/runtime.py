@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,4 +41,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env={"worker_process_setup_hook": quiet_state_api_warnings})
+
+
+def quiet_state_api_warnings() -> None:
+    """Worker setup hook of the local Ray: it runs without a dashboard, so the State API is never
+    there, and Ray Train's placement-group watchdog would warn so every few seconds of a run."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

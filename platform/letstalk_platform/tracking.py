@@ -47,6 +47,10 @@ class RankZeroLogger:
                 if math.isfinite(v):
                     self.client.log_metric(self.run_id, k, float(v), step=step)
 
+    def tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, value)
+
     def artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(path), folder)

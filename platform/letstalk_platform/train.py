@@ -17,13 +17,14 @@ import json
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from letstalk.audio import AudioEncoder
 from letstalk.config import PRESETS, LetsTalkConfig
@@ -66,7 +67,14 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     sample_clips: int = Field(1, ge=0, description="eval clips rendered to MLflow at every checkpoint")
     sample_steps: int = Field(25, ge=1, description="DDIM steps for those samples")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute each block in the backward: far less "
+                                         "activation memory for about a third more compute (bench/train.py)")
+    optimizer: Literal["auto", "fused", "foreach", "loop", "deepspeed"] = Field(
+        "auto", description="AdamW kernel: torch's fused one ('fused', CUDA and CPU), its multi-tensor "
+        "('foreach') or per-tensor ('loop') path, or DeepSpeed's FusedAdam ('deepspeed': CUDA, built at first "
+        "use); auto = fused, the fastest here (bench/train.py)")
+    prefetch_batches: int = Field(1, ge=0, description="batches each worker's Ray Data iterator reads ahead "
+                                  "(the metric data_wait_frac says whether the loader keeps up)")
     residual: bool = Field(False, description="diffuse the clip minus its portrait latent (written to the "
                            "bundle's pipeline.json)")
     residual_scale: float = Field(1.0, gt=0, description="x0 = (clip - portrait) · residual_scale (or clip · "
@@ -109,6 +117,18 @@ class TrainConfig(BaseModel):
             raise ValueError("name may hold only letters, digits, '-', '_' and '.'")
         return v
 
+    @model_validator(mode="after")
+    def _optimizer_on_device(self) -> "TrainConfig":
+        if self.optimizer == "deepspeed" and not self.use_gpu:
+            raise ValueError("optimizer 'deepspeed' (DeepSpeed's FusedAdam) needs use_gpu; on CPU use fused, "
+                             "foreach or loop")
+        return self
+
+    @property
+    def optimizer_impl(self) -> str:
+        """The AdamW implementation this run uses ('auto' resolved)."""
+        return "fused" if self.optimizer == "auto" else self.optimizer
+
     @property
     def target(self) -> ClipTarget:
         return ClipTarget(self.residual, self.residual_scale)
@@ -120,8 +140,13 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
     zero = dict(base.get("zero_optimization", {})) | {"stage": cfg.zero_stage}
     optimizer = base.get("optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8}})
     params = dict(optimizer.get("params", {})) | {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if not cfg.use_gpu:
-        params["torch_adam"] = True  # no fused-op compile on CPU
+    for key in ("torch_adam", "fused", "foreach"):
+        params.pop(key, None)
+    if cfg.optimizer_impl != "deepspeed":
+        # torch.optim.AdamW built by DeepSpeed (no op to compile); DeepSpeed passes `foreach` and
+        # hands the remaining params (`fused`) to the constructor
+        params |= {"torch_adam": True} | {"fused": {"fused": True}, "foreach": {"foreach": True},
+                                          "loop": {"foreach": False}}[cfg.optimizer_impl]
     return base | {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": base.get("gradient_accumulation_steps", 1),
@@ -146,6 +171,21 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 # ------------------------------------------------------------------------------------------
 # Worker side
 # ------------------------------------------------------------------------------------------
+
+def say(line: str) -> None:
+    """One line from a training worker to the driver's console. Not print(): Ray Train patches it
+    to log and also tee to a wrapped stdout, which shows every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def optimizer_kernel(engine) -> str:
+    """Which AdamW kernel the engine steps with, e.g. "AdamW fused" or "FusedAdam" (an MLflow tag)."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the base optimizer
+    defaults = getattr(opt, "defaults", {})
+    kind = "fused" if defaults.get("fused") else {True: "foreach", False: "loop"}.get(defaults.get("foreach"), "")
+    return f"{type(opt).__name__} {kind}".strip()
+
 
 def _ema_tensors(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:
     """What the EMA tracks: full parameters, or this rank's ZeRO-3 partitions."""
@@ -188,7 +228,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = LetsTalkTransformer(**arch)
     if cfg.init_from and rank == 0:
         report = init_from_checkpoint(model, cfg.init_from)
-        print(f"init from {cfg.init_from}: {len(report['loaded'])} tensors loaded, "
+        say(f"init from {cfg.init_from}: {len(report['loaded'])} tensors loaded, "
               f"{len(report['shape_mismatch'])} shape mismatches, {len(report['missing'])} missing")
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -202,6 +242,7 @@ def train_loop(config: dict[str, Any]) -> None:
     diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"], prediction=cfg.prediction)
     augment = Augment(cfg.flip_prob, cfg.audio_dropout, cfg.motion_noise, cfg.motion_ref_prob)
     log = tracking.RankZeroLogger(cfg.mlflow_uri, config["run_id"], rank)
+    log.tag("optimizer_kernel", optimizer_kernel(engine))
 
     step, epoch, batch_in_epoch = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -212,19 +253,24 @@ def train_loop(config: dict[str, Any]) -> None:
             state = json.loads((Path(d) / "state.json").read_text())
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         ema.updates = step
-        print(f"rank {rank}: resumed at step {step}")
+        say(f"rank {rank}: resumed at step {step}")
 
     shard = ray.train.get_dataset_shard("train")
     t_last, samples_since = time.perf_counter(), 0
+    # data_wait_frac: the share of wall time a worker spends blocked on its next batch (0 = the
+    # loader never holds the accelerator up)
+    t_ready, data_wait = time.perf_counter(), 0.0
     while step < cfg.steps:
         skip = batch_in_epoch  # data position: skip the batches this epoch already consumed
         batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
+                                           prefetch_batches=cfg.prefetch_batches,
                                            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                                            local_shuffle_seed=(cfg.seed * 1000 + rank) * 1000 + epoch
                                            if cfg.shuffle_buffer else None)
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
+            data_wait += time.perf_counter() - t_ready
             inputs = prepare_batch(batch, augment, arch["audio_window"], generator, target=cfg.target)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 terms = loss_terms(engine, diffusion, inputs, generator, motion_weight=cfg.motion_weight)
@@ -239,16 +285,19 @@ def train_loop(config: dict[str, Any]) -> None:
                     marker.write_text(f"killed rank {rank} at step {step}\n")
                     os._exit(1)  # a worker dies without warning; Ray Train restarts from the last checkpoint
 
-            metrics = {"step": step, "loss": float(terms["loss"]), "mse": float(terms["mse"]),
-                       "vb": float(terms["vb"])}
+            metrics = {"step": step, **{k: float(terms[k].detach()) for k in ("loss", "mse", "vb")}}
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 metrics |= {"grad_norm": float(engine.get_global_grad_norm() or 0.0),
                             "samples_per_s": samples_since / max(now - t_last, 1e-9),
                             "lr": float(engine.get_lr()[0]),
+                            "data_wait_frac": data_wait / max(now - t_last, 1e-9),
                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-                t_last, samples_since = now, 0
+                t_last, samples_since, data_wait = now, 0, 0.0
                 log.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+                if rank == 0:
+                    say(f"train: step {step}/{cfg.steps} ({step / cfg.steps:.0%}) loss {metrics['loss']:.4f} "
+                        f"{metrics['samples_per_s']:.1f} samples/s, waiting for data {metrics['data_wait_frac']:.0%}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 full = _save_and_report(engine, ema, zero3, rank, arch, metrics,
                                         {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
@@ -256,6 +305,7 @@ def train_loop(config: dict[str, Any]) -> None:
                                          "prediction": cfg.prediction})
                 if full is not None and config.get("samples"):
                     _log_samples(full, arch, config, log, step, device)
+            t_ready = time.perf_counter()
             if step >= cfg.steps:
                 break
         else:
@@ -375,7 +425,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     bundle_dir = run_dir / "bundle"
     with result.checkpoint.as_directory() as ckpt:
-        export_bundle(Path(ckpt) / "transformer", data_bundle, bundle_dir, spec, residual=cfg.residual,
+        export_bundle(Path(ckpt) / "transformer", data_bundle, bundle_dir, spec, target=cfg.target,
                       prediction=cfg.prediction)
     summary = {"run_id": run_id, "steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
                "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path, "bundle": str(bundle_dir)}
@@ -412,23 +462,23 @@ def _sample_clips(cfg: TrainConfig, manifest: dict[str, Any]) -> list[dict[str, 
 
 
 def export_bundle(transformer_dir: Path, data_bundle: Path, out: Path, spec: dict[str, Any],
-                  residual: bool | None = None, **settings: Any) -> Path:
+                  target: ClipTarget | None = None, prediction: str | None = None, **settings: Any) -> Path:
     """EMA transformer + the codec and audio encoder the data was tokenized with -> a render bundle.
 
-    residual, settings["prediction"]: how the model was trained (TrainConfig.residual, .prediction);
-    when not given, read from the checkpoint's state.json beside `transformer_dir`. `settings`: other
+    target, prediction: how the model was trained (TrainConfig.target, .prediction); when not
+    given, read from the checkpoint's state.json beside `transformer_dir`. `settings`: other
     PipelineSettings fields (e.g. strength).
     """
     state_file = Path(transformer_dir).parent / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if residual is None:
-        residual = bool(state.get("residual", False))
-    settings.setdefault("residual_scale", float(state.get("residual_scale", 1.0)))
-    settings.setdefault("prediction", state.get("prediction", "epsilon"))
+    if target is None:
+        target = ClipTarget(bool(state.get("residual", False)), float(state.get("residual_scale", 1.0)))
+    settings |= {"residual": target.residual, "residual_scale": target.scale,
+                 "prediction": prediction or state.get("prediction", "epsilon")}
     pipe = LetsTalkPipeline(  # the constructor checks that the three parts fit together
         LetsTalkTransformer.from_pretrained(transformer_dir),
         LatentCodec.from_pretrained(data_bundle / "vae"),
         AudioEncoder.from_pretrained(data_bundle / "audio_encoder", window=spec["audio_window"]),
-        PipelineSettings(fps=spec["fps"], sample_rate=spec["sample_rate"], residual=residual, **settings),
+        PipelineSettings(fps=spec["fps"], sample_rate=spec["sample_rate"], **settings),
     )
     return pipe.save_pretrained(out)
