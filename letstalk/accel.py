@@ -12,7 +12,9 @@
   reused by every block of the same shape, and no graph over the input checks) or of the whole
   transformer ("full").
 - overlap_decode: the codec decodes clip k in a background thread (on CUDA: its own stream) while
-  clip k+1 denoises; clips come out in order, and an error in either propagates.
+  clip k+1 denoises; clips come out in order, and an error in either propagates. For GPUs: on a
+  CPU whose cores the denoiser already fills, the two thread teams contend (measured ×0.50-0.77,
+  docs/benchmarks.md).
 - batch_clips: forward passes of concurrent renders on one pipeline (threads of one Serve
   replica) are merged into one batch (`letstalk.batching.ClipBatcher`).
 
