@@ -25,10 +25,10 @@ import os
 import platform
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from letstalk.accel import torch_thread_pool
 from letstalk.pipeline import LetsTalkPipeline
 from letstalk.synthetic import draw_portrait, speech_like_audio
 
@@ -120,9 +120,7 @@ def main() -> None:
             rows["one after another"].append(time.perf_counter() - t0)
             for name, pipe in ((f"{n} concurrent", plain), (f"{n} concurrent, batched", batched)):
                 t0 = time.perf_counter()
-                # torch.set_num_threads does not reach new threads' OpenMP teams: set it in each worker
-                threads = torch.get_num_threads()
-                with ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                with torch_thread_pool(n) as pool:
                     list(pool.map(lambda kw_: pipe.render(face, kw_[1], seed=kw_[0], **kw), enumerate(waves)))
                 rows[name].append(time.perf_counter() - t0)
         b = batched.batcher

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from letstalk_platform.batch import data_results, plan_items, read_manifest, run_batch, serve_render
-from letstalk_platform.render import RenderDefaults, add_speed_args, speed_options
+from letstalk_platform.render import RenderDefaults, add_speed_args, check_renderer_device, speed_options
 from letstalk_platform.runtime import init_ray
 from letstalk_platform.serve import APP_NAME, TOKEN_ENV, AppArgs, build_app
 
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
             model = str(resolve_bundle(model, args.mlflow_uri).resolve())  # resolved here: workers have another cwd
         inference = speed_options(args)
-        if inference["dtype"] == "fp16" and not args.use_gpu:
-            raise ValueError("--dtype fp16 needs --use-gpu (CPU renderers: fp32 or bf16)")
+        check_renderer_device(inference, args.use_gpu)
         init_ray()
         if args.standalone:
             if model is None:

@@ -76,6 +76,13 @@ def speed_options(args: argparse.Namespace) -> dict:
                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms).to_dict()
 
 
+def check_renderer_device(inference: dict, use_gpu: bool) -> None:
+    """A one-line ValueError when renderers without a GPU are asked for fp16 (CUDA-only autocast),
+    before any renderer starts."""
+    if inference["dtype"] == "fp16" and not use_gpu:
+        raise ValueError("inference dtype fp16 needs use_gpu (CPU renderers: fp32 or bf16)")
+
+
 class RenderCancelled(Exception):
     """Raised inside a render when its caller gave up on it."""
 

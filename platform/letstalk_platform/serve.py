@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +38,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from letstalk.accel import InferenceOptions
+from letstalk.accel import InferenceOptions, torch_thread_pool
 
-from .render import Cancel, RenderDefaults, RenderOptions, RenderWorker, decode_file, one_line
+from .render import (Cancel, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, decode_file,
+                     one_line)
 
 TOKEN_ENV = "LETSTALK_API_TOKEN"
 APP_NAME = "letstalk"
@@ -80,8 +80,7 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _fp16_needs_a_gpu(self) -> "AppArgs":
-        if self.inference["dtype"] == "fp16" and not self.use_gpu:
-            raise ValueError("inference dtype fp16 needs use_gpu (CPU renderers: fp32 or bf16)")
+        check_renderer_device(self.inference, self.use_gpu)
         return self
 
 
@@ -101,11 +100,7 @@ class Renderer:
         # with inference["batch_clips"], the `threads` renders running at once share merged forward passes
         self.worker = RenderWorker(bundle, max_audio_seconds=max_audio_seconds, max_image_pixels=max_image_pixels,
                                    inference=inference)
-        import torch
-
-        # torch.set_num_threads does not reach threads started later: each render thread gets the replica's
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="render",
-                                       initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        self.pool = torch_thread_pool(threads, "render")  # each render thread gets the replica's torch threads
 
     def reconfigure(self, config: dict) -> None:
         """user_config: {steps, sampler, guidance} defaults, applied to requests that omit them."""
