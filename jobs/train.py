@@ -16,7 +16,7 @@ import json
 import sys
 
 from letstalk.config import PRESETS
-from letstalk_platform.runtime import init_ray, load_config
+from letstalk_platform.runtime import StaleLockError, check_extension_locks, init_ray, load_config
 from letstalk_platform.train import TrainConfig, run_training
 
 
@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides |= {"steps": args.debug_steps, "checkpoint_every": args.debug_steps, "log_every": 1}
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
+        check_extension_locks()  # seconds, not a silent hang in every worker
         init_ray()
         summary = run_training(cfg)
-    except ValueError as e:
+    except (ValueError, StaleLockError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

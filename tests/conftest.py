@@ -47,3 +47,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def printed_summary(stdout: str) -> dict:
+    """The JSON summary a job prints (indented, from a line holding only '{'); worker log lines that
+    Ray forwards may come before or after it."""
+    start = stdout.index("\n{\n") + 1 if not stdout.startswith("{\n") else 0
+    return json.JSONDecoder().raw_decode(stdout[start:])[0]

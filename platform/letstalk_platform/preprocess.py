@@ -206,7 +206,8 @@ def write_shard(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     try:
-        pq.write_table(pa.table(columns), tmp)
+        # one clip per row group: training reads clips by index in a shuffled order (letstalk_platform.data)
+        pq.write_table(pa.table(columns), tmp, row_group_size=1)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -247,12 +248,13 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     results: dict[str, dict] = {}
     if pending:
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
-        ds = ds.map(DecodeVideo, fn_constructor_kwargs={"spec": spec},
+        # SPREAD: on a cluster the pools' actors go to different nodes (one node is not a bottleneck)
+        ds = ds.map(DecodeVideo, fn_constructor_kwargs={"spec": spec}, scheduling_strategy="SPREAD",
                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.decoders))
         ds = ds.map_batches(
             Tokenizer, fn_constructor_kwargs={"model": cfg.model, "spec": spec, "output": str(output)},
             batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizers),
-            num_gpus=1 if cfg.use_gpu else 0)
+            num_gpus=1 if cfg.use_gpu else 0, scheduling_strategy="SPREAD")
         for row in ds.iter_rows():
             results[str(row["video_id"])] = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
     seconds = time.perf_counter() - t0

@@ -1,14 +1,16 @@
 """Distributed training: Ray Train TorchTrainer + DeepSpeed ZeRO, MLflow tracking, registry.
 
-Driver (`run_training`): validate the config, open the MLflow run, read the train shards with
-Ray Data, run TorchTrainer, then export the EMA weights as a LetsTalkPipeline bundle and register
-it. Workers (`train_loop`): DeepSpeed engine over LetsTalkTransformer, batches from
-`get_dataset_shard("train").iter_torch_batches`, EMA (sharded like the weights under ZeRO-3),
-checkpoints through `ray.train.report` every `checkpoint_every` steps.
+Driver (`run_training`): validate the config, open the MLflow run, run TorchTrainer, then export the
+EMA weights as a LetsTalkPipeline bundle and register it. Workers (`train_loop`): DeepSpeed engine
+over LetsTalkTransformer, batches read by index in a replayable shuffled order
+(letstalk_platform.data), an fp32 EMA of the optimizer's master weights, checkpoints through
+`ray.train.report` every `checkpoint_every` steps.
 
-A checkpoint folder holds DeepSpeed's own files (weights, optimizer; per rank), `ema-rank{r}.pt`
-(each rank's EMA tensors), `transformer/` (the full EMA model as config.json + safetensors,
-written by rank 0: loadable without Ray or DeepSpeed) and `state.json` (step, epoch, batch).
+A checkpoint folder holds DeepSpeed's own files (`ds/`: weights, optimizer, LR schedule; per
+rank), `ema-rank{r}.safetensors` (each rank's EMA of its fp32 master partitions), `rank{r}.json`
+(each rank's RNG states and the node it ran on), `state.json` (step, data position, world size)
+and `transformer/` (the full EMA model, fp32 config.json + safetensors, loadable without Ray or
+DeepSpeed). Resuming from it continues the run exactly: docs/training.md.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from safetensors.torch import load_file, save_file
 
 from letstalk.audio import AudioEncoder
 from letstalk.config import PRESETS, LetsTalkConfig
@@ -49,8 +55,8 @@ class TrainConfig(BaseModel):
     portrait_fusion: Literal["symbiotic", "direct", "siamese"] = "symbiotic"
     audio_fusion: Literal["direct", "siamese", "symbiotic"] = "direct"
     batch_size: int = Field(4, ge=1, description="clips per worker per step")
-    shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer (0: shard "
-                                "order, i.e. a video's clips in a row)")
+    shuffle: bool = Field(True, description="a new permutation of all clips every epoch, seeded by (seed, epoch), "
+                          "so each batch mixes videos; false: shard order (a video's clips in a row)")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -90,6 +96,10 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers: PACK fills a node first, SPREAD prefers one per node")
+    stall_warning_s: float = Field(600.0, gt=0, description="a worker that finishes no step for this long says "
+                                   "so in the log (waiting for data, or for a peer in a collective)")
     storage: str = "runs"
     name: str = "letstalk"
     max_failures: int = 2
@@ -187,32 +197,135 @@ def optimizer_kernel(engine) -> str:
     return f"{type(opt).__name__} {kind}".strip()
 
 
-def _ema_tensors(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:
-    """What the EMA tracks: full parameters, or this rank's ZeRO-3 partitions."""
-    return {n: (p.ds_tensor if zero3 else p) for n, p in module.named_parameters()}
+def master_weights(engine) -> dict[str, torch.Tensor]:
+    """This rank's fp32 master weights, the tensors the optimizer steps: the flat fp32 partitions of
+    ZeRO-3 / ZeRO-1-2 / DeepSpeed's bf16 optimizer, or (no ZeRO, fp32) the parameters themselves.
+    The EMA averages these, so it is fp32, sharded like the optimizer state, and never sees the
+    rounding of a bf16 working copy."""
+    opt = engine.optimizer
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flats = getattr(opt, attr, None)
+        if flats:
+            return {f"{attr}.{i}": t for i, t in enumerate(flats)}
+    params = dict(engine.module.named_parameters())
+    if any(p.dtype != torch.float32 for p in params.values()):
+        raise RuntimeError("no fp32 master weights found: the EMA needs a ZeRO/bf16 optimizer or fp32 parameters")
+    return params
 
 
-def _full_ema_state(module: torch.nn.Module, ema: EMA, zero3: bool, rank: int) -> dict[str, torch.Tensor] | None:
-    """The full EMA weights on rank 0 (None elsewhere). Under ZeRO-3 each partition is swapped into
-    its parameter, gathered, and swapped back; every rank must call this."""
-    if not zero3:
-        return {k: v.clone() for k, v in ema.shadow.items()} if rank == 0 else None
-    import deepspeed
+def full_ema_state(engine, ema: EMA, rank: int) -> dict[str, torch.Tensor] | None:
+    """The whole EMA model, every tensor in fp32, on rank 0 (None elsewhere); a collective under ZeRO.
 
+    The EMA shadow is swapped into the master weights, DeepSpeed assembles each full fp32 parameter
+    from them (`safe_get_full_fp32_param`: all-gather under ZeRO-3, all-reduce of the fragments under
+    ZeRO-1/2, for persistent parameters too), and the live masters are put back."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = master_weights(engine)
+    live = {k: v.detach().clone() for k, v in masters.items()}
     state: dict[str, torch.Tensor] = {}
-    for n, p in module.named_parameters():
-        live = p.ds_tensor.data.clone()
-        p.ds_tensor.data.copy_(ema.shadow[n].to(p.ds_tensor.dtype))
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            if rank == 0:
-                state[n] = p.detach().float().clone()
-        p.ds_tensor.data.copy_(live)
+    try:
+        with torch.no_grad():
+            for k, v in masters.items():
+                v.copy_(ema.shadow[k])
+            for name, p in engine.module.named_parameters():
+                full = safe_get_full_fp32_param(p)
+                full = p.detach() if full is None else full  # no ZeRO: the parameter is the master
+                if rank == 0:
+                    state[name] = full.detach().float().cpu().clone().reshape(p.ds_shape if hasattr(p, "ds_shape")
+                                                                              else p.shape)
+    finally:
+        with torch.no_grad():
+            for k, v in masters.items():
+                v.copy_(live[k])
     return state if rank == 0 else None
 
 
-def train_loop(config: dict[str, Any]) -> None:
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every random stream a worker draws from (JSON-able)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state().tolist(), "generator": generator.get_state().tolist(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def seed_everything(seed: int, rank: int) -> torch.Generator:
+    """Per-rank streams for augmentation, timesteps and noise; returns the training generator."""
+    torch.manual_seed(seed * 1000 + rank + 1)
+    np.random.seed((seed * 1000 + rank + 1) % 2**32)
+    random.seed(seed * 1000 + rank + 1)
+    return torch.Generator().manual_seed(seed * 1000 + rank)
+
+
+class Watchdog:
+    """Says so in the log when a worker finishes no step for `limit_s` (blocked on data, or on a peer
+    in a collective that will never come), instead of hanging in silence."""
+
+    def __init__(self, limit_s: float, rank: int):
+        self.limit_s, self.rank = limit_s, rank
+        self.step, self.doing, self.last = 0, "starting", time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="letstalk-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self, step: int, doing: str) -> None:
+        self.step, self.doing, self.last = step, doing, time.monotonic()
+
+    def _watch(self) -> None:
+        warned_at = None
+        while not self._stop.wait(min(self.limit_s / 4, 30.0)):
+            idle = time.monotonic() - self.last
+            if idle >= self.limit_s and warned_at != self.last:
+                warned_at = self.last
+                say(f"train: rank {self.rank}: no step finished for {idle:.0f} s after step {self.step} "
+                    f"({self.doing}; stall_warning_s={self.limit_s:g})")
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def build_engine(cfg: TrainConfig, arch: dict[str, Any], device: torch.device, bf16: bool, rank: int):
+    """LetsTalkTransformer (the same initial weights on every rank) in a DeepSpeed engine; every
+    parameter, the audio projection included, in the optimizer."""
     import deepspeed
+
+    from .runtime import check_extension_locks
+
+    torch.manual_seed(cfg.seed)
+    model = LetsTalkTransformer(**arch)
+    if cfg.init_from and rank == 0:
+        report = init_from_checkpoint(model, cfg.init_from)
+        say(f"init from {cfg.init_from}: {len(report['loaded'])} tensors loaded, "
+            f"{len(report['shape_mismatch'])} shape mismatches, {len(report['missing'])} missing")
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    check_extension_locks()  # DeepSpeed's CPU comm op is built at first use: never wait on a dead build
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(cfg, bf16),
+                                           lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                                               opt, lambda s: lr_factor(cfg, s)))
+    return engine
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
+
+    from .data import BatchLoader, ClipTable
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -221,63 +334,58 @@ def train_loop(config: dict[str, Any]) -> None:
     if cfg.use_gpu:
         torch.cuda.set_device(device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.use_gpu)
-    torch.manual_seed(cfg.seed + rank)
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    node = ray.get_runtime_context().get_node_id()
 
     arch = config["arch"]
-    model = LetsTalkTransformer(**arch)
-    if cfg.init_from and rank == 0:
-        report = init_from_checkpoint(model, cfg.init_from)
-        say(f"init from {cfg.init_from}: {len(report['loaded'])} tensors loaded, "
-              f"{len(report['shape_mismatch'])} shape mismatches, {len(report['missing'])} missing")
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg, bf16),
-                                           lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                                               opt, lambda s: lr_factor(cfg, s)))
-    zero3 = cfg.zero_stage == 3
-    ema = EMA(_ema_tensors(engine.module, zero3), cfg.ema_decay, warmup=cfg.ema_warmup)
+    engine = build_engine(cfg, arch, device, bf16, rank)
+    generator = seed_everything(cfg.seed, rank)
+    ema = EMA(master_weights(engine), cfg.ema_decay, warmup=cfg.ema_warmup)
     diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"], prediction=cfg.prediction)
     augment = Augment(cfg.flip_prob, cfg.audio_dropout, cfg.motion_noise, cfg.motion_ref_prob)
     log = tracking.RankZeroLogger(cfg.mlflow_uri, config["run_id"], rank)
     log.tag("optimizer_kernel", optimizer_kernel(engine))
 
     step, epoch, batch_in_epoch = 0, 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag="ds")
-            ema.load_state_dict(torch.load(Path(d) / f"ema-rank{rank}.pt", map_location=device, weights_only=True))
-            state = json.loads((Path(d) / "state.json").read_text())
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    resume = latest_checkpoint(ray.train.get_checkpoint(), Path(config["run_dir"]))
+    if resume is not None:
+        state = json.loads((resume / "state.json").read_text())
+        if state.get("world_size") != world:
+            raise ValueError(f"checkpoint written by {state.get('world_size')} workers, this run has {world}: "
+                             "resume with the same num_workers (the EMA and data order are per rank)")
+        engine.load_checkpoint(str(resume), tag="ds")
+        ema.load_state_dict(load_file(str(resume / f"ema-rank{rank}.safetensors"), device=str(device)))
+        set_rng_state(json.loads((resume / f"rank{rank}.json").read_text())["rng"], generator)
+        step, (epoch, batch_in_epoch) = state["step"], state["data_position"]
         ema.updates = step
-        say(f"rank {rank}: resumed at step {step}")
+        say(f"train: rank {rank}: resumed at step {step} (epoch {epoch}, batch {batch_in_epoch}) from {resume.name} "
+            f"on node {node[:12]}")
 
-    shard = ray.train.get_dataset_shard("train")
+    table = ClipTable(cfg.data, "train", TRAIN_COLUMNS)
+    loader = BatchLoader(table, cfg.batch_size, cfg.seed, rank, world, cfg.shuffle, start=(epoch, batch_in_epoch),
+                         prefetch=cfg.prefetch_batches)
+    if rank == 0 and step == 0:
+        say(f"train: {len(table)} clips, {loader.batches_per_epoch} steps per epoch of {world} × {cfg.batch_size}")
+    watchdog = Watchdog(cfg.stall_warning_s, rank)
     t_last, samples_since = time.perf_counter(), 0
     # data_wait_frac: the share of wall time a worker spends blocked on its next batch (0 = the
     # loader never holds the accelerator up)
     t_ready, data_wait = time.perf_counter(), 0.0
-    while step < cfg.steps:
-        skip = batch_in_epoch  # data position: skip the batches this epoch already consumed
-        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
-                                           prefetch_batches=cfg.prefetch_batches,
-                                           local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                                           local_shuffle_seed=(cfg.seed * 1000 + rank) * 1000 + epoch
-                                           if cfg.shuffle_buffer else None)
-        for i, batch in enumerate(batches):
-            if i < skip:
-                continue
+    batches = iter(loader)
+    try:
+        while step < cfg.steps:
+            watchdog.beat(step, "waiting for data")
+            epoch, b, arrays = next(batches)
             data_wait += time.perf_counter() - t_ready
+            watchdog.beat(step, "in a step: forward, backward or a collective with the other workers")
+            batch = {k: torch.from_numpy(arrays[k]).to(device) for k in TRAIN_COLUMNS}
             inputs = prepare_batch(batch, augment, arch["audio_window"], generator, target=cfg.target)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 terms = loss_terms(engine, diffusion, inputs, generator, motion_weight=cfg.motion_weight)
             engine.backward(terms["loss"])
             engine.step()
-            ema.update(_ema_tensors(engine.module, zero3))
-            step, batch_in_epoch, samples_since = step + 1, i + 1, samples_since + cfg.batch_size * world
+            ema.update(master_weights(engine))
+            step, samples_since = step + 1, samples_since + cfg.batch_size * world
+            position = (epoch, b + 1) if b + 1 < loader.batches_per_epoch else (epoch + 1, 0)
 
             if cfg.fail_at_step == step and rank == min(1, world - 1):
                 marker = Path(config["chaos_marker"])
@@ -299,35 +407,67 @@ def train_loop(config: dict[str, Any]) -> None:
                     say(f"train: step {step}/{cfg.steps} ({step / cfg.steps:.0%}) loss {metrics['loss']:.4f} "
                         f"{metrics['samples_per_s']:.1f} samples/s, waiting for data {metrics['data_wait_frac']:.0%}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                full = _save_and_report(engine, ema, zero3, rank, arch, metrics,
-                                        {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                         "residual": cfg.residual, "residual_scale": cfg.residual_scale,
-                                         "prediction": cfg.prediction})
-                if full is not None and config.get("samples"):
-                    _log_samples(full, arch, config, log, step, device)
+                watchdog.beat(step, "writing a checkpoint")
+                state = {"step": step, "data_position": list(position), "world_size": world, "seed": cfg.seed,
+                         "shuffle": cfg.shuffle, "residual": cfg.residual, "residual_scale": cfg.residual_scale,
+                         "prediction": cfg.prediction}
+                rank_state = {"rng": rng_state(generator), "node_id": node}
+                # whatever the checkpoint and the samples draw (model construction, sampling) must not
+                # move the run's own streams, or a resumed run would draw differently from this one
+                with torch.random.fork_rng(devices=[device] if cfg.use_gpu else []):
+                    full = _save_and_report(engine, ema, rank, arch, metrics, state, rank_state,
+                                            Path(config["run_dir"]))
+                    if full is not None and config.get("samples"):
+                        _log_samples(full, arch, config, log, step, device)
             t_ready = time.perf_counter()
-            if step >= cfg.steps:
-                break
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
-            continue
-        break
+    finally:
+        watchdog.close()
 
 
-def _save_and_report(engine, ema: EMA, zero3: bool, rank: int, arch: dict, metrics: dict, state: dict) -> None:
+LATEST = "latest_checkpoint.json"
+
+
+def latest_checkpoint(reported, run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of this run: the one Ray Train hands back, or the one
+    `LATEST` names, whichever holds the later step.
+
+    Ray Train registers a reported checkpoint asynchronously: a worker that dies a moment after a
+    report can take the registration with it, and the restarted workers would then begin again from
+    step 0. `LATEST` is written by rank 0 after every rank has finished writing, so it is never lost."""
+    found: list[Path] = []
+    if reported is not None and Path(reported.path).is_dir():  # shared storage: read it in place
+        found.append(Path(reported.path))
+    pointer = run_dir / LATEST
+    if pointer.is_file():
+        found.append(run_dir / json.loads(pointer.read_text())["dir"])
+    found = [d for d in found if (d / "state.json").is_file()]
+    return max(found, key=lambda d: json.loads((d / "state.json").read_text())["step"], default=None)
+
+
+def _save_and_report(engine, ema: EMA, rank: int, arch: dict, metrics: dict, state: dict, rank_state: dict,
+                     run_dir: Path) -> dict[str, torch.Tensor] | None:
     import ray.train
+    import torch.distributed as dist
     from ray.train import Checkpoint
 
-    full = _full_ema_state(engine.module, ema, zero3, rank)
+    full = full_ema_state(engine, ema, rank)
+    name = f"checkpoint_{state['step']:09d}"
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag="ds")
-        torch.save(ema.state_dict(), Path(d) / f"ema-rank{rank}.pt")
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+                  str(Path(d) / f"ema-rank{rank}.safetensors"))
+        (Path(d) / f"rank{rank}.json").write_text(json.dumps(rank_state))
         if rank == 0:
             model = LetsTalkTransformer(**arch)
             model.load_state_dict(full)
             model.save_pretrained(Path(d) / "transformer")
             (Path(d) / "state.json").write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    dist.barrier()  # every rank's files are in storage
+    if rank == 0 and (run_dir / name / "state.json").is_file():
+        tmp = run_dir / f".{LATEST}.part"
+        tmp.write_text(json.dumps({"dir": name, "step": state["step"]}))
+        tmp.replace(run_dir / LATEST)
     return full
 
 
@@ -365,14 +505,13 @@ def _log_samples(ema_state: dict, arch: dict, config: dict, log: tracking.RankZe
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train, export the EMA model as a bundle, register it. Returns a summary dict."""
-    import ray
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .data import load_clips
     from .preprocess import load_manifest
+    from .runtime import check_extension_locks
 
+    check_extension_locks()  # before anything starts: a dead build's lock would hang every worker
     cfg = absolute_paths(cfg)  # workers do not share the driver's working directory
     manifest = load_manifest(Path(cfg.data))
     if manifest is None:
@@ -396,26 +535,20 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     log = tracking.RankZeroLogger(cfg.mlflow_uri, run_id, 0)
     log.text(json.dumps({"train": cfg.model_dump(), "arch": arch}, indent=2), "config.json")
 
-    cpus_per_worker = cfg.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 0.0)
-    if not cfg.use_gpu and cfg.num_workers * cpus_per_worker > total - 1:
-        # workers holding every CPU would starve the Ray Data tasks that feed them (a hang, not an error)
-        cpus_per_worker = max(total - 1, total / 2) / cfg.num_workers
-        print(f"train: {total:g} CPUs in the cluster; {cfg.num_workers} workers × {cfg.cpus_per_worker:g} CPUs would "
-              f"leave none for Ray Data: using {cpus_per_worker:g} CPUs per worker")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": cfg.model_dump(), "arch": arch, "run_id": run_id,
-                           "chaos_marker": str(run_dir / ".chaos-done"), "data_bundle": str(data_bundle),
+                           "run_dir": str(run_dir), "chaos_marker": str(run_dir / ".chaos-done"),
+                           "data_bundle": str(data_bundle),
                            "fps": spec["fps"], "sample_rate": spec["sample_rate"],
                            "samples": _sample_clips(cfg, manifest)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=cfg.name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        datasets={"train": load_clips(cfg.data, "train").select_columns(TRAIN_COLUMNS)},
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -450,15 +583,18 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 def _sample_clips(cfg: TrainConfig, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The first clip of the first `sample_clips` eval videos (train videos if there is no eval split)."""
-    from .data import load_clips
+    from .data import ClipTable
 
     if cfg.sample_clips == 0:
         return []
     split = "eval" if manifest["counts"]["clips"]["eval"] else "train"
     paths = {e["video_id"]: e["path"] for e in manifest["inputs"] if e["status"] == "ok"}
-    rows = (load_clips(cfg.data, split).filter(lambda r: r["clip"] == 0)
-            .select_columns(["video_id", "start", "latents", "audio", "motion", "refs"]).take(cfg.sample_clips))
-    return [r | {"path": paths[r["video_id"]]} for r in rows]
+    table = ClipTable(cfg.data, split, ["video_id", "start", "latents", "audio", "motion", "refs"])
+    firsts = [int(i) for i in table.offsets[:-1][: cfg.sample_clips]]  # clip 0 of each video
+    rows = table.read(firsts)
+    return [{k: rows[k][i] for k in ("latents", "audio", "motion", "refs")}
+            | {"video_id": str(rows["video_id"][i]), "start": int(rows["start"][i]), "path": paths[str(rows["video_id"][i])]}
+            for i in range(len(firsts))]
 
 
 def export_bundle(transformer_dir: Path, data_bundle: Path, out: Path, spec: dict[str, Any],
