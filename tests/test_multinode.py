@@ -31,10 +31,15 @@ def cluster():
     """Head (no CPUs: nothing heavy runs there) + 2 worker nodes of 2 CPUs. Any Ray of this session
     is stopped first and a local one started again afterwards for the tests that follow."""
     import ray
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
     had_ray = ray.is_initialized()
     ray.shutdown()
+    # Ray swaps a loopback address for the machine's own IP when a node joins; this keeps every node,
+    # and every driver that connects, on 127.0.0.1 (the same switch as RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
+    loopback_only = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
                                                       "include_dashboard": False})
     workers = [c.add_node(**NODE) for _ in range(2)]
@@ -43,6 +48,10 @@ def cluster():
     yield c, workers
     ray.shutdown()
     c.shutdown()
+    ray_constants.ENABLE_RAY_CLUSTER = loopback_only
+    current = Path("/tmp/ray/ray_current_cluster")  # the cluster recorded itself as this machine's Ray
+    if current.is_file() and current.read_text().strip() == c.address:
+        current.unlink()
     if had_ray:
         from letstalk_platform.runtime import init_ray
 
@@ -138,7 +147,7 @@ def test_cluster_preprocess_train_lose_a_node_and_a_driver(cluster, bundle, tmp_
     config.write_text(yaml.safe_dump(settings | {"name": "driver-lost"}))
     run_dir = tmp_path / "runs" / "driver-lost"
     command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(config)]
-    env = os.environ | {"RAY_ADDRESS": c.address}
+    env = os.environ | {"RAY_ADDRESS": c.address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     driver = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(run_dir, EVERY)
