@@ -1,10 +1,12 @@
 """Training benchmark (prints figures measured in one run; not a test).
 
-    python bench/train.py [--steps 40] [--skip-throughput] [--skip-memory]
+    python bench/train.py [--preset demo] [--steps 200] [--skip-throughput] [--skip-memory]
 
 1. Throughput: samples/s of Ray Train + DeepSpeed ZeRO-2 (2 CPU workers, local Ray) vs a plain
-   single-process PyTorch loop (AdamW, same tiny model, same global batch, same shards, same
-   cores), and the peak RSS of a Ray Train worker.
+   single-process PyTorch loop (AdamW, same model, same global batch, same shards, same cores),
+   and the peak RSS of a Ray Train worker. Where the difference goes: the same plain loop on one
+   thread with one worker's half of the batch (what each worker computes: twice its rate is the
+   ideal for 2 workers), rank 0's data wait, and a gloo all-reduce of the gradients timed alone.
 2. Memory on paper for LetsTalk-L: parameter/optimizer/EMA state per GPU on 8 GPUs under ZeRO-2
    and ZeRO-3, plus activations per clip *measured* here by summing the bytes autograd saves for
    one L block at 16 frames (with and without activation checkpointing), scaled to bf16.
@@ -40,14 +42,19 @@ from letstalk.config import LetsTalkConfig
 A800_BF16_PEAK = 312e12  # dense bf16 FLOP/s (A100/A800 class)
 
 
-def make_shards(root: Path) -> Path:
+def make_shards(root: Path, preset: str) -> Path:
+    """6 drawn talking videos tokenized with the bundle the preset trains on (models/demo's
+    space-to-depth codec for `demo`, a random tiny bundle otherwise)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import talking_video
 
     from letstalk.pipeline import LetsTalkPipeline
     from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
 
-    bundle = LetsTalkPipeline.init_tiny().save_pretrained(root / "bundle")
+    if preset == "demo":
+        bundle = Path(__file__).resolve().parents[1] / "models" / "demo"
+    else:
+        bundle = LetsTalkPipeline.init_tiny().save_pretrained(root / "bundle")
     raw = root / "raw"
     raw.mkdir()
     for i in range(6):
@@ -57,24 +64,44 @@ def make_shards(root: Path) -> Path:
     return root / "shards"
 
 
-def plain_loop(shards: Path, steps: int, batch: int) -> float:
-    """samples/s of a single-process loop over the same shards (read with pyarrow, no Ray)."""
+def shard_arch(shards: Path, preset: str) -> dict:
+    """The architecture run_training builds for these shards (sizes from the data's bundle)."""
+    import json
+
+    from letstalk.config import PRESETS
+    from letstalk_platform.preprocess import load_manifest
+
+    manifest = load_manifest(shards)
+    spec = manifest["clip_spec"]
+    tcfg = json.loads((Path(manifest["models"]["vae"]).parent / "transformer" / "config.json").read_text())
+    return PRESETS[preset].to_dict() | {
+        "num_frames": spec["clip_frames"], "num_motion_frames": spec["motion_frames"],
+        "audio_window": spec["audio_window"], "audio_layers": tcfg["audio_layers"],
+        "audio_feature_dim": tcfg["audio_feature_dim"], "input_size": tcfg["input_size"]}
+
+
+def plain_loop(shards: Path, steps: int, batch: int, preset: str, threads: int) -> float:
+    """samples/s of a single-process loop over the same shards (all in memory, no Ray, no DeepSpeed)."""
     import pyarrow.parquet as pq
 
     from letstalk.diffusion import GaussianDiffusion
     from letstalk.training import Augment, loss_terms, prepare_batch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     tables = [pq.read_table(p) for p in sorted((shards / "train").glob("*.parquet"))]
     cols = {k: np.concatenate([t.column(k).combine_chunks().to_numpy_ndarray() for t in tables])
             for k in ("latents", "audio", "motion", "refs")}
     n = len(cols["latents"])
-    model = LetsTalkTransformer.from_preset("tiny", num_frames=cols["latents"].shape[1])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
+    torch.manual_seed(0)
+    model = LetsTalkTransformer(**shard_arch(shards, preset))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0, fused=True)
     diffusion, aug, g = GaussianDiffusion(), Augment(), torch.Generator().manual_seed(0)
+    warmup = min(10, steps // 4)
     t0 = None
     for step in range(steps):
-        if step == 5:
-            t0 = time.perf_counter()  # after warm-up
+        if step == warmup:
+            t0 = time.perf_counter()
         idx = np.random.default_rng(step).choice(n, batch, replace=False)
         inputs = prepare_batch({k: torch.from_numpy(v[idx]) for k, v in cols.items()}, aug, 5, g)
         loss = loss_terms(model, diffusion, inputs, g)["loss"]
@@ -82,10 +109,37 @@ def plain_loop(shards: Path, steps: int, batch: int) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return (steps - 5) * batch / (time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return (steps - warmup) * batch / (time.perf_counter() - t0)
 
 
-def ray_train(shards: Path, root: Path, steps: int, batch: int) -> tuple[float, float, float]:
+def allreduce_seconds(numel: int, repeats: int = 20) -> float:
+    """Median time of a gloo all-reduce of `numel` fp32 values between 2 local processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_allreduce_worker, args=(numel, repeats, str(Path(d) / "rdv"), str(Path(d) / "out")), nprocs=2)
+        return float((Path(d) / "out").read_text())
+
+
+def _allreduce_worker(rank: int, numel: int, repeats: int, rdv: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=2)
+    x = torch.randn(numel)
+    times = []
+    for _ in range(repeats + 3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        Path(out).write_text(str(float(np.median(times[3:]))))
+    dist.destroy_process_group()
+
+
+def ray_train(shards: Path, root: Path, steps: int, batch: int, preset: str) -> tuple[float, float, float]:
     from mlflow.tracking import MlflowClient
 
     from letstalk_platform.runtime import init_ray
@@ -93,14 +147,18 @@ def ray_train(shards: Path, root: Path, steps: int, batch: int) -> tuple[float, 
 
     init_ray(num_cpus=2)
     uri = f"sqlite:///{root}/m.db"
-    cfg = TrainConfig(data=str(shards), preset="tiny", batch_size=batch // 2, lr=1e-3, num_workers=2,
-                      cpus_per_worker=0.5, steps=steps, checkpoint_every=steps, log_every=5, storage=str(root / "runs"),
-                      mlflow_uri=uri, experiment="bench", register_name=None, sample_clips=0)
+    log_every = max(5, steps // 20)
+    cfg = TrainConfig(data=str(shards), preset=preset, batch_size=batch // 2, lr=1e-3, num_workers=2,
+                      cpus_per_worker=1, steps=steps, checkpoint_every=steps, log_every=log_every,
+                      storage=str(root / "runs"), mlflow_uri=uri, experiment="bench", register_name=None,
+                      sample_clips=0)
     summary = run_training(cfg)
     client = MlflowClient(uri)
-    rates = [m.value for m in client.get_metric_history(summary["run_id"], "samples_per_s") if m.step > 5]
+    # steady state: the first interval holds the start-up, the last one the checkpoint
+    keep = lambda m: log_every < m.step < steps  # noqa: E731
+    rates = [m.value for m in client.get_metric_history(summary["run_id"], "samples_per_s") if keep(m)]
     rss = max(m.value for m in client.get_metric_history(summary["run_id"], "peak_rss_mb"))
-    wait = [m.value for m in client.get_metric_history(summary["run_id"], "data_wait_frac") if m.step > 5]
+    wait = [m.value for m in client.get_metric_history(summary["run_id"], "data_wait_frac") if keep(m)]
     # every interval holds the same number of samples: total samples / total time = harmonic mean
     return float(len(rates) / np.sum(1.0 / np.asarray(rates))), rss, float(np.mean(wait))
 
@@ -243,7 +301,8 @@ def training_switches(preset: str, frames: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--preset", default="demo", help="model of the throughput run (the demo preset: 4.3M)")
     parser.add_argument("--batch", type=int, default=8, help="global batch (clips per step)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -256,12 +315,22 @@ def main() -> None:
     if not args.skip_throughput:
         with tempfile.TemporaryDirectory() as d:
             root = Path(d)
-            shards = make_shards(root)
-            plain = plain_loop(shards, args.steps, args.batch)
-            ray_rate, rss, wait = ray_train(shards, root, args.steps, args.batch)
-        print(f"tiny preset, global batch {args.batch}: plain loop {plain:.1f} samples/s, "
-              f"Ray Train + DeepSpeed ZeRO-2 (2 workers) {ray_rate:.1f} samples/s, ratio {ray_rate / plain:.2f}; "
-              f"peak RSS per worker {rss:.0f} MB; rank 0 waited for data {wait:.1%} of the time")
+            shards = make_shards(root, args.preset)
+            plain = plain_loop(shards, args.steps, args.batch, args.preset, threads=2)
+            half = plain_loop(shards, args.steps, args.batch // 2, args.preset, threads=1)
+            ray_rate, rss, wait = ray_train(shards, root, args.steps, args.batch, args.preset)
+            with torch.device("meta"):
+                numel = sum(p.numel() for p in LetsTalkTransformer(**shard_arch(shards, args.preset)).parameters())
+        step = args.batch / ray_rate
+        reduce_s = allreduce_seconds(numel)
+        print(f"{args.preset} preset ({numel / 1e6:.2f}M parameters), global batch {args.batch}, {args.steps} steps: "
+              f"plain loop {plain:.1f} samples/s, Ray Train + DeepSpeed ZeRO-2 (2 workers) {ray_rate:.1f} samples/s, "
+              f"ratio {ray_rate / plain:.2f}")
+        print(f"  where it goes: one worker's work alone (batch {args.batch // 2}, 1 thread) {half:.1f} samples/s, so "
+              f"2 workers at best {2 * half:.1f} ({2 * half / plain:.2f} of the plain loop); Ray Train reaches "
+              f"{ray_rate / (2 * half):.2f} of that. Per step of {step * 1e3:.0f} ms: gloo all-reduce of the "
+              f"gradients {reduce_s * 1e3:.1f} ms alone ({reduce_s / step:.0%}), rank 0 waited for data {wait:.1%}; "
+              f"peak RSS per worker {rss:.0f} MB")
     if not args.skip_memory:
         memory_on_paper()
         time_on_paper()

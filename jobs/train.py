@@ -35,7 +35,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument("--cpus-per-worker", type=float, help="leave CPUs for Ray Data (e.g. 0.5 on a laptop)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs Ray reserves for each worker (e.g. 0.5 on a laptop)")
+    p.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+                   help="STRICT_SPREAD: one worker per node")
     p.add_argument("--debug-steps", type=int, help="smoke run: this many steps, checkpoint at the end")
     return p.parse_args(argv)
 

@@ -121,7 +121,11 @@ class ClipTable:
         out: dict[str, Any] = {}
         for name in self.columns:
             column = table.column(name).combine_chunks()
-            out[name] = column.to_numpy_ndarray() if name in TENSOR_COLUMNS else column.to_numpy(zero_copy_only=False)
+            if name in TENSOR_COLUMNS:  # writable: torch.from_numpy warns on Arrow's read-only buffers
+                array = column.to_numpy_ndarray()
+                out[name] = array if array.flags.writeable else array.copy()
+            else:
+                out[name] = column.to_numpy(zero_copy_only=False)
         return out
 
 
