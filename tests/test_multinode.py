@@ -1,6 +1,6 @@
 """A Ray cluster of three raylets on 127.0.0.1 (a head and two worker nodes), as a real cluster would
 be: preprocessing spreads its actors over the nodes, training places one worker per node, a node
-is lost mid-run and a new one joins, a driver is killed and the job submitted again. Each
+is lost mid-run and a new one joins, a `ray job submit` driver is killed and the job submitted again. Each
 interrupted run must end with the weights of the uninterrupted one."""
 
 import json
@@ -40,8 +40,11 @@ def cluster():
     # and every driver that connects, on 127.0.0.1 (the same switch as RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
     loopback_only = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
+    env_before = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the nodes' processes and the job drivers
+    # the dashboard serves the job API (`ray job submit`), on 127.0.0.1 only
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                      "include_dashboard": False})
+                                                      "include_dashboard": True, "dashboard_host": "127.0.0.1"})
     workers = [c.add_node(**NODE) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address)
@@ -49,6 +52,10 @@ def cluster():
     ray.shutdown()
     c.shutdown()
     ray_constants.ENABLE_RAY_CLUSTER = loopback_only
+    if env_before is None:
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    else:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = env_before
     current = Path("/tmp/ray/ray_current_cluster")  # the cluster recorded itself as this machine's Ray
     if current.is_file() and current.read_text().strip() == c.address:
         current.unlink()
@@ -87,6 +94,18 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def max_diff(a, b) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def job_status(c, submission_id: str, timeout: float = 60) -> str:
+    """The job's final status (FAILED, SUCCEEDED, STOPPED) from the job API, waiting while it runs."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(f"http://{c.webui_url}")
+    t0 = time.monotonic()
+    while (status := client.get_job_status(submission_id)) in (JobStatus.PENDING, JobStatus.RUNNING):
+        assert time.monotonic() - t0 < timeout, f"job {submission_id} still {status}"
+        time.sleep(0.5)
+    return str(status.value)
 
 
 def worker_nodes(checkpoint: Path) -> list[str]:
@@ -142,22 +161,29 @@ def test_cluster_preprocess_train_lose_a_node_and_a_driver(cluster, bundle, tmp_
     assert sorted(set(logged)) == list(range(1, STEPS + 1)) and logged.count(1) == 1  # continuous, not restarted
     node_diff = max_diff(weights(ref_ckpt), weights(lost_ckpt))
 
-    # 3. the driver is killed (SIGKILL) mid-run; the same job submitted again resumes and finishes
+    # 3. a job submitted with `ray job submit`; its driver is killed (SIGKILL) mid-run; the same job
+    # submitted again resumes and finishes
     config = tmp_path / "driver.yaml"
     config.write_text(yaml.safe_dump(settings | {"name": "driver-lost"}))
     run_dir = tmp_path / "runs" / "driver-lost"
-    command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(config)]
-    env = os.environ | {"RAY_ADDRESS": c.address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    driver = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_step(run_dir, EVERY)
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    submit = [ray_cli, "job", "submit", "--address", f"http://{c.webui_url}"]
+    entrypoint = ["--", sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(config)]
+    first = subprocess.run(submit + ["--no-wait", "--submission-id", "driver-lost-1"] + entrypoint,
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    wait_for_step(run_dir, EVERY)
+    drivers = subprocess.run(["pgrep", "-f", f"jobs/train.py --config {config}"], capture_output=True, text=True)
+    pids = [int(p) for p in drivers.stdout.split()]
+    assert pids, "the job's driver process was not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
     killed_at = latest_step(run_dir)
     assert killed_at < STEPS
-    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert job_status(c, "driver-lost-1") == "FAILED"  # what the user sees before submitting again
+    again = subprocess.run(submit + ["--submission-id", "driver-lost-2"] + entrypoint, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert f"resumed at step {killed_at}" in again.stdout + again.stderr
     summary = printed_summary(again.stdout)
     driver_diff = max_diff(weights(ref_ckpt), weights(Path(summary["checkpoint"])))
