@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo quick-demo test test-quick bench install clean
+.PHONY: demo quick-demo test test-lib test-platform test-quick bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,14 @@ quick-demo: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the inner loop: the model library alone (no Ray), tests/lib without its 3 slow cases (~1.5 min)
+test-lib: install
+	$(PY) -m pytest -q tests/lib -m "not slow" $(PYTEST_ARGS)
+
+# the platform on a local Ray (tests/platform), then the end-to-end runs (tests/e2e) come with `make test`
+test-platform: install
+	$(PY) -m pytest -q tests/platform $(PYTEST_ARGS)
 
 test-quick: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -66,8 +66,6 @@ def make_shards(root: Path, preset: str) -> Path:
 
 def shard_arch(shards: Path, preset: str) -> dict:
     """The architecture run_training builds for these shards (sizes from the data's bundle)."""
-    import json
-
     from letstalk.config import PRESETS
     from letstalk_platform.preprocess import load_manifest
 

@@ -6,7 +6,7 @@ channels of x_t (ε, then the variance interpolation value v ∈ [-1, 1]) on axi
 (B, C, H, W) images and (B, F, C, H, W) clips work.
 
 Sampling reuses diffusers' schedulers: DDPMScheduler handles learned-range variance (also on a
-respaced grid) exactly like ADM's p_sample — tests/test_diffusion.py proves it step by step
+respaced grid) exactly like ADM's p_sample — tests/lib/test_diffusion.py proves it step by step
 against `p_mean_variance` below — while DDIM and DPM-Solver++ use ε only.
 """
 

@@ -104,8 +104,9 @@ def loss_terms(model, diffusion: GaussianDiffusion, inputs: dict[str, torch.Tens
 class EMA:
     """Exponential moving average of parameters, kept in fp32 on the parameters' device.
 
-    `params` are the tensors to track: the model's parameters, or, under ZeRO-3, each rank's local
-    partitions (DeepSpeed's `param.ds_tensor`), so the average is sharded like the weights.
+    `params` are the tensors to track, by name: a model's parameters, or whatever holds the weights
+    the optimizer steps (the platform passes each rank's flat fp32 master partitions under ZeRO, so
+    the average is fp32 and sharded like the optimizer state).
 
     warmup: use decay min(decay, (1 + n) / (10 + n)) at the n-th update, so that a short run's
     average is not dominated by the random initial weights (0.9999 forgets them only after ~10⁴

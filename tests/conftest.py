@@ -30,6 +30,16 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """The tiny model is far too small to split over threads; on a shared 2-core machine two OpenMP
+    threads that wait for each other made its renders 20-50× slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory):
     """A random-initialised tiny render bundle (codec + audio encoder + transformer) on disk."""

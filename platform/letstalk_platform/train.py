@@ -79,7 +79,7 @@ class TrainConfig(BaseModel):
         "auto", description="AdamW kernel: torch's fused one ('fused', CUDA and CPU), its multi-tensor "
         "('foreach') or per-tensor ('loop') path, or DeepSpeed's FusedAdam ('deepspeed': CUDA, built at first "
         "use); auto = fused, the fastest here (bench/train.py)")
-    prefetch_batches: int = Field(1, ge=0, description="batches each worker's Ray Data iterator reads ahead "
+    prefetch_batches: int = Field(1, ge=0, description="batches each worker's loader thread reads ahead "
                                   "(the metric data_wait_frac says whether the loader keeps up)")
     residual: bool = Field(False, description="diffuse the clip minus its portrait latent (written to the "
                            "bundle's pipeline.json)")

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from letstalk_platform import tracking
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -46,7 +46,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -548,7 +548,7 @@ def check_file(path: Path) -> None:
 def test_every_cluster_config_has_a_validator():
     missing = [rel(p) for p in cluster_configs() if validator_for(p) is None]
     assert not missing, (
-        f"no validator for {missing}: register one in VALIDATORS in tests/test_cluster_configs.py "
+        f"no validator for {missing}: register one in VALIDATORS in tests/platform/test_cluster_configs.py "
         "(the model or parser of the job/tool that reads these files); configs use .yaml / .json")
 
 

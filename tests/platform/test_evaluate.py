@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from letstalk import metrics, synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs"))
 
 

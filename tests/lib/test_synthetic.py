@@ -17,7 +17,7 @@ from letstalk.synthetic import (
     make_talking_video, measure_mouth_open, mouth_box, render_face, speech_like_audio,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FPS, SR = 25, 16000
 
 

@@ -14,7 +14,7 @@ from letstalk.pipeline import LetsTalkPipeline
 from letstalk.training import EMA
 from letstalk.vae import LatentCodec, SpaceToDepthCodec, codec_downsample, load_codec, tiny_codec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "demo"
 
 

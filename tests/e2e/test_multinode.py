@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import printed_summary, talking_video
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NODE = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}
 STEPS, EVERY = 120, 30
 

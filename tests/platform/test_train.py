@@ -17,7 +17,7 @@ from letstalk.media import probe
 from letstalk.training import EMA, Augment, init_from_checkpoint, prepare_batch
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def _ema_export_loop(config):
     ray.train.report({})
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_ema_export_is_the_shadow_for_every_tensor(ray_local, tmp_path, stage):
     import ray.cloudpickle
     from ray.train import RunConfig, ScalingConfig

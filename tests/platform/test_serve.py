@@ -19,7 +19,7 @@ from PIL import Image
 from letstalk.media import load_video_frames, probe
 from letstalk.synthetic import draw_portrait, speech_like_audio
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-1234"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DEFAULT_STEPS = 5  # the app's user_config default, distinct from RenderDefaults' 25

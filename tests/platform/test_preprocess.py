@@ -15,7 +15,7 @@ from letstalk.synthetic import draw_portrait
 
 from conftest import talking_video
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FPS, CLIP = 25, 8  # the tiny bundle's clip length
 
 
