@@ -349,6 +349,9 @@ def train_loop(config: dict[str, Any]) -> None:
     resume = latest_checkpoint(ray.train.get_checkpoint(), Path(config["run_dir"]))
     if resume is not None:
         state = json.loads((resume / "state.json").read_text())
+        if "data_position" not in state:
+            raise ValueError(f"{resume} was written before checkpoints held the data position and RNG states: "
+                             "it cannot be resumed exactly; train under a new name (or init from its transformer/)")
         if state.get("world_size") != world:
             raise ValueError(f"checkpoint written by {state.get('world_size')} workers, this run has {world}: "
                              "resume with the same num_workers (the EMA and data order are per rank)")
