@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -65,17 +64,11 @@ def make_shards(root: Path, preset: str) -> Path:
 
 
 def shard_arch(shards: Path, preset: str) -> dict:
-    """The architecture run_training builds for these shards (sizes from the data's bundle)."""
-    from letstalk.config import PRESETS
+    """The architecture run_training builds for these shards."""
     from letstalk_platform.preprocess import load_manifest
+    from letstalk_platform.train import architecture
 
-    manifest = load_manifest(shards)
-    spec = manifest["clip_spec"]
-    tcfg = json.loads((Path(manifest["models"]["vae"]).parent / "transformer" / "config.json").read_text())
-    return PRESETS[preset].to_dict() | {
-        "num_frames": spec["clip_frames"], "num_motion_frames": spec["motion_frames"],
-        "audio_window": spec["audio_window"], "audio_layers": tcfg["audio_layers"],
-        "audio_feature_dim": tcfg["audio_feature_dim"], "input_size": tcfg["input_size"]}
+    return architecture(preset, load_manifest(shards))
 
 
 def plain_loop(shards: Path, steps: int, batch: int, preset: str, threads: int) -> float:

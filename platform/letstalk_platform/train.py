@@ -468,9 +468,9 @@ def _save_and_report(engine, ema: EMA, rank: int, arch: dict, metrics: dict, sta
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
     dist.barrier()  # every rank's files are in storage
     if rank == 0 and (run_dir / name / "state.json").is_file():
-        tmp = run_dir / f".{LATEST}.part"
-        tmp.write_text(json.dumps({"dir": name, "step": state["step"]}))
-        tmp.replace(run_dir / LATEST)
+        from .preprocess import write_json_atomic
+
+        write_json_atomic(run_dir / LATEST, {"dir": name, "step": state["step"]})
     return full
 
 
@@ -521,13 +521,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"{cfg.data} has no manifest.json: run jobs/preprocess.py first")
     data_bundle = Path(manifest["models"]["vae"]).parent.resolve()
     spec = manifest["clip_spec"]
-    tcfg = json.loads((data_bundle / "transformer" / "config.json").read_text())
-    arch = PRESETS[cfg.preset].to_dict() | {
-        "portrait_fusion": cfg.portrait_fusion, "audio_fusion": cfg.audio_fusion,
-        "num_frames": spec["clip_frames"], "num_motion_frames": spec["motion_frames"],
-        "audio_window": spec["audio_window"], "audio_layers": tcfg["audio_layers"],
-        "audio_feature_dim": tcfg["audio_feature_dim"], "input_size": tcfg["input_size"],
-    }
+    arch = architecture(cfg.preset, manifest, cfg.portrait_fusion, cfg.audio_fusion)
     LetsTalkConfig(**arch)  # fail fast on a bad combination, before any worker starts
 
     storage = Path(cfg.storage).resolve()
@@ -570,6 +564,20 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         summary["registered"] = f"models:/{cfg.register_name}@{cfg.register_alias} (version {version})"
     log.text(json.dumps(summary, indent=2), "summary.json")
     return summary
+
+
+def architecture(preset: str, manifest: dict[str, Any], portrait_fusion: str = "symbiotic",
+                 audio_fusion: str = "direct") -> dict[str, Any]:
+    """LetsTalkTransformer arguments for a preset trained on these shards: clip sizes from the
+    manifest, latent and audio sizes from the bundle the shards were tokenized with."""
+    spec = manifest["clip_spec"]
+    tcfg = json.loads((Path(manifest["models"]["vae"]).parent / "transformer" / "config.json").read_text())
+    return PRESETS[preset].to_dict() | {
+        "portrait_fusion": portrait_fusion, "audio_fusion": audio_fusion,
+        "num_frames": spec["clip_frames"], "num_motion_frames": spec["motion_frames"],
+        "audio_window": spec["audio_window"], "audio_layers": tcfg["audio_layers"],
+        "audio_feature_dim": tcfg["audio_feature_dim"], "input_size": tcfg["input_size"],
+    }
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
