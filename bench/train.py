@@ -65,10 +65,10 @@ def make_shards(root: Path, preset: str) -> Path:
 
 def shard_arch(shards: Path, preset: str) -> dict:
     """The architecture run_training builds for these shards."""
-    from letstalk_platform.preprocess import load_manifest
+    from letstalk.artifacts import ShardManifest
     from letstalk_platform.train import architecture
 
-    return architecture(preset, load_manifest(shards))
+    return architecture(preset, ShardManifest.load(shards))
 
 
 def plain_loop(shards: Path, steps: int, batch: int, preset: str, threads: int) -> float:

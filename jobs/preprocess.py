@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2
-    c = manifest["counts"]
-    print(f"{c['ok']}/{c['inputs']} videos ok, {c['skipped']} skipped; clips train {c['clips']['train']} "
-          f"eval {c['clips']['eval']}; {c['processed_this_run']} processed in {c['seconds_this_run']} s")
-    for e in manifest["inputs"]:
-        if e["status"] != "ok":
-            print(f"  skipped {e['path']}: {e['reason']}")
+    c = manifest.counts()
+    print(f"{c['done']}/{c['inputs']} videos done, {c['failed']} failed; clips train {c['clips']['train']} "
+          f"eval {c['clips']['eval']}; {manifest.last_run['processed']} processed in {manifest.last_run['seconds']} s")
+    for e in manifest.inputs:
+        if e.status != "done":
+            print(f"  failed {e.path}: {e.reason}")
     return 0
 
 

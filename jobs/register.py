@@ -14,9 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from letstalk.artifacts import ShardManifest, export_bundle
 from letstalk_platform import tracking
-from letstalk_platform.preprocess import load_manifest
-from letstalk_platform.train import export_bundle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,16 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         ckpt = Path(args.checkpoint)
-        if not (ckpt / "transformer" / "config.json").is_file():
-            raise ValueError(f"{ckpt} is not a training checkpoint (no transformer/config.json)")
-        manifest = load_manifest(Path(args.data))
-        if manifest is None:
-            raise ValueError(f"{args.data} has no manifest.json")
+        manifest = ShardManifest.load(args.data)
         run_id = args.run_id or tracking.start_run(args.mlflow_uri, args.experiment, f"register-{args.name}",
                                                    {"checkpoint": str(ckpt.resolve()), "data": args.data})
         with tempfile.TemporaryDirectory() as d:
-            bundle = export_bundle(ckpt / "transformer", Path(manifest["models"]["vae"]).parent, Path(d) / "bundle",
-                                   manifest["clip_spec"])
+            bundle = export_bundle(ckpt, manifest, Path(d) / "bundle")
             version = tracking.register_bundle(args.mlflow_uri, run_id, bundle, args.name, args.alias)
     except ValueError as e:
         print(f"register: error: {e}", file=sys.stderr)

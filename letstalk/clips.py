@@ -28,7 +28,6 @@ import torch
 from .media import MediaError, iter_video_frames, load_audio, probe
 from .portrait import crop_portrait, detect_face
 
-SCHEMA_VERSION = 1
 FACE_SEARCH_FRAMES = 25  # look for a face in the first second; one crop box for the whole video
 
 

@@ -83,8 +83,8 @@ class ProceduralFace:
         return self._map(synthetic.mouth_box(self.identity, self.source_size))
 
     def eye_boxes(self) -> list[Box]:
-        # the generator's private layout is the one source of truth for where the eyes are drawn
-        L = synthetic._layout(self.identity)
+        # the generator's layout is the one source of truth for where the eyes are drawn
+        L = synthetic.layout(self.identity)
         s, m = self.source_size, 0.025 * self.source_size + 1  # room for head sway, as mouth_box
         boxes = []
         for side in (-1, 1):
@@ -135,7 +135,7 @@ def sync_envelope(audio: np.ndarray, frames: int, sample_rate: int = 16000, fps:
     cut or zero-padded to `frames`."""
     env = synthetic.audio_envelope(audio, sample_rate, fps).astype(np.float64)
     env = np.pad(env, (0, max(0, frames - len(env))))[:frames]
-    return synthetic._smooth(env, ENVELOPE_SMOOTHING) if frames else env
+    return synthetic.smooth(env, ENVELOPE_SMOOTHING) if frames else env
 
 
 @dataclass(frozen=True)

@@ -20,22 +20,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from letstalk.clips import SCHEMA_VERSION
-
-from .preprocess import TENSOR_COLUMNS, load_manifest
+from letstalk.artifacts import SPLITS, TENSOR_COLUMNS, InputRecord, ShardManifest
 
 
-def _ok_entries(root: Path, split: str) -> list[dict[str, Any]]:
-    """The manifest's ok inputs of one split (validated: manifest present, schema current, split known)."""
-    if split not in ("train", "eval"):
+def _done_inputs(root: Path, split: str) -> list[InputRecord]:
+    """The manifest's finished inputs of one split (validated: manifest present and current, split known)."""
+    if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    manifest = load_manifest(root)
-    if manifest is None:
-        raise ValueError(f"{root} has no manifest.json: run jobs/preprocess.py first")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{root}: shard schema version {manifest.get('schema_version')} != {SCHEMA_VERSION}; "
-                         "re-run preprocessing")
-    entries = [e for e in manifest["inputs"] if e["status"] == "ok" and e["split"] == split]
+    entries = ShardManifest.load(root).done(split)
     if not entries:
         raise ValueError(f"{root}: no {split} clips (see manifest.json counts)")
     return entries
@@ -50,7 +42,7 @@ def load_clips(path: str | os.PathLike, split: Literal["train", "eval"]):
     import ray
 
     root = Path(path)
-    return ray.data.read_parquet([str(root / e["shard"]) for e in _ok_entries(root, split)])
+    return ray.data.read_parquet([str(root / e.shard) for e in _done_inputs(root, split)])
 
 
 class ClipTable:
@@ -64,10 +56,10 @@ class ClipTable:
     def __init__(self, path: str | os.PathLike, split: Literal["train", "eval"], columns: Sequence[str],
                  open_files: int = 64):
         root = Path(path)
-        entries = _ok_entries(root, split)
-        self.files = [str(root / e["shard"]) for e in entries]
-        self.video_ids = [e["video_id"] for e in entries]
-        counts = np.asarray([int(e["clips"]) for e in entries], dtype=np.int64)
+        entries = _done_inputs(root, split)
+        self.files = [str(root / e.shard) for e in entries]
+        self.video_ids = [e.video_id for e in entries]
+        counts = np.asarray([e.clips for e in entries], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])  # clip index where shard k starts
         self.columns = list(columns)
         self._open: OrderedDict[int, tuple[Any, np.ndarray]] = OrderedDict()  # shard -> (ParquetFile, group starts)

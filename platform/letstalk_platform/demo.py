@@ -22,6 +22,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from letstalk import metrics
+from letstalk.artifacts import InputRecord, ShardManifest
+from letstalk.clips import ClipSpec
 from letstalk.media import iter_video_frames, load_video_frames
 from letstalk.pipeline import LetsTalkPipeline
 from letstalk.synthetic import make_dataset
@@ -83,29 +85,28 @@ def _bundle_dir(path: str) -> Path | None:
     return next((p.resolve() for p in (Path(path), REPO / path) if (p / "pipeline.json").is_file()), None)
 
 
-def _held_out(shards: Path, n: int) -> list[dict[str, Any]]:
-    manifest = json.loads((shards / "manifest.json").read_text())
-    entries = [e for e in manifest["inputs"] if e["status"] == "ok" and e["split"] == "eval"]
+def _held_out(manifest: ShardManifest, shards: Path, n: int) -> list[InputRecord]:
+    entries = manifest.done("eval")
     if not entries:
         raise ValueError(f"{shards}: no held-out (eval) videos")
     return [entries[k % len(entries)] for k in range(n)]
 
 
-def _inputs_for(entry: dict[str, Any], folder: Path) -> tuple[Path, Path]:
+def _inputs_for(entry: InputRecord, folder: Path) -> tuple[Path, Path]:
     """A held-out video -> its first frame as the portrait (PNG) and its speech (WAV)."""
     import soundfile as sf
     from PIL import Image
 
     from letstalk.media import load_audio
 
-    vid = entry["video_id"]
+    vid = entry.video_id
     portrait, audio = folder / f"{vid}.png", folder / f"{vid}.wav"
     if not portrait.is_file():
-        frames = iter_video_frames(entry["path"])
+        frames = iter_video_frames(entry.path)
         Image.fromarray(next(frames)).save(portrait)
         frames.close()
     if not audio.is_file():
-        sf.write(audio, load_audio(entry["path"], 16000), 16000)
+        sf.write(audio, load_audio(entry.path, 16000), 16000)
     return portrait, audio
 
 
@@ -169,28 +170,28 @@ def mouth_plot(mouth: np.ndarray, envelope: np.ndarray, fps: float, title: str, 
     part.rename(path)
 
 
-def video_figures(video: Path, entry: dict, spec: dict, out: Path) -> dict[str, float]:
+def video_figures(video: Path, entry: InputRecord, spec: ClipSpec, out: Path) -> dict[str, float]:
     """Contact sheet + mouth-vs-audio plot for one rendered video; returns its own sync figures."""
-    from letstalk.clips import ClipSpec, decode_video
+    from letstalk.clips import decode_video
 
-    from .evaluate import _procedural_face
+    from .evaluate import procedural_face
 
     frames = load_video_frames(video)
     vid = video.stem
-    contact_sheet(frames, spec["fps"], cols=10, max_frames=40).save(out / f"{vid}_sheet.png")
-    decoded = decode_video(entry["path"], ClipSpec(**spec))
-    face = _procedural_face(entry["path"], frames.shape[1], decoded.box)
+    contact_sheet(frames, spec.fps, cols=10, max_frames=40).save(out / f"{vid}_sheet.png")
+    decoded = decode_video(entry.path, spec)
+    face = procedural_face(entry.path, frames.shape[1], decoded.box)
     if face is None:
         return {}
     mouth = metrics.mouth_opening(frames, face)
-    env = metrics.sync_envelope(decoded.audio, len(frames), spec["sample_rate"], spec["fps"])
+    env = metrics.sync_envelope(decoded.audio, len(frames), spec.sample_rate, spec.fps)
     gt_mouth = metrics.mouth_opening(metrics.resize_frames(decoded.frames[: len(frames)], frames.shape[1]), face)
     r = metrics.sync_score([mouth], [env])  # control: the same audio shifted by half its length
     r_gt = metrics.sync_score([gt_mouth], [env[: len(gt_mouth)]])
-    mouth_plot(mouth, env, spec["fps"], f"{vid}: rendered mouth vs audio, r = {r.score:.2f} (shifted-audio control "
+    mouth_plot(mouth, env, spec.fps, f"{vid}: rendered mouth vs audio, r = {r.score:.2f} (shifted-audio control "
                                         f"{r.control:.2f}; ground-truth video {r_gt.score:.2f})", out / f"{vid}_mouth.png")
     return {"sync_r": r.score, "control_r": r.control, "ground_truth_r": r_gt.score, "frames": len(frames),
-            "seconds": len(frames) / spec["fps"]}
+            "seconds": len(frames) / spec.fps}
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -223,7 +224,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         pcfg = load_config(PreprocessConfig, REPO / cfg.preprocess,
                            {"input": str(raw), "output": str(shards), "model": str(data_bundle)})
         manifest = run_preprocess(pcfg)
-        print(f"    {json.dumps(manifest['counts'])}")
+        print(f"    {json.dumps(manifest.counts())}")
 
     with stages("train (Ray Train + DeepSpeed)"):
         overrides = {"data": str(shards), "storage": str(out / "runs"), "mlflow_uri": mlflow_uri,
@@ -239,9 +240,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     inputs_dir = out / "inputs"
     videos_dir.mkdir(exist_ok=True)
     inputs_dir.mkdir(exist_ok=True)
-    spec = manifest["clip_spec"]
+    spec = manifest.clip_spec
     with stages("render: HTTP endpoint + batch job (Ray Serve)"):
-        entries = _held_out(shards, cfg.batch_videos + 1)
+        entries = _held_out(manifest, shards, cfg.batch_videos + 1)
         token, port = secrets.token_urlsafe(24), _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(AppArgs(model=model_uri, mlflow_uri=mlflow_uri, token=token, renderer_cpus=0,
@@ -251,12 +252,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         print(f"    Serve app up at {url} (docs: {url}/docs)")
         http_entry = entries[-1]
         portrait, audio = _inputs_for(http_entry, inputs_dir)
-        http_video = videos_dir / f"{http_entry['video_id']}-http.mp4"
+        http_video = videos_dir / f"{http_entry.video_id}-http.mp4"
         job = _http_render(url, token, portrait, audio, {"seed": cfg.seed}, http_video)
         rows = []
         for e in entries[:-1]:
             p, a = _inputs_for(e, inputs_dir)
-            rows.append({"id": e["video_id"], "portrait": str(p), "audio": str(a)})
+            rows.append({"id": e.video_id, "portrait": str(p), "audio": str(a)})
         manifest_path = inputs_dir / "batch.jsonl"
         manifest_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         items = batch.plan_items(batch.read_manifest(manifest_path), inputs_dir)
@@ -273,14 +274,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     with stages("evaluate (held-out identities)"):
         compare = [str(p) for c in cfg.compare for p in [_bundle_dir(c)] if p is not None]
-        frames = int(round(cfg.seconds * spec["fps"])) - 1
+        frames = int(round(cfg.seconds * spec.fps)) - 1
         report = evaluate_models(EvalConfig(models=[model_uri, *compare], data=str(shards), out=str(out / "eval"),
                                             mlflow_uri=mlflow_uri, experiment="letstalk-demo-eval", steps=cfg.steps,
                                             sampler=cfg.sampler, frames=frames, max_videos=cfg.eval_videos,
                                             seed=cfg.seed))
 
     with stages("figures"):
-        by_id = {e["video_id"]: e for e in entries}
+        by_id = {e.video_id: e for e in entries}
         per_video = {}
         for name, path in rendered.items():
             vid = name.removesuffix("-http")

@@ -33,11 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from letstalk import metrics
-from letstalk.clips import ClipSpec, decode_video
+from letstalk.artifacts import ShardManifest
+from letstalk.clips import decode_video
 from letstalk.pipeline import LetsTalkPipeline
 
 from . import tracking
-from .preprocess import load_manifest
 
 
 def default_mlflow_uri() -> str:
@@ -92,33 +92,31 @@ class EvalReport:
 def load_eval_videos(cfg: EvalConfig) -> tuple[list[EvalVideo], dict[str, Any], list[str]]:
     """The eval split's ground truth: (videos, clip spec, skipped reasons)."""
     root = Path(cfg.data)
-    manifest = load_manifest(root)
-    if manifest is None:
-        raise ValueError(f"{root} has no manifest.json: run jobs/preprocess.py first")
-    entries = [e for e in manifest["inputs"] if e["status"] == "ok" and e["split"] == "eval"]
+    manifest = ShardManifest.load(root)
+    entries = manifest.done("eval")
     if not entries:
         raise ValueError(f"{root}: the eval split is empty (see manifest.json counts)")
-    spec = ClipSpec(**manifest["clip_spec"])
+    spec = manifest.clip_spec
     size = cfg.size or spec.image_size
     videos, skipped = [], []
     for e in entries[: cfg.max_videos] if cfg.max_videos else entries:
         try:
-            decoded = decode_video(e["path"], spec)
+            decoded = decode_video(e.path, spec)
         except (ValueError, OSError) as err:
-            skipped.append(f"{e['video_id']}: {' '.join(str(err).split())[:200]}")
+            skipped.append(f"{e.video_id}: {' '.join(str(err).split())[:200]}")
             continue
         if len(decoded.frames) < cfg.frames:
-            skipped.append(f"{e['video_id']}: {len(decoded.frames)} frames, fewer than {cfg.frames}")
+            skipped.append(f"{e.video_id}: {len(decoded.frames)} frames, fewer than {cfg.frames}")
             continue
         samples = int(round(cfg.frames / spec.fps * spec.sample_rate))
-        videos.append(EvalVideo(e["video_id"], e["path"], metrics.resize_frames(decoded.frames[: cfg.frames], size),
-                                decoded.audio[:samples], _procedural_face(e["path"], size, decoded.box)))
+        videos.append(EvalVideo(e.video_id, e.path, metrics.resize_frames(decoded.frames[: cfg.frames], size),
+                                decoded.audio[:samples], procedural_face(e.path, size, decoded.box)))
     if not videos:
         raise ValueError(f"{root}: no eval video has {cfg.frames} usable frames ({'; '.join(skipped)[:300]})")
     return videos, {"fps": spec.fps, "sample_rate": spec.sample_rate, "size": size}, skipped
 
 
-def _procedural_face(path: str, size: int, box) -> metrics.ProceduralFace | None:
+def procedural_face(path: str, size: int, box) -> metrics.ProceduralFace | None:
     sidecar = Path(path).with_suffix(".json")
     try:
         meta = json.loads(sidecar.read_text())

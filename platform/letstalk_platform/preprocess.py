@@ -3,7 +3,8 @@
     inputs (folder | glob | list file) -> [plan on the driver: ids, identities, split, what is done]
       -> ds.map(DecodeVideo)                       CPU tasks: probe, decode 25 fps / 16 kHz, one face crop per video
       -> ds.map_batches(Tokenizer, ActorPool)      VAE latents + wav2vec2 states, clip rows, one shard per video
-      -> manifest.json                             schema, config, models, counts, every input's status
+      -> manifest.json                             letstalk.artifacts.ShardManifest: clip spec, feature
+                                                   shapes, codecs + fingerprints, every input's status
 
 Shards live at OUTPUT/{train,eval}/{video_id}.parquet, one per video, written to a temporary
 name and renamed when complete, so a crash never leaves a half-written shard visible and a
@@ -15,7 +16,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -28,12 +28,12 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from letstalk.artifacts import MANIFEST_VERSION, TENSOR_COLUMNS, FeatureShapes, InputRecord, ShardManifest, dir_fingerprint
 from letstalk.audio import AudioEncoder
-from letstalk.clips import SCHEMA_VERSION, ClipSpec, build_clip_rows, decode_video, load_mouth_track
+from letstalk.clips import ClipSpec, build_clip_rows, decode_video, load_mouth_track
 from letstalk.vae import LatentCodec, codec_downsample
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
-TENSOR_COLUMNS = ("latents", "audio", "motion", "refs", "mouth")
 
 
 class PreprocessConfig(BaseModel):
@@ -123,17 +123,6 @@ def fingerprint(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def load_manifest(output: Path) -> dict[str, Any] | None:
-    path = output / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 # ------------------------------------------------------------------------------------------
 # Ray Data stages
 # ------------------------------------------------------------------------------------------
@@ -149,7 +138,7 @@ class DecodeVideo:
         try:
             video = decode_video(row["path"], self.spec)
         except (ValueError, OSError) as e:
-            return {**row, "status": "skipped", "reason": _one_line(e), "face_found": False,
+            return {**row, "status": "failed", "reason": _one_line(e), "face_found": False,
                     "frames": np.zeros((0, s, s, 3), np.uint8), "audio": np.zeros(0, np.float32)}
         return {**row, "status": "decoded", "reason": "", "face_found": video.face_found,
                 "frames": video.frames, "audio": video.audio}
@@ -166,21 +155,22 @@ class Tokenizer:
         self.spec, self.output = spec, Path(output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {k: [] for k in ("video_id", "status", "reason", "clips", "shard", "face_found")}
+        keys = ("video_id", "status", "reason", "clips", "shard", "face_found", "features")
+        out: dict[str, list] = {k: [] for k in keys}
         for i in range(len(batch["video_id"])):
-            status, reason, clips, shard = str(batch["status"][i]), str(batch["reason"][i]), 0, ""
+            status, reason, clips, shard, features = str(batch["status"][i]), str(batch["reason"][i]), 0, "", ""
             if status == "decoded":
                 try:
-                    clips, shard = self._tokenize(batch, i)
-                    status = "ok"
+                    clips, shard, features = self._tokenize(batch, i)
+                    status = "done"
                 except (ValueError, RuntimeError, OSError) as e:
-                    status, reason = "skipped", _one_line(e)
-            for key, value in (("video_id", batch["video_id"][i]), ("status", status), ("reason", reason),
-                               ("clips", clips), ("shard", shard), ("face_found", bool(batch["face_found"][i]))):
+                    status, reason = "failed", _one_line(e)
+            for key, value in zip(keys, (batch["video_id"][i], status, reason, clips, shard,
+                                         bool(batch["face_found"][i]), features)):
                 out[key].append(value)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def _tokenize(self, batch, i) -> tuple[int, str]:
+    def _tokenize(self, batch, i) -> tuple[int, str, str]:
         vid, split = str(batch["video_id"][i]), str(batch["split"][i])
         frames, audio = batch["frames"][i], batch["audio"][i]
         latents = self.codec.encode(frames)  # (N, C, h, w)
@@ -191,7 +181,10 @@ class Tokenizer:
             raise ValueError(f"{vid}: no complete clip")
         shard = self.output / split / f"{vid}.parquet"
         write_shard(rows, shard)
-        return len(rows), str(shard.relative_to(self.output))
+        # the shapes as written (JSON: Ray Data carries it as a string)
+        features = FeatureShapes(latent_channels=int(latents.shape[1]), latent_size=int(latents.shape[-1]),
+                                 audio_layers=int(states.shape[1]), audio_feature_dim=int(states.shape[2]))
+        return len(rows), str(shard.relative_to(self.output)), json.dumps(features.__dict__)
 
 
 def write_shard(rows: list[dict], path: Path) -> None:
@@ -221,23 +214,29 @@ def _one_line(e: BaseException) -> str:
 # The job
 # ------------------------------------------------------------------------------------------
 
-def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
+def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:
     """Plan, run the Ray Data pipeline over what is not done yet, write the manifest. Returns it."""
     # absolute paths: actors need not share the driver's working directory, and the manifest is read later
     cfg = cfg.model_copy(update={k: str(Path(getattr(cfg, k)).resolve()) for k in ("input", "output", "model")})
     spec = clip_spec(cfg)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    previous = {e["path"]: e for e in (load_manifest(output) or {}).get("inputs", [])}
+    bundle = Path(cfg.model)
+    models = {name: dir_fingerprint(bundle / name) for name in ("vae", "audio_encoder")}
+    previous_manifest = ShardManifest.load(output) if _current_manifest(output) else None
+    same_codecs = previous_manifest is None or (previous_manifest.models == models
+                                                and previous_manifest.clip_spec == spec)
+    previous = {e.path: e for e in ShardManifest.previous_inputs(output)} if same_codecs else {}
 
-    entries, pending = [], []
+    entries: list[InputRecord] = []
+    pending: list[InputRecord] = []
     for path in list_inputs(cfg.input):
         ident = identity_of(path)
-        entry = {"path": str(path), "video_id": video_id(path), "identity": ident,
-                 "split": split_of(ident, cfg.eval_fraction, cfg.split_salt), "fingerprint": fingerprint(path)}
+        entry = InputRecord(path=str(path), video_id=video_id(path), identity=ident,
+                            split=split_of(ident, cfg.eval_fraction, cfg.split_salt), fingerprint=fingerprint(path))
         old = previous.get(str(path))
-        if (old and old.get("status") == "ok" and old.get("fingerprint") == entry["fingerprint"]
-                and old.get("split") == entry["split"] and (output / old["shard"]).is_file()):
+        if (old and old.fingerprint == entry.fingerprint and old.split == entry.split
+                and (output / old.shard).is_file()):
             entries.append(old)
         else:
             pending.append(entry)
@@ -247,7 +246,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
     if pending:
-        ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+        ds = ray.data.from_items([{**e.__dict__} for e in pending], override_num_blocks=len(pending))
         # SPREAD: on a cluster the pools' actors go to different nodes (one node is not a bottleneck)
         ds = ds.map(DecodeVideo, fn_constructor_kwargs={"spec": spec}, scheduling_strategy="SPREAD",
                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.decoders))
@@ -259,25 +258,37 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
             results[str(row["video_id"])] = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
     seconds = time.perf_counter() - t0
 
+    shapes = {r["features"] for r in results.values() if r["status"] == "done"}
+    if len(shapes) > 1:
+        raise RuntimeError(f"the tokenizer wrote shards of different shapes: {sorted(shapes)}")
+    reused = [e for e in entries if e.status == "done"]
+    features = (FeatureShapes(**json.loads(shapes.pop())) if shapes
+                else shard_features(output / reused[0].shard) if reused else None)
     for entry in pending:
-        r = results.get(entry["video_id"], {"status": "skipped", "reason": "not processed (worker lost)",
-                                            "clips": 0, "shard": "", "face_found": False})
-        entries.append({**entry, **{k: r[k] for k in ("status", "reason", "clips", "shard", "face_found")}})
-    entries.sort(key=lambda e: e["path"])
+        r = results.get(entry.video_id, {"status": "failed", "reason": "not processed (worker lost)",
+                                         "clips": 0, "shard": "", "face_found": False})
+        entries.append(InputRecord.from_dict({**entry.__dict__,
+                                              **{k: r[k] for k in ("status", "reason", "clips", "shard", "face_found")}}))
+    entries.sort(key=lambda e: e.path)
 
-    ok = [e for e in entries if e["status"] == "ok"]
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "config": cfg.model_dump(),
-        "clip_spec": spec.__dict__,
-        "models": {"vae": str(Path(cfg.model) / "vae"), "audio_encoder": str(Path(cfg.model) / "audio_encoder")},
-        "counts": {
-            "inputs": len(entries), "ok": len(ok), "skipped": len(entries) - len(ok),
-            "processed_this_run": len(pending), "seconds_this_run": round(seconds, 2),
-            "clips": {s: sum(e["clips"] for e in ok if e["split"] == s) for s in ("train", "eval")},
-            "identities": {s: len({e["identity"] for e in ok if e["split"] == s}) for s in ("train", "eval")},
-        },
-        "inputs": entries,
-    }
-    write_json_atomic(output / "manifest.json", manifest)
+    manifest = ShardManifest(clip_spec=spec, features=features, bundle=str(bundle), models=models, inputs=entries,
+                             config=cfg.model_dump(),
+                             last_run={"processed": len(pending), "seconds": round(seconds, 2)})
+    manifest.save(output)
     return manifest
+
+
+def _current_manifest(output: Path) -> bool:
+    """A manifest of this version is in `output` (an older one only lends its finished inputs)."""
+    try:
+        return json.loads((output / ShardManifest.FILE).read_text()).get("schema_version") == MANIFEST_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def shard_features(path: Path) -> FeatureShapes:
+    """The feature shapes a shard was written with, from its parquet schema alone."""
+    schema = pq.read_schema(path)
+    _, channels, _, size = schema.field("latents").type.shape  # (F, C, h, w)
+    _, layers, dim = schema.field("audio").type.shape  # (F + window - 1, layers, D)
+    return FeatureShapes(latent_channels=channels, latent_size=size, audio_layers=layers, audio_feature_dim=dim)

@@ -32,10 +32,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 
-from letstalk.audio import AudioEncoder
+from letstalk.artifacts import CheckpointState, RankState, ShardManifest, ema_file, export_bundle, write_json_atomic
 from letstalk.config import PRESETS, LetsTalkConfig
 from letstalk.diffusion import ClipTarget, GaussianDiffusion
-from letstalk.pipeline import LetsTalkPipeline, PipelineSettings
 from letstalk.training import EMA, Augment, init_from_checkpoint, loss_terms, prepare_batch
 from letstalk.transformer import LetsTalkTransformer
 from letstalk.vae import LatentCodec
@@ -348,17 +347,14 @@ def train_loop(config: dict[str, Any]) -> None:
     step, epoch, batch_in_epoch = 0, 0, 0
     resume = latest_checkpoint(ray.train.get_checkpoint(), Path(config["run_dir"]))
     if resume is not None:
-        state = json.loads((resume / "state.json").read_text())
-        if "data_position" not in state:
-            raise ValueError(f"{resume} was written before checkpoints held the data position and RNG states: "
-                             "it cannot be resumed exactly; train under a new name (or init from its transformer/)")
-        if state.get("world_size") != world:
-            raise ValueError(f"checkpoint written by {state.get('world_size')} workers, this run has {world}: "
+        state = CheckpointState.load(resume)
+        if state.world_size != world:
+            raise ValueError(f"checkpoint written by {state.world_size} workers, this run has {world}: "
                              "resume with the same num_workers (the EMA and data order are per rank)")
         engine.load_checkpoint(str(resume), tag="ds")
-        ema.load_state_dict(load_file(str(resume / f"ema-rank{rank}.safetensors"), device=str(device)))
-        set_rng_state(json.loads((resume / f"rank{rank}.json").read_text())["rng"], generator)
-        step, (epoch, batch_in_epoch) = state["step"], state["data_position"]
+        ema.load_state_dict(load_file(str(ema_file(resume, rank)), device=str(device)))
+        set_rng_state(RankState.load(resume, rank).rng, generator)
+        step, (epoch, batch_in_epoch) = state.step, state.data_position
         ema.updates = step
         say(f"train: rank {rank}: resumed at step {step} (epoch {epoch}, batch {batch_in_epoch}) from {resume.name} "
             f"on node {node[:12]}")
@@ -411,10 +407,9 @@ def train_loop(config: dict[str, Any]) -> None:
                         f"{metrics['samples_per_s']:.1f} samples/s, waiting for data {metrics['data_wait_frac']:.0%}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 watchdog.beat(step, "writing a checkpoint")
-                state = {"step": step, "data_position": list(position), "world_size": world, "seed": cfg.seed,
-                         "shuffle": cfg.shuffle, "residual": cfg.residual, "residual_scale": cfg.residual_scale,
-                         "prediction": cfg.prediction}
-                rank_state = {"rng": rng_state(generator), "node_id": node}
+                state = CheckpointState(step=step, data_position=position, world_size=world, seed=cfg.seed,
+                                        shuffle=cfg.shuffle, target=cfg.target, prediction=cfg.prediction)
+                rank_state = RankState(rng=rng_state(generator), node_id=node)
                 # whatever the checkpoint and the samples draw (model construction, sampling) must not
                 # move the run's own streams, or a resumed run would draw differently from this one
                 with torch.random.fork_rng(devices=[device] if cfg.use_gpu else []):
@@ -443,34 +438,31 @@ def latest_checkpoint(reported, run_dir: Path) -> Path | None:
     pointer = run_dir / LATEST
     if pointer.is_file():
         found.append(run_dir / json.loads(pointer.read_text())["dir"])
-    found = [d for d in found if (d / "state.json").is_file()]
-    return max(found, key=lambda d: json.loads((d / "state.json").read_text())["step"], default=None)
+    found = [d for d in found if (d / CheckpointState.FILE).is_file()]
+    return max(found, key=lambda d: CheckpointState.load(d, resumable=False).step, default=None)
 
 
-def _save_and_report(engine, ema: EMA, rank: int, arch: dict, metrics: dict, state: dict, rank_state: dict,
-                     run_dir: Path) -> dict[str, torch.Tensor] | None:
+def _save_and_report(engine, ema: EMA, rank: int, arch: dict, metrics: dict, state: CheckpointState,
+                     rank_state: RankState, run_dir: Path) -> dict[str, torch.Tensor] | None:
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
 
     full = full_ema_state(engine, ema, rank)
-    name = f"checkpoint_{state['step']:09d}"
+    name = f"checkpoint_{state.step:09d}"
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag="ds")
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
-                  str(Path(d) / f"ema-rank{rank}.safetensors"))
-        (Path(d) / f"rank{rank}.json").write_text(json.dumps(rank_state))
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(ema_file(d, rank)))
+        rank_state.save(d, rank)
         if rank == 0:
             model = LetsTalkTransformer(**arch)
             model.load_state_dict(full)
             model.save_pretrained(Path(d) / "transformer")
-            (Path(d) / "state.json").write_text(json.dumps(state))
+            state.save(d)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
     dist.barrier()  # every rank's files are in storage
-    if rank == 0 and (run_dir / name / "state.json").is_file():
-        from .preprocess import write_json_atomic
-
-        write_json_atomic(run_dir / LATEST, {"dir": name, "step": state["step"]})
+    if rank == 0 and (run_dir / name / CheckpointState.FILE).is_file():
+        write_json_atomic(run_dir / LATEST, {"dir": name, "step": state.step})
     return full
 
 
@@ -511,16 +503,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .preprocess import load_manifest
     from .runtime import check_extension_locks
 
     check_extension_locks()  # before anything starts: a dead build's lock would hang every worker
     cfg = absolute_paths(cfg)  # workers do not share the driver's working directory
-    manifest = load_manifest(Path(cfg.data))
-    if manifest is None:
-        raise ValueError(f"{cfg.data} has no manifest.json: run jobs/preprocess.py first")
-    data_bundle = Path(manifest["models"]["vae"]).parent.resolve()
-    spec = manifest["clip_spec"]
+    manifest = ShardManifest.load(cfg.data)
+    manifest.check_models()  # the codecs the bundle will ship are the ones that made the shards
+    spec = manifest.clip_spec
     arch = architecture(cfg.preset, manifest, cfg.portrait_fusion, cfg.audio_fusion)
     LetsTalkConfig(**arch)  # fail fast on a bad combination, before any worker starts
 
@@ -536,8 +525,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         train_loop,
         train_loop_config={"train": cfg.model_dump(), "arch": arch, "run_id": run_id,
                            "run_dir": str(run_dir), "chaos_marker": str(run_dir / ".chaos-done"),
-                           "data_bundle": str(data_bundle),
-                           "fps": spec["fps"], "sample_rate": spec["sample_rate"],
+                           "data_bundle": manifest.bundle,
+                           "fps": spec.fps, "sample_rate": spec.sample_rate,
                            "samples": _sample_clips(cfg, manifest)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
@@ -555,8 +544,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     bundle_dir = run_dir / "bundle"
     with result.checkpoint.as_directory() as ckpt:
-        export_bundle(Path(ckpt) / "transformer", data_bundle, bundle_dir, spec, target=cfg.target,
-                      prediction=cfg.prediction)
+        export_bundle(ckpt, manifest, bundle_dir)
     summary = {"run_id": run_id, "steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
                "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path, "bundle": str(bundle_dir)}
     if cfg.register_name:
@@ -566,18 +554,12 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def architecture(preset: str, manifest: dict[str, Any], portrait_fusion: str = "symbiotic",
+def architecture(preset: str, manifest: ShardManifest, portrait_fusion: str = "symbiotic",
                  audio_fusion: str = "direct") -> dict[str, Any]:
-    """LetsTalkTransformer arguments for a preset trained on these shards: clip sizes from the
-    manifest, latent and audio sizes from the bundle the shards were tokenized with."""
-    spec = manifest["clip_spec"]
-    tcfg = json.loads((Path(manifest["models"]["vae"]).parent / "transformer" / "config.json").read_text())
-    return PRESETS[preset].to_dict() | {
-        "portrait_fusion": portrait_fusion, "audio_fusion": audio_fusion,
-        "num_frames": spec["clip_frames"], "num_motion_frames": spec["motion_frames"],
-        "audio_window": spec["audio_window"], "audio_layers": tcfg["audio_layers"],
-        "audio_feature_dim": tcfg["audio_feature_dim"], "input_size": tcfg["input_size"],
-    }
+    """LetsTalkTransformer arguments for a preset trained on these shards: the preset's widths and
+    depth, the clip, latent and audio sizes the manifest records."""
+    return PRESETS[preset].to_dict() | {"portrait_fusion": portrait_fusion, "audio_fusion": audio_fusion} \
+        | manifest.architecture()
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -592,40 +574,17 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update=updates)
 
 
-def _sample_clips(cfg: TrainConfig, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def _sample_clips(cfg: TrainConfig, manifest: ShardManifest) -> list[dict[str, Any]]:
     """The first clip of the first `sample_clips` eval videos (train videos if there is no eval split)."""
     from .data import ClipTable
 
     if cfg.sample_clips == 0:
         return []
-    split = "eval" if manifest["counts"]["clips"]["eval"] else "train"
-    paths = {e["video_id"]: e["path"] for e in manifest["inputs"] if e["status"] == "ok"}
+    split = "eval" if manifest.clip_count("eval") else "train"
+    paths = {e.video_id: e.path for e in manifest.done()}
     table = ClipTable(cfg.data, split, ["video_id", "start", "latents", "audio", "motion", "refs"])
     firsts = [int(i) for i in table.offsets[:-1][: cfg.sample_clips]]  # clip 0 of each video
     rows = table.read(firsts)
     return [{k: rows[k][i] for k in ("latents", "audio", "motion", "refs")}
             | {"video_id": str(rows["video_id"][i]), "start": int(rows["start"][i]), "path": paths[str(rows["video_id"][i])]}
             for i in range(len(firsts))]
-
-
-def export_bundle(transformer_dir: Path, data_bundle: Path, out: Path, spec: dict[str, Any],
-                  target: ClipTarget | None = None, prediction: str | None = None, **settings: Any) -> Path:
-    """EMA transformer + the codec and audio encoder the data was tokenized with -> a render bundle.
-
-    target, prediction: how the model was trained (TrainConfig.target, .prediction); when not
-    given, read from the checkpoint's state.json beside `transformer_dir`. `settings`: other
-    PipelineSettings fields (e.g. strength).
-    """
-    state_file = Path(transformer_dir).parent / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if target is None:
-        target = ClipTarget(bool(state.get("residual", False)), float(state.get("residual_scale", 1.0)))
-    settings |= {"residual": target.residual, "residual_scale": target.scale,
-                 "prediction": prediction or state.get("prediction", "epsilon")}
-    pipe = LetsTalkPipeline(  # the constructor checks that the three parts fit together
-        LetsTalkTransformer.from_pretrained(transformer_dir),
-        LatentCodec.from_pretrained(data_bundle / "vae"),
-        AudioEncoder.from_pretrained(data_bundle / "audio_encoder", window=spec["audio_window"]),
-        PipelineSettings(fps=spec["fps"], sample_rate=spec["sample_rate"], **settings),
-    )
-    return pipe.save_pretrained(out)

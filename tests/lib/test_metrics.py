@@ -70,7 +70,7 @@ def test_frechet_bad_input(real, fake, message):
 def _noisy_pair(n=3, size=40, seed=0):
     rng = np.random.default_rng(seed)
     target = rng.integers(0, 256, (n, size, size, 3)).astype(np.uint8)
-    target = np.stack([synthetic._smooth(t.reshape(-1).astype(float), 2).reshape(t.shape) for t in target])
+    target = np.stack([synthetic.smooth(t.reshape(-1).astype(float), 2).reshape(t.shape) for t in target])
     target = target.clip(0, 255).astype(np.uint8)
     gen = np.clip(target.astype(int) + rng.integers(-30, 31, target.shape), 0, 255).astype(np.uint8)
     return gen, target

@@ -1,6 +1,5 @@
 """The training data order (letstalk_platform.data) and the guards against silent hangs: no Ray needed."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from letstalk.clips import SCHEMA_VERSION
+from letstalk.artifacts import FeatureShapes, InputRecord, ShardManifest
+from letstalk.clips import ClipSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,11 +28,11 @@ def shard_dir(tmp_path_factory):
                  "motion": np.zeros((1, 1, 2, 2), np.float16), "refs": np.zeros((1, 1, 2, 2), np.float16)}
                 for k in range(12)]
         write_shard(rows, root / "train" / f"v{v}.parquet")
-        inputs.append({"path": f"/raw/v{v}.mp4", "video_id": f"v{v}", "identity": f"id{v}", "split": "train",
-                       "status": "ok", "clips": 12, "shard": f"train/v{v}.parquet"})
-    inputs.append({"path": "/raw/bad.mp4", "video_id": "bad", "identity": "bad", "split": "train",
-                   "status": "skipped", "reason": "no audio stream", "clips": 0, "shard": ""})
-    (root / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "inputs": inputs}))
+        inputs.append(InputRecord(f"/raw/v{v}.mp4", f"v{v}", f"id{v}", "train", "1:1", status="done", clips=12,
+                                  shard=f"train/v{v}.parquet"))
+    inputs.append(InputRecord("/raw/bad.mp4", "bad", "bad", "train", "1:1", status="failed", reason="no audio stream"))
+    ShardManifest(ClipSpec(clip_frames=2, motion_frames=1, ref_frames=1, audio_window=5), FeatureShapes(1, 2, 1, 4),
+                  bundle="/models/none", models={}, inputs=inputs).save(root)
     return root
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
+from letstalk.artifacts import ArtifactError, CheckpointState, FeatureShapes, ShardManifest, export_bundle
+from letstalk.diffusion import ClipTarget
 from letstalk.clips import ClipSpec, build_clip_rows, clip_starts, ref_indices
 from letstalk.media import ffmpeg_exe, write_video
 from letstalk.synthetic import draw_portrait
@@ -74,17 +76,18 @@ def test_shards_split_and_rerun(ray_local, raw, bundle, tmp_path):
 
     out = tmp_path / "shards"
     manifest = run(raw, out, bundle, stride=4)
-    c = manifest["counts"]
-    assert c["inputs"] == 7 and c["ok"] == 7 and c["skipped"] == 0
+    c = manifest.counts()
+    assert c["inputs"] == 7 and c["done"] == 7 and c["failed"] == 0
+    assert ShardManifest.load(out) == manifest  # what a reader loads is what the writer had
     # clips per video: floor((frames - 8) / 4) + 1
     expected = {f"spk{i}.mp4": (40 + 5 * i - CLIP) // 4 + 1 for i in range(6)} | {"spk0_b.mp4": (30 - CLIP) // 4 + 1}
-    for e in manifest["inputs"]:
-        assert e["clips"] == expected[Path(e["path"]).name], e
+    for e in manifest.inputs:
+        assert e.clips == expected[Path(e.path).name], e
     assert c["clips"]["train"] + c["clips"]["eval"] == sum(expected.values())
     # identity-level split: both videos of spk0 on the same side; eval identities never in train
-    splits = {e["identity"]: set() for e in manifest["inputs"]}
-    for e in manifest["inputs"]:
-        splits[e["identity"]].add(e["split"])
+    splits = {e.identity: set() for e in manifest.inputs}
+    for e in manifest.inputs:
+        splits[e.identity].add(e.split)
     assert all(len(s) == 1 for s in splits.values())
     assert c["identities"]["eval"] >= 1 and c["identities"]["train"] >= 1
 
@@ -98,17 +101,21 @@ def test_shards_split_and_rerun(ray_local, raw, bundle, tmp_path):
     assert tuple(batch["audio"].shape) == (3, CLIP + 4, 4, 32)
     assert tuple(batch["motion"].shape) == (3, 2, 4, 8, 8) and tuple(batch["refs"].shape) == (3, 4, 4, 8, 8)
     assert np.allclose(batch["mouth"].numpy(), 0.5)
+    # the manifest records the shapes a reader finds: no need to open the bundle to learn them
+    assert manifest.features == FeatureShapes(latent_channels=4, latent_size=8, audio_layers=4, audio_feature_dim=32)
+    assert manifest.architecture() == {"input_size": 8, "in_channels": 4, "num_frames": CLIP, "num_motion_frames": 2,
+                                       "audio_window": 5, "audio_layers": 4, "audio_feature_dim": 32}
 
     # re-run: nothing to do, shards untouched
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
     again = run(raw, out, bundle, stride=4)
-    assert again["counts"]["processed_this_run"] == 0 and again["counts"]["ok"] == 7
+    assert again.last_run["processed"] == 0 and again.counts()["done"] == 7 and again.features == manifest.features
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == mtimes
     # a new video: only it is processed
     talking_video(raw / "spk9.mp4", 20, seed=9, identity="spk9")
     try:
         third = run(raw, out, bundle, stride=4)
-        assert third["counts"]["processed_this_run"] == 1 and third["counts"]["ok"] == 8
+        assert third.last_run["processed"] == 1 and third.counts()["done"] == 8
     finally:
         (raw / "spk9.mp4").unlink()
         (raw / "spk9.json").unlink()
@@ -138,21 +145,22 @@ def test_bad_inputs_are_recorded_and_good_ones_processed(ray_local, bundle, tmp_
     talking_video(d / "short.mp4", 5, seed=3)
 
     manifest = run(d, tmp_path / "shards", bundle)
-    by_name = {Path(e["path"]).name: e for e in manifest["inputs"]}
-    assert {n for n, e in by_name.items() if e["status"] == "ok"} == {"good.mp4", "good30fps.mp4", "odd_size.mp4",
-                                                                     "vfr.mp4", "flat.mp4"}
-    assert by_name["good30fps.mp4"]["clips"] == 48 * FPS // 30 // CLIP  # 40 frames at 25 fps -> 5 clips
-    reasons = {n: e["reason"] for n, e in by_name.items() if e["status"] != "ok"}
+    by_name = {Path(e.path).name: e for e in manifest.inputs}
+    assert {n for n, e in by_name.items() if e.status == "done"} == {"good.mp4", "good30fps.mp4", "odd_size.mp4",
+                                                                    "vfr.mp4", "flat.mp4"}
+    assert by_name["good30fps.mp4"].clips == 48 * FPS // 30 // CLIP  # 40 frames at 25 fps -> 5 clips
+    reasons = {n: e.reason for n, e in by_name.items() if e.status != "done"}
+    assert set(e.status for e in by_name.values()) == {"done", "failed"}
     assert "no audio stream" in reasons["silent_track.mp4"]
     assert "no video stream" in reasons["audio_only.mp4"]
     assert "shorter than one clip" in reasons["short.mp4"]
     for name in ("truncated.mp4", "notes.mp4", "empty.mp4"):
         assert reasons[name] and "\n" not in reasons[name]
-    assert by_name["flat.mp4"]["status"] == "ok" and by_name["flat.mp4"]["face_found"] is False  # centre crop
-    assert all(isinstance(e["face_found"], bool) for e in by_name.values())
+    assert by_name["flat.mp4"].status == "done" and by_name["flat.mp4"].face_found is False  # centre crop
+    assert all(isinstance(e.face_found, bool) for e in by_name.values())
     # re-running retries only the failed inputs
     again = run(d, tmp_path / "shards", bundle)
-    assert again["counts"]["processed_this_run"] == len(reasons)
+    assert again.last_run["processed"] == len(reasons)
 
 
 def test_load_clips_ignores_unlisted_files(ray_local, raw, bundle, tmp_path):
@@ -162,11 +170,57 @@ def test_load_clips_ignores_unlisted_files(ray_local, raw, bundle, tmp_path):
     manifest = run(raw, out, bundle)
     (out / "train" / ".half.parquet.part").write_bytes(b"PAR1 half written")
     (out / "train" / "stray.parquet").write_bytes(b"garbage")
-    assert load_clips(out, "train").count() == manifest["counts"]["clips"]["train"]
+    assert load_clips(out, "train").count() == manifest.clip_count("train")
     with pytest.raises(ValueError, match="split must be"):
         load_clips(out, "test")
     with pytest.raises(ValueError, match="no manifest.json"):
         load_clips(tmp_path, "train")
+
+
+def test_old_manifests_and_changed_codecs(ray_local, bundle, tmp_path):
+    """A version-1 manifest: readers stop with the re-run command, and the re-run reuses its shards.
+    Codecs that changed since tokenizing: shards are redone, and a bundle is never exported with them."""
+    import shutil
+
+    import torch
+
+    from letstalk.vae import tiny_codec
+
+    raw, out = tmp_path / "raw", tmp_path / "shards"
+    raw.mkdir()
+    for i in range(2):
+        talking_video(raw / f"s{i}.mp4", 16, seed=i, identity=f"s{i}")
+    first = run(raw, out, bundle)
+    old = first.to_dict() | {"schema_version": 1, "models": {"vae": str(bundle / "vae")}}
+    del old["features"], old["bundle"], old["tensor_columns"]
+    old["inputs"] = [e | {"status": "ok"} for e in old["inputs"]]
+    (out / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(ArtifactError, match=f"version 1.*re-run jobs/preprocess.py --input {raw} .*--output {out}"):
+        ShardManifest.load(out)
+    again = run(raw, out, bundle)
+    assert again.last_run["processed"] == 0 and again.features == first.features  # shapes read from the shards
+
+    changed = tmp_path / "bundle2"
+    shutil.copytree(bundle, changed)
+    tiny_codec(seed=1).save_pretrained(changed / "vae")
+    redone = run(raw, out, changed)
+    assert redone.last_run["processed"] == 2 and redone.models["vae"] != first.models["vae"]
+    # a checkpoint (transformer + state) exports with the codecs that made its shards ...
+    ckpt = tmp_path / "checkpoint_000000007"
+    shutil.copytree(bundle / "transformer", ckpt / "transformer")
+    CheckpointState(step=7, data_position=None, world_size=1, target=ClipTarget(True, 4.0)).save(ckpt)
+    from letstalk.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(export_bundle(ckpt, redone, tmp_path / "exported"))
+    assert pipe.settings.residual and pipe.settings.residual_scale == 4.0
+    shipped = pipe.codec.vae.state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in tiny_codec(seed=1).vae.state_dict().items())
+    # ... and never with codecs swapped after tokenizing
+    tiny_codec(seed=2).save_pretrained(changed / "vae")
+    with pytest.raises(ArtifactError, match="changed since these shards were tokenized"):
+        export_bundle(ckpt, redone, tmp_path / "exported2")
+    with pytest.raises(ArtifactError, match="cannot be resumed exactly"):
+        CheckpointState.load(ckpt)  # no data position: exportable, not resumable
 
 
 def test_job_config_loader_gives_one_line_errors():
@@ -192,8 +246,8 @@ def test_preprocess_job_from_a_shell(raw, bundle, tmp_path):
     run_job = subprocess.run([sys.executable, str(ROOT / "jobs" / "preprocess.py"), "--input", str(raw),
                               "--output", str(out), "--model", str(bundle)], capture_output=True, text=True)
     assert run_job.returncode == 0, run_job.stderr[-2000:]
-    assert "7/7 videos ok" in run_job.stdout
-    assert json.loads((out / "manifest.json").read_text())["counts"]["ok"] == 7
+    assert "7/7 videos done" in run_job.stdout
+    assert ShardManifest.load(out).counts()["done"] == 7
     bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "preprocess.py"), "--input", str(raw)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "preprocess: error: invalid PreprocessConfig" in bad.stderr

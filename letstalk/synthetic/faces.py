@@ -1,47 +1,28 @@
-"""Procedural stand-ins for real inputs (no downloads): drawn talking faces with speech-like audio.
+"""Procedural faces: the look of a speaker (`Identity`), where its parts sit (`Layout`), drawing
+one frame (`render_face`, `draw_portrait`) and the pixel measure of mouth opening (`mouth_box`,
+`measure_mouth_open`).
 
-A small "talking faces" data set that takes the place of HDTF / CelebV-HQ in tests and smoke runs:
-
-* `Identity` — the look of one speaker (skin, hair, face shape, eyes, mouth, voice pitch, ...);
-  `Identity.sample(rng)` draws a clearly distinct one.
-* `speech_like_audio` — syllable bursts in phrases with pauses, a voiced tone with varying pitch.
-* `audio_envelope` — per-video-frame loudness in [0, 1].
-* `render_face` — one frame: mouth opening, eye opening and a small head sway are inputs.
-  The shading (eye sockets, brows, a lit nose bridge, a dark mouth) is chosen so that OpenCV's
-  Haar frontal-face cascade (`letstalk.portrait.detect_face`) finds the face.
-* `make_talking_video` — frames + audio + per-frame ground truth: the mouth follows the audio
-  envelope with a small lag; blinks and head sway come from their own random stream.
-* `make_dataset` — `talk_0000.mp4` (H.264 + AAC) + `talk_0000.json` (the ground truth) per video.
-* `mouth_box` / `measure_mouth_open` — a pixel measure of mouth opening in rendered or decoded
-  frames, so that lip sync of generated videos can be scored against the audio.
-
-Everything is deterministic from integer seeds and needs only numpy and OpenCV (+ ffmpeg to write).
+The shading (eye sockets, brows, a lit nose bridge, a dark mouth) is chosen so that OpenCV's Haar
+frontal-face cascade (`letstalk.portrait.detect_face`) finds the face. Deterministic; needs only
+numpy and OpenCV.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 __all__ = [
-    "Identity", "speech_like_audio", "audio_envelope", "render_face", "make_talking_video",
-    "make_dataset", "dataset_todo", "dataset_files", "dataset_item", "check_dataset_args",
-    "mouth_box", "measure_mouth_open", "draw_portrait", "HAIR_STYLES",
+    "Identity", "Layout", "layout", "render_face", "mouth_box", "measure_mouth_open", "draw_portrait",
+    "HAIR_STYLES",
 ]
 
 HAIR_STYLES = ("short", "long", "buzz", "tall", "bob")
-MAX_SECONDS = 600.0  # per video
-MAX_VIDEOS = 100_000
 
 Color = tuple[int, int, int]
 
@@ -152,7 +133,7 @@ class Identity:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Layout:
     """Where the parts of an identity's face are, in unit frame coordinates (x right, y down)."""
 
     cx: float
@@ -171,16 +152,17 @@ class _Layout:
     lip: float  # lip thickness
 
 
-def _layout(ident: Identity) -> _Layout:
+def layout(ident: Identity) -> Layout:
+    """The `Layout` of `ident`'s face (its rest pose: no sway, mouth closed)."""
     a, b = ident.face_width, ident.face_height
     cx, cy = 0.5, 0.53
     eye_rx = ident.eye_size * a
     eye_y = cy - 0.16 * b
     mouth_w = ident.mouth_width * a
-    return _Layout(cx=cx, cy=cy, a=a, b=b, eye_y=eye_y, eye_dx=ident.eye_spacing * a,
-                   eye_rx=eye_rx, eye_ry=0.48 * eye_rx, brow_y=eye_y - 0.23 * b,
-                   nose_y=eye_y + ident.nose_length * b, mouth_y=cy + 0.46 * b,
-                   mouth_w=mouth_w, mouth_h=0.55 * mouth_w, lip=0.22 * mouth_w + 0.01 * b)
+    return Layout(cx=cx, cy=cy, a=a, b=b, eye_y=eye_y, eye_dx=ident.eye_spacing * a,
+                  eye_rx=eye_rx, eye_ry=0.48 * eye_rx, brow_y=eye_y - 0.23 * b,
+                  nose_y=eye_y + ident.nose_length * b, mouth_y=cy + 0.46 * b,
+                  mouth_w=mouth_w, mouth_h=0.55 * mouth_w, lip=0.22 * mouth_w + 0.01 * b)
 
 
 # ------------------------------------------------------------------------------------- drawing
@@ -238,7 +220,7 @@ class _Canvas:
         return np.exp(-0.5 * (((self.X - cx) / sx) ** 2 + ((self.Y - cy) / sy) ** 2))
 
 
-def _face_shape(cv: _Canvas, L: _Layout, ident: Identity, grow: float = 0.0) -> np.ndarray:
+def _face_shape(cv: _Canvas, L: Layout, ident: Identity, grow: float = 0.0) -> np.ndarray:
     """Coverage of the face oval, narrowed towards the chin by `jaw`."""
     t = np.clip((cv.Y - L.cy) / L.b, 0, 1)
     narrow = 1 - ident.jaw * t * t
@@ -248,7 +230,7 @@ def _face_shape(cv: _Canvas, L: _Layout, ident: Identity, grow: float = 0.0) -> 
     return cv._cover((r - 1.0) * min(L.a, L.b))
 
 
-def _hair_back(cv: _Canvas, L: _Layout, style: str) -> np.ndarray:
+def _hair_back(cv: _Canvas, L: Layout, style: str) -> np.ndarray:
     """Hair behind the head (drawn before the face)."""
     a, b = L.a, L.b
     if style == "buzz":
@@ -269,7 +251,7 @@ def _hair_back(cv: _Canvas, L: _Layout, style: str) -> np.ndarray:
 def _static_layer(ident: Identity, size: int) -> np.ndarray:
     """Everything that does not move with speech or blinks: background, hair, shaded face,
     brows, nose. Returned read-only; callers copy."""
-    L = _layout(ident)
+    L = layout(ident)
     a, b = L.a, L.b
     cv = _Canvas(size, ident.background)
     # background: a soft vertical gradient and vignette
@@ -345,7 +327,7 @@ def _static_layer(ident: Identity, size: int) -> np.ndarray:
     return out
 
 
-def _draw_eyes(img: np.ndarray, ident: Identity, L: _Layout, size: int, eye_open: float) -> None:
+def _draw_eyes(img: np.ndarray, ident: Identity, L: Layout, size: int, eye_open: float) -> None:
     eye_open = float(np.clip(eye_open, 0.0, 1.0))
     for side in (-1, 1):
         ex, ey = L.cx + side * L.eye_dx, L.eye_y
@@ -370,7 +352,7 @@ def _draw_eyes(img: np.ndarray, ident: Identity, L: _Layout, size: int, eye_open
             cv.shade(1 - 0.35 * white * np.clip((cy - h * 0.3 - cv.Y) / (h + 1e-6) + 0.5, 0, 1))
 
 
-def _draw_mouth(img: np.ndarray, ident: Identity, L: _Layout, size: int, mouth_open: float) -> None:
+def _draw_mouth(img: np.ndarray, ident: Identity, L: Layout, size: int, mouth_open: float) -> None:
     m = float(np.clip(mouth_open, 0.0, 1.0))
     w, hmax, lip = L.mouth_w, L.mouth_h, L.lip
     top, bottom = L.mouth_y - lip, L.mouth_y + 1.35 * hmax + 3.4 * lip  # includes the chin shadow
@@ -410,7 +392,7 @@ def render_face(identity: Identity, size: int = 256, mouth_open: float = 0.0, ey
     size = int(size)
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")
-    L = _layout(identity)
+    L = layout(identity)
     img = _static_layer(identity, size).copy()
     _draw_eyes(img, identity, L, size, eye_open)
     _draw_mouth(img, identity, L, size, mouth_open)
@@ -428,7 +410,7 @@ def mouth_box(identity: Identity, size: int, margin: float | None = None) -> tup
     """(x0, y0, x1, y1) pixel box (x1, y1 exclusive) that holds the mouth at any opening, with
     `margin` pixels of room for head sway (default 2.5% of `size` + 1, which covers
     `make_talking_video`'s sway)."""
-    L = _layout(identity)
+    L = layout(identity)
     if margin is None:
         margin = 0.025 * size + 1
     x0 = int(math.floor((L.cx - 1.02 * L.mouth_w) * size - margin))
@@ -449,317 +431,6 @@ def measure_mouth_open(frames: np.ndarray, identity: Identity, threshold: float 
     roi = frames[:, y0:y1, x0:x1].astype(np.float32)
     luma = roi @ np.array([0.299, 0.587, 0.114], np.float32)
     return (luma < threshold).mean(axis=(1, 2))
-
-
-# --------------------------------------------------------------------------------------- audio
-
-
-def speech_like_audio(seconds: float, seed: int = 0, sample_rate: int = 16000,
-                      pitch: float | None = None) -> np.ndarray:
-    """(samples,) float32: speech-like sound — phrases of syllables (about 3-6 per second) with
-    pauses between them; each syllable is a voiced tone with a vowel-like spectrum and a gliding
-    pitch, some start with a short noisy consonant. `pitch` (Hz) is the speaker's mean pitch
-    (default: drawn from the seed)."""
-    rng = np.random.default_rng(seed)
-    n = int(round(seconds * sample_rate))
-    if n <= 0:
-        return np.zeros(0, np.float32)
-    t = np.arange(n) / sample_rate
-    base = float(pitch) if pitch is not None else rng.uniform(100, 200)
-    envelope = np.zeros(n)
-    noise_env = np.zeros(n)
-    formant = np.zeros(n)  # brightness of the vowel: shapes the harmonic weights
-    pos = rng.uniform(0.05, 0.3)
-    while pos < seconds:
-        for _ in range(int(rng.integers(2, 9))):  # one phrase
-            length = rng.uniform(0.1, 0.3)
-            a, b = int(pos * sample_rate), min(n, int((pos + length) * sample_rate))
-            if b > a:
-                k = np.linspace(0, 1, b - a)
-                shape = np.clip(k / 0.2, 0, 1) * np.clip((1 - k) / 0.45, 0, 1)  # quick rise, slow fall
-                envelope[a:b] = np.maximum(envelope[a:b], shape ** 1.5 * rng.uniform(0.45, 1.0))
-                formant[a:b] = rng.uniform(0, 1)
-                if rng.random() < 0.4:  # a consonant burst before the vowel
-                    c = min(n, a + int(0.04 * sample_rate))
-                    noise_env[a:c] = rng.uniform(0.1, 0.3)
-            pos += length + rng.uniform(0.01, 0.08)
-            if pos >= seconds:
-                break
-        pos += rng.uniform(0.25, 0.8)  # a pause between phrases
-    glide = 1 + 0.15 * np.sin(2 * np.pi * rng.uniform(0.2, 0.6) * t + rng.uniform(0, 6)) \
-        + 0.05 * np.sin(2 * np.pi * rng.uniform(2, 4) * t + rng.uniform(0, 6))
-    phase = 2 * np.pi * np.cumsum(base * glide) / sample_rate
-    voiced = np.zeros(n)
-    for h in range(1, 9):
-        if h * base * 1.2 >= sample_rate / 2:
-            break
-        weight = (1 / h) * (1 + formant * (h in (2, 3)) + (1 - formant) * (h == 1))
-        voiced += weight * np.sin(h * phase)
-    smooth = np.convolve(noise_env, np.ones(40) / 40, mode="same")
-    noise = rng.standard_normal(n)
-    audio = 0.22 * envelope * voiced / 2.0 + smooth * noise * 0.3 + 0.003 * rng.standard_normal(n)
-    return np.clip(audio, -1, 1).astype(np.float32)
-
-
-def audio_envelope(audio: np.ndarray, sample_rate: int = 16000, fps: float = 25) -> np.ndarray:
-    """(frames,) float32 in [0, 1]: the RMS loudness of each video frame's slice of `audio`,
-    with frames = round(len(audio) / sample_rate * fps). A noise floor is subtracted and the
-    result scaled by its 98th percentile (then clipped), so pauses are ~0 and loud syllables ~1.
-    Silence gives zeros."""
-    audio = np.asarray(audio, np.float64)
-    if audio.ndim == 2:
-        audio = audio.mean(axis=1)
-    if fps <= 0 or sample_rate <= 0:
-        raise ValueError("fps and sample_rate must be positive")
-    frames = int(round(len(audio) / sample_rate * fps))
-    if frames == 0:
-        return np.zeros(0, np.float32)
-    edges = np.round(np.arange(frames + 1) * sample_rate / fps).astype(np.int64)
-    padded = np.zeros(max(int(edges[-1]), len(audio)))
-    padded[:len(audio)] = audio
-    sq = np.concatenate([[0.0], np.cumsum(padded * padded)])
-    counts = np.maximum(np.diff(edges), 1)
-    rms = np.sqrt(np.maximum(sq[edges[1:]] - sq[edges[:-1]], 0) / counts)
-    floor = max(float(np.percentile(rms, 5)), 1e-4)
-    top = float(np.percentile(rms, 98))
-    if top <= floor * 1.5:
-        return np.zeros(frames, np.float32)
-    return np.clip((rms - floor) / (top - floor), 0, 1).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------- videos
-
-
-def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Zero-phase Gaussian smoothing (edges padded by repetition)."""
-    r = max(1, int(math.ceil(3 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k /= k.sum()
-    return np.convolve(np.pad(x, r, mode="edge"), k, mode="valid")
-
-
-def _blinks(frames: int, fps: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame eye opening in [0, 1] and a 0/1 blink flag: a blink every 2-6 s lasting 3-5 frames."""
-    eye = np.ones(frames, np.float32)
-    flag = np.zeros(frames, np.int64)
-    pos = rng.uniform(0.3, 2.5)
-    profiles = {3: [0.3, 0.0, 0.5], 4: [0.4, 0.0, 0.1, 0.6], 5: [0.5, 0.1, 0.0, 0.3, 0.7]}
-    while True:
-        start = int(round(pos * fps))
-        if start >= frames:
-            break
-        prof = profiles[int(rng.integers(3, 6))]
-        for k, v in enumerate(prof):
-            if start + k < frames:
-                eye[start + k] = v
-                flag[start + k] = 1
-        pos += rng.uniform(2.0, 6.0)
-    return eye, flag
-
-
-def _sway(frames: int, fps: float, rng: np.random.Generator, size: int) -> np.ndarray:
-    """(frames, 3) smooth head motion: dx, dy in pixels (up to ~1.2% of the side), roll in degrees."""
-    t = np.arange(frames) / fps
-    out = np.zeros((frames, 3))
-    for j, amp in enumerate((0.012 * size, 0.008 * size, 2.0)):
-        for _ in range(3):
-            out[:, j] += rng.uniform(0.2, 0.5) * amp * np.sin(2 * np.pi * rng.uniform(0.08, 0.5) * t
-                                                              + rng.uniform(0, 2 * np.pi))
-    return out
-
-
-def _identity_id(identity: Identity) -> str:
-    import hashlib
-
-    digest = hashlib.sha1(json.dumps(identity.to_dict(), sort_keys=True).encode()).hexdigest()
-    return f"id-{digest[:8]}"
-
-
-def make_talking_video(identity: Identity, seconds: float, seed: int, fps: float = 25, size: int = 256,
-                       sample_rate: int = 16000, identity_id: str | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Render `identity` speaking for `seconds`.
-
-    Returns (frames (N, size, size, 3) uint8, audio (samples,) float32, meta) with
-    N = round(seconds * fps). The mouth opening is the audio envelope, smoothed (zero-phase) and
-    delayed by `meta["lag_frames"]` (1 or 2 frames, 40-80 ms at 25 fps). Blinks and head sway come
-    from random streams of their own, independent of the audio. meta holds the per-frame ground
-    truth ("mouth_open", "eye_open", "blink", "head_pose" = [dx px, dy px, roll deg], "envelope")
-    and "lag_frames", "identity" (`identity_id`, default a hash of the parameters),
-    "identity_params" (`Identity.to_dict`), "seed", "fps", "sample_rate", "size", "seconds", "frames".
-    """
-    frames, audio, meta = _talking_video(identity, seconds, seed, fps, size, sample_rate, identity_id)
-    out = np.empty((meta["frames"], int(size), int(size), 3), np.uint8)
-    for k, frame in enumerate(frames):
-        out[k] = frame
-    return out, audio, meta
-
-
-def _talking_video(identity: Identity, seconds: float, seed: int, fps: float, size: int, sample_rate: int,
-                   identity_id: str | None) -> tuple[Iterator[np.ndarray], np.ndarray, dict]:
-    """`make_talking_video` with the frames as a lazy iterator (long videos need not fit in memory)."""
-    if not (0 < seconds <= MAX_SECONDS):
-        raise ValueError(f"seconds must be in (0, {MAX_SECONDS:g}], got {seconds}")
-    if not fps > 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    if int(seed) < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    frames_n = int(round(seconds * fps))
-    if frames_n < 1:
-        raise ValueError(f"{seconds} s at {fps:g} fps is not a single frame")
-    audio_rng, motion_rng, blink_rng, lag_rng = (np.random.default_rng(s) for s in
-                                                 np.random.SeedSequence([int(seed), 7]).spawn(4))
-    audio = speech_like_audio(seconds, seed=int(audio_rng.integers(2**31)), sample_rate=sample_rate,
-                              pitch=identity.voice_pitch)
-    env = audio_envelope(audio, sample_rate, fps)
-    env = np.pad(env, (0, max(0, frames_n - len(env))))[:frames_n]
-    lag = int(lag_rng.integers(1, 3))
-    gain = float(lag_rng.uniform(0.8, 1.0))  # how wide this take opens its mouth
-    mouth = np.clip(gain * np.concatenate([np.zeros(lag), _smooth(env.astype(np.float64), 0.8)]), 0, 1)
-    mouth = np.round(mouth[:frames_n], 5)  # rounded as stored in the sidecar: frames match it exactly
-    eye, blink = _blinks(frames_n, fps, blink_rng)
-    pose = np.round(_sway(frames_n, fps, motion_rng, int(size)), 4)
-    meta = {
-        "identity": identity_id or _identity_id(identity),
-        "seed": int(seed), "fps": fps, "sample_rate": int(sample_rate), "size": int(size),
-        "seconds": float(seconds), "frames": frames_n, "lag_frames": lag,
-        "mouth_open": [float(v) for v in mouth],
-        "eye_open": [round(float(v), 5) for v in eye],
-        "blink": [int(v) for v in blink],
-        "envelope": [round(float(v), 5) for v in env],
-        "head_pose": [[float(v) for v in p] for p in pose],
-        "identity_params": identity.to_dict(),
-    }
-
-    def frames() -> Iterator[np.ndarray]:
-        for k in range(frames_n):
-            yield render_face(identity, int(size), mouth[k], eye[k], offset=(pose[k, 0], pose[k, 1]),
-                              angle=pose[k, 2])
-
-    return frames(), audio, meta
-
-
-# ------------------------------------------------------------------------------------ dataset
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as f:  # one key per line, each value (a whole track) on its line
-            f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in data.items())
-                    + "\n}\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def check_dataset_args(videos: int, seconds: float, size: int, fps: float = 25,
-                       seed: int | None = None) -> None:
-    """Raise ValueError (one line) for settings `make_dataset` cannot honour."""
-    if int(videos) != videos or not 1 <= videos <= MAX_VIDEOS:
-        raise ValueError(f"videos must be an integer from 1 to {MAX_VIDEOS}, got {videos}")
-    if not (0 < seconds <= MAX_SECONDS):
-        raise ValueError(f"seconds must be > 0 and at most {MAX_SECONDS:g}, got {seconds}")
-    if int(size) != size or size < 64 or size % 8:
-        raise ValueError(f"size must be a multiple of 8 and >= 64, got {size}")
-    if not (0 < fps <= 120):
-        raise ValueError(f"fps must be in (0, 120], got {fps}")
-    if round(seconds * fps) < 1:
-        raise ValueError(f"seconds={seconds} gives no frame at {fps:g} fps")
-    if seed is not None and int(seed) < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-
-
-def dataset_files(out_dir: str | os.PathLike, index: int) -> tuple[Path, Path]:
-    """(video, sidecar) paths of video `index` in a data set directory."""
-    out = Path(out_dir)
-    return out / f"talk_{index:04d}.mp4", out / f"talk_{index:04d}.json"
-
-
-def dataset_item(seed: int, index: int) -> tuple[Identity, int, str]:
-    """The identity, video seed and identity id of video `index` of a data set made with `seed`
-    (independent of how many videos are made, so growing a data set keeps the first ones)."""
-    ss = np.random.SeedSequence([int(seed), int(index), 1234])
-    id_ss, video_ss = ss.spawn(2)
-    identity = Identity.sample(np.random.default_rng(id_ss))
-    video_seed = int(np.random.default_rng(video_ss).integers(2**31))
-    return identity, video_seed, f"id{index:04d}"
-
-
-def dataset_todo(out_dir: str | os.PathLike, videos: int, seconds: float, seed: int, size: int = 256,
-                 fps: float = 25, sample_rate: int = 16000) -> list[int]:
-    """Indices of the videos `make_dataset` would (re)write in `out_dir`: those without both an mp4
-    and a readable sidecar. Raises ValueError if a video there was made with other settings
-    (seed, seconds, size, fps, sample rate), so that data sets are never silently mixed."""
-    check_dataset_args(videos, seconds, size, fps, seed)
-    if not 8000 <= sample_rate <= 96000:
-        raise ValueError(f"sample_rate must be in [8000, 96000], got {sample_rate}")
-    want = {"dataset_seed": int(seed), "seconds": float(seconds), "size": int(size), "fps": fps,
-            "sample_rate": int(sample_rate)}
-    todo = []
-    for i in range(int(videos)):
-        mp4, sidecar = dataset_files(out_dir, i)
-        try:
-            meta = json.loads(sidecar.read_text()) if mp4.is_file() else None
-        except (OSError, ValueError):
-            meta = None
-        if not isinstance(meta, dict):
-            todo.append(i)
-            continue
-        have = {k: meta.get(k) for k in want}
-        if have != want:
-            settings = ", ".join(f"{k}={v}" for k, v in have.items())
-            raise ValueError(f"{sidecar} was made with other settings ({settings}); "
-                             f"use another folder or the same settings")
-    return todo
-
-
-def make_dataset(out_dir: str | os.PathLike, videos: int = 8, seconds: float = 8.0, seed: int = 0,
-                 size: int = 256, fps: float = 25, sample_rate: int = 16000,
-                 progress: Callable[[int, int], None] | bool | None = None) -> list[Path]:
-    """Write `videos` procedural talking-face videos to `out_dir`: `talk_{i:04d}.mp4` (H.264 + AAC)
-    and its sidecar `talk_{i:04d}.json` (the `make_talking_video` meta plus "dataset_seed" and
-    "index"), one identity per video ("id0000", "id0001", ...).
-
-    Deterministic from `seed`: video i depends only on (seed, i), so a larger data set starts with
-    the videos of a smaller one. A video whose mp4 and sidecar already exist is skipped (see
-    `dataset_todo`; other settings there raise ValueError). Both files are written atomically
-    (temporary file + rename), the sidecar last. progress: None draws a tqdm bar, False is
-    silent, a callable gets (done, total). Returns the mp4 paths in order.
-    """
-    from .media import write_video
-
-    out = Path(out_dir)
-    todo = set(dataset_todo(out, videos, seconds, seed, size, fps, sample_rate))
-    out.mkdir(parents=True, exist_ok=True)
-    bar = None
-    if progress is None:
-        from tqdm import tqdm
-
-        bar = tqdm(total=int(videos), desc="making videos", unit="video")
-    paths = []
-    try:
-        for i in range(int(videos)):
-            mp4, sidecar = dataset_files(out, i)
-            if i in todo:
-                identity, video_seed, ident_id = dataset_item(seed, i)
-                frames, audio, meta = _talking_video(identity, seconds, video_seed, fps, size, sample_rate,
-                                                     ident_id)
-                meta["dataset_seed"] = int(seed)
-                meta["index"] = i
-                sidecar.unlink(missing_ok=True)  # never leave a sidecar next to a video it does not describe
-                write_video(mp4, frames, fps, audio, sample_rate)
-                _write_json_atomic(sidecar, meta)
-            paths.append(mp4)
-            if bar is not None:
-                bar.update(1)
-            elif callable(progress):
-                progress(i + 1, int(videos))
-    finally:
-        if bar is not None:
-            bar.close()
-    return paths
 
 
 # ---------------------------------------------------------------------------------- portraits
