@@ -15,7 +15,7 @@
 4. Training switches (`--switches`, plain PyTorch, one process, ratios within one run): a training
    step (forward + backward) of the S preset in fp32, bf16 autocast and with activation
    checkpointing (time and the bytes autograd keeps), and one AdamW step over S's parameters with
-   torch's per-tensor loop, multi-tensor foreach and fused kernels (TrainConfig.optimizer).
+   torch's per-tensor loop, multi-tensor foreach and fused kernels (TrainConfig optim.kernel).
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def make_shards(root: Path, preset: str) -> Path:
 def shard_arch(shards: Path, preset: str) -> dict:
     """The architecture run_training builds for these shards."""
     from letstalk.artifacts import ShardManifest
-    from letstalk_platform.train import architecture
+    from letstalk_platform.train import ModelSection, architecture
 
-    return architecture(preset, ShardManifest.load(shards))
+    return architecture(ModelSection(preset=preset), ShardManifest.load(shards)).to_dict()
 
 
 def plain_loop(shards: Path, steps: int, batch: int, preset: str, threads: int) -> float:
@@ -139,10 +139,11 @@ def ray_train(shards: Path, root: Path, steps: int, batch: int, preset: str) -> 
     init_ray(num_cpus=2)
     uri = f"sqlite:///{root}/m.db"
     log_every = max(5, steps // 20)
-    cfg = TrainConfig(data=str(shards), preset=preset, batch_size=batch // 2, lr=1e-3, num_workers=2,
-                      cpus_per_worker=1, steps=steps, checkpoint_every=steps, log_every=log_every,
-                      storage=str(root / "runs"), mlflow_uri=uri, experiment="bench", register_name=None,
-                      sample_clips=0)
+    cfg = TrainConfig(model={"preset": preset}, data={"path": str(shards), "batch_size": batch // 2},
+                      optim={"lr": 1e-3}, scaling={"num_workers": 2, "cpus_per_worker": 1},
+                      tracking={"storage": str(root / "runs"), "mlflow_uri": uri, "experiment": "bench",
+                                "register_name": None},
+                      steps=steps, checkpoint_every=steps, log_every=log_every, sample_clips=0)
     summary = run_training(cfg)
     client = MlflowClient(uri)
     # steady state: the first interval holds the start-up, the last one the checkpoint

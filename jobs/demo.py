@@ -13,22 +13,16 @@ import argparse
 import sys
 
 from letstalk_platform.demo import DemoConfig, run_demo
-from letstalk_platform.runtime import load_config
+from letstalk_platform.runtime import add_config_flags, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML with DemoConfig keys")
-    p.add_argument("--out")
-    p.add_argument("--videos", type=int)
-    p.add_argument("--seconds", type=float)
-    p.add_argument("--train-steps", type=int)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--batch-videos", type=int)
-    p.add_argument("--eval-videos", type=int)
-    p.add_argument("--steps", type=int, help="sampler steps for renders and evaluation")
-    p.add_argument("--compare", action="append", help="another bundle to score in the same table (repeatable)")
-    p.add_argument("--fresh", action="store_true", default=None, help="delete --out first")
+    add_config_flags(p, DemoConfig, {"--out": "out", "--videos": "videos", "--seconds": "seconds",
+                                     "--train-steps": "train_steps", "--num-workers": "num_workers",
+                                     "--batch-videos": "batch_videos", "--eval-videos": "eval_videos",
+                                     "--steps": "steps", "--compare": "compare", "--fresh": "fresh"})
     args = p.parse_args(argv)
     try:
         cfg = load_config(DemoConfig, args.config, {k: v for k, v in vars(args).items() if k != "config"})

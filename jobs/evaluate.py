@@ -6,7 +6,8 @@
     python jobs/evaluate.py --model models/tiny --data shards/ --debug-videos 2           # smoke run
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/evaluate.py --config eval.yaml
 
-Flags override the YAML. Without a weights file a metric is reported as "not computed (no weights)".
+Flags override the YAML; the defaults (and the sampler choices) live in EvalConfig only. Without a
+weights file a metric is reported as "not computed (no weights)".
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import argparse
 import sys
 
 from letstalk_platform.evaluate import EvalConfig, evaluate_models
-from letstalk_platform.runtime import load_config
+from letstalk_platform.runtime import add_config_flags, load_config
+
+FLAGS = {"--data": "data", "--out": "out", "--mlflow-uri": "mlflow_uri", "--experiment": "experiment",
+         "--steps": "steps", "--sampler": "sampler", "--guidance": "guidance", "--seed": "seed", "--frames": "frames",
+         "--size": "size", "--max-videos": "max_videos", "--inception": "inception", "--i3d": "i3d",
+         "--face-recon": "face_recon", "--device": "device"}
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,21 +29,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML file with EvalConfig keys")
     p.add_argument("--model", action="append", help="bundle dir or models:/<name>@<alias> (repeat for more rows)")
     p.add_argument("--models", help="comma-separated registry names name@alias (or models:/... / dirs)")
-    p.add_argument("--data", help="shard folder from jobs/preprocess.py")
-    p.add_argument("--out", help="folder for table.md and table.json")
-    p.add_argument("--mlflow-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
-    p.add_argument("--experiment")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"])
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--frames", type=int, help="frames per eval video (default 16, the paper's first clip)")
-    p.add_argument("--size", type=int, help="evaluation resolution (default: the shards' crop size)")
-    p.add_argument("--max-videos", type=int)
-    p.add_argument("--inception", help="TorchScript Inception weights (FID)")
-    p.add_argument("--i3d", help="TorchScript I3D weights (FVD)")
-    p.add_argument("--face-recon", help="Deep3DFaceRecon epoch_20.pth or TorchScript (E-FID)")
-    p.add_argument("--device", help="auto | cpu | cuda")
+    add_config_flags(p, EvalConfig, FLAGS)  # types, choices, help and defaults from EvalConfig
     p.add_argument("--debug-videos", type=int, help="smoke run: this many videos, 2 sampling steps")
     return p.parse_args(argv)
 

@@ -4,7 +4,7 @@
     python jobs/preprocess.py --input raw/ --output shards/ --model models/tiny      # local Ray, no YAML
     python jobs/preprocess.py --config cluster/preprocess/demo.yaml --debug-videos 2  # smoke run
 
-Flags override the YAML. Prints a summary; the full record is OUTPUT/manifest.json.
+Flags override the YAML; the defaults live in PreprocessConfig only. Prints a summary; the full record is OUTPUT/manifest.json.
 """
 
 from __future__ import annotations
@@ -13,23 +13,18 @@ import argparse
 import sys
 
 from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
-from letstalk_platform.runtime import init_ray, load_config
+from letstalk_platform.runtime import add_config_flags, init_ray, load_config
+
+
+FLAGS = {"--input": "input", "--output": "output", "--model": "model", "--clip-frames": "clip_frames",
+         "--stride": "stride", "--image-size": "image_size", "--eval-fraction": "eval_fraction",
+         "--tokenizers": "tokenizers", "--decoders": "decoders", "--use-gpu": "use_gpu", "--debug-videos": "limit"}
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML file with PreprocessConfig keys")
-    p.add_argument("--input", help="folder, glob or .txt list of videos")
-    p.add_argument("--output", help="shard folder")
-    p.add_argument("--model", help="bundle dir with vae/ and audio_encoder/")
-    p.add_argument("--clip-frames", type=int)
-    p.add_argument("--stride", type=int)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--eval-fraction", type=float)
-    p.add_argument("--tokenizers", type=int)
-    p.add_argument("--decoders", type=int)
-    p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument("--debug-videos", type=int, dest="limit", help="process at most N pending videos")
+    add_config_flags(p, PreprocessConfig, FLAGS)  # types, choices, help and defaults from PreprocessConfig
     return p.parse_args(argv)
 
 

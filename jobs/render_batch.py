@@ -18,6 +18,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from letstalk.diffusion import SAMPLERS
 from letstalk_platform.batch import data_results, plan_items, read_manifest, run_batch, serve_render
 from letstalk_platform.render import RenderDefaults, add_speed_args, check_renderer_device, speed_options
 from letstalk_platform.runtime import init_ray
@@ -43,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=None,
                    help="rows in flight (Serve; default replicas x jobs per replica) or actors (standalone; default 1)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per renderer replica / actor")
-    p.add_argument("--cpus", type=float, default=1.0, help="CPUs per renderer replica / actor")
+    p.add_argument("--cpus", type=float, default=AppArgs.model_fields["renderer_cpus"].default,
+                   help="CPUs per renderer replica / actor (default: AppArgs.renderer_cpus)")
     p.add_argument("--steps", type=int, help="default denoising steps for rows without their own")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], help="default sampler for rows without their own")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default sampler for rows without their own")
     p.add_argument("--guidance", type=float, help="default guidance for rows without their own")
     p.add_argument("--no-progress", action="store_true")
     add_speed_args(p)  # for the renderers this job starts (a running app keeps its own)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--standalone needs --model")
             actors = args.concurrency or 1
             records = run_batch(items, out, None, progress=not args.no_progress, results_iter=data_results(
-                model, actors=actors, use_gpu=args.use_gpu, cpus_per_actor=args.cpus, defaults=defaults.model_dump(),
+                model, out, actors=actors, use_gpu=args.use_gpu, cpus_per_actor=args.cpus, defaults=defaults.model_dump(),
                 inference=inference))
         else:
             from ray import serve

@@ -17,27 +17,24 @@ import os
 import sys
 import time
 
-from letstalk_platform.render import RenderDefaults, add_speed_args, speed_options
-from letstalk_platform.runtime import init_ray
+from letstalk_platform.render import add_speed_args
+from letstalk_platform.runtime import add_config_flags, init_ray, load_config
 from letstalk_platform.serve import APP_NAME, TOKEN_ENV, AppArgs, build_app
+
+# flag -> AppArgs setting: types, choices, defaults and help come from AppArgs (no default twice)
+FLAGS = {"--model": "model", "--mlflow-uri": "mlflow_uri", "--use-gpu": "use_gpu", "--replicas": "num_replicas",
+         "--max-replicas": "max_replicas", "--jobs-per-replica": "max_jobs_per_replica",
+         "--max-upload-mb": "max_upload_mb", "--max-audio-seconds": "max_audio_seconds",
+         "--steps": "defaults.steps", "--sampler": "defaults.sampler", "--guidance": "defaults.guidance"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="bundle folder or models:/<name>@<alias>")
-    p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    p.add_argument("--config", help="YAML with AppArgs keys (the `args:` of a Serve config); flags override it")
+    add_config_flags(p, AppArgs, FLAGS)
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--app", default=APP_NAME)
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per renderer replica")
-    p.add_argument("--replicas", type=int, default=1, help="renderer replicas (minimum when autoscaling)")
-    p.add_argument("--max-replicas", type=int, help="autoscale renderer replicas up to this many")
-    p.add_argument("--jobs-per-replica", type=int, default=2)
-    p.add_argument("--max-upload-mb", type=float, default=50.0)
-    p.add_argument("--max-audio-seconds", type=float, default=600.0)
-    p.add_argument("--steps", type=int, default=25, help="default denoising steps")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], default="ddim", help="default sampler")
-    p.add_argument("--guidance", type=float, default=1.0, help="default audio guidance scale")
     add_speed_args(p)
     args = p.parse_args(argv)
     token = os.environ.get(TOKEN_ENV, "")
@@ -46,18 +43,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"set {TOKEN_ENV} to the bearer token clients must send (the API never runs open)")
         if not 0 < args.port < 65536:
             raise ValueError(f"--port {args.port} is not a TCP port")
-        model = args.model
+        given = {k: v for k, v in vars(args).items() if k in FLAGS.values() or k.startswith("inference.")}
+        app_args = load_config(AppArgs, args.config, given | {"token": token})
         from letstalk_platform.tracking import resolve_bundle
 
-        bundle = resolve_bundle(model, args.mlflow_uri)  # fail fast here, not inside a replica
-        if not model.startswith("models:/"):
-            model = str(bundle.resolve())
-        app_args = AppArgs(model=model, mlflow_uri=args.mlflow_uri, token=token, use_gpu=args.use_gpu,
-                           num_replicas=args.replicas, max_replicas=args.max_replicas,
-                           max_jobs_per_replica=args.jobs_per_replica, max_upload_mb=args.max_upload_mb,
-                           max_audio_seconds=args.max_audio_seconds,
-                           defaults=RenderDefaults(steps=args.steps, sampler=args.sampler, guidance=args.guidance),
-                           inference=speed_options(args))
+        mlflow_uri = app_args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        bundle = resolve_bundle(app_args.model, mlflow_uri)  # fail fast here, not inside a replica
+        if not app_args.model.startswith("models:/"):
+            app_args = app_args.model_copy(update={"model": str(bundle.resolve())})
     except ValueError as e:
         print(f"serve: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -5,8 +5,10 @@
     python jobs/train.py --data shards/ --preset tiny --num-workers 2 --debug-steps 5 \\
         --mlflow-uri sqlite:///m.db --storage runs/                            # no YAML
 
-Flags override the YAML. The final EMA weights become a render bundle (STORAGE/NAME/bundle) and a
-registry version `models:/<register_name>@<register_alias>`.
+Each flag overrides one key of the YAML (`--batch-size` = data.batch_size; `--help` names them);
+the defaults live in letstalk_platform.train.TrainConfig only. The config and its DeepSpeed JSON are
+checked before Ray starts: a bad one exits with code 2 and a one-line error. The final EMA weights
+become a render bundle (STORAGE/NAME/bundle) and a registry version `models:/<register_name>@<register_alias>`.
 """
 
 from __future__ import annotations
@@ -16,28 +18,34 @@ import json
 import sys
 
 from letstalk.config import PRESETS
-from letstalk_platform.runtime import StaleLockError, check_extension_locks, init_ray, load_config
+from letstalk_platform.configs import check_train
+from letstalk_platform.runtime import StaleLockError, add_config_flags, check_extension_locks, init_ray, load_config
 from letstalk_platform.train import TrainConfig, run_training
+
+FLAGS = {
+    "--data": "data.path",
+    "--batch-size": "data.batch_size",
+    "--preset": "model.preset",
+    "--lr": "optim.lr",
+    "--zero-stage": "optim.zero_stage",
+    "--deepspeed": "optim.deepspeed",
+    "--num-workers": "scaling.num_workers",
+    "--use-gpu": "scaling.use_gpu",
+    "--cpus-per-worker": "scaling.cpus_per_worker",
+    "--placement-strategy": "scaling.placement_strategy",
+    "--storage": "tracking.storage",
+    "--name": "tracking.name",
+    "--mlflow-uri": "tracking.mlflow_uri",
+    "--steps": "steps",
+    "--checkpoint-every": "checkpoint_every",
+    "--seed": "seed",
+}
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML file with TrainConfig keys")
-    p.add_argument("--data", help="shard folder from jobs/preprocess.py")
-    p.add_argument("--preset", choices=list(PRESETS))
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
-    p.add_argument("--mlflow-uri")
-    p.add_argument("--storage", help="folder for Ray Train run state and checkpoints")
-    p.add_argument("--name", help="run name (storage sub-folder and MLflow run name)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument("--cpus-per-worker", type=float, help="CPUs Ray reserves for each worker (e.g. 0.5 on a laptop)")
-    p.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
-                   help="STRICT_SPREAD: one worker per node")
+    p.add_argument("--config", help="YAML file with TrainConfig sections (cluster/train/*.yaml)")
+    add_config_flags(p, TrainConfig, FLAGS, choices={"model.preset": list(PRESETS)})
     p.add_argument("--debug-steps", type=int, help="smoke run: this many steps, checkpoint at the end")
     return p.parse_args(argv)
 
@@ -49,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides |= {"steps": args.debug_steps, "checkpoint_every": args.debug_steps, "log_every": 1}
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
+        check_train(cfg)  # the DeepSpeed JSON and what the run makes of it, before Ray starts
         check_extension_locks()  # seconds, not a silent hang in every worker
         init_ray()
         summary = run_training(cfg)
     except (ValueError, StaleLockError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
+        print(f"train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
     return 0

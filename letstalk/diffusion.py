@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ Sampler = Literal["ddpm", "ddim", "dpm"]
 # (Salimans & Ho 2022), whose trivial high-noise answer is -x0 rather than the identity map x_t -> ε
 Prediction = Literal["epsilon", "v_prediction"]
 PREDICTIONS: tuple[str, ...] = ("epsilon", "v_prediction")
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm")
+SAMPLERS: tuple[str, ...] = get_args(Sampler)  # the one list: CLI choices, API enums, config Literals
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -27,7 +27,7 @@ import ffmpeg
 import numpy as np
 
 __all__ = [
-    "MediaError", "MediaInfo", "ffmpeg_exe", "probe", "load_audio",
+    "LimitExceeded", "MediaError", "MediaInfo", "MediaTooLong", "ffmpeg_exe", "probe", "load_audio",
     "iter_video_frames", "load_video_frames", "write_video",
 ]
 
@@ -41,6 +41,14 @@ _LAYOUTS = {"mono": 1, "stereo": 2, "2.1": 3, "3.0": 3, "quad": 4, "4.0": 4, "5.
 
 class MediaError(ValueError):
     """A media file that cannot be read or written; the message is one line naming the file."""
+
+
+class LimitExceeded(ValueError):
+    """An input over a configured limit (upload size, audio length, image pixels): HTTP 413."""
+
+
+class MediaTooLong(MediaError, LimitExceeded):
+    """Audio longer than the limit it was loaded with."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +87,10 @@ def _error_line(stderr: str | bytes) -> str:
     return ""
 
 
-def _fail(path: str | os.PathLike, what: str, stderr: str | bytes = "") -> MediaError:
+def _fail(path: str | os.PathLike, what: str, stderr: str | bytes = "", kind: type[MediaError] = MediaError) -> MediaError:
     detail = _error_line(stderr)
     message = f"{os.fspath(path)}: {what}" + (f" (ffmpeg: {detail})" if detail else "")
-    return MediaError(" ".join(message.split()))
+    return kind(" ".join(message.split()))
 
 
 def _check_input(path: str | os.PathLike) -> str:
@@ -179,8 +187,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000,
     if not info.has_audio:
         raise _fail(path, "has no audio stream")
     if max_seconds is not None and info.duration > max_seconds:
-        raise _fail(path, f"audio is {info.duration:.2f} s long, "
-                          f"over the limit of {max_seconds:g} s")
+        raise _fail(path, f"audio is {info.duration:.2f} s long, over the limit of {max_seconds:g} s", kind=MediaTooLong)
     stream = ffmpeg.input(_check_input(path)).output(
         "pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=int(sample_rate), map="0:a:0")
     run = subprocess.run(_command(stream), capture_output=True, stdin=subprocess.DEVNULL)
@@ -190,8 +197,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000,
     if wave.size == 0:
         raise _fail(path, "audio stream is empty (0 samples)")
     if max_seconds is not None and info.duration == 0 and wave.size > max_seconds * sample_rate:
-        raise _fail(path, f"audio is {wave.size / sample_rate:.2f} s long, "
-                          f"over the limit of {max_seconds:g} s")
+        raise _fail(path, f"audio is {wave.size / sample_rate:.2f} s long, over the limit of {max_seconds:g} s",
+                    kind=MediaTooLong)
     return np.clip(wave, -1.0, 1.0)
 
 

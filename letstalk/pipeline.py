@@ -13,8 +13,9 @@ its last `num_motion_frames` clean latents (the first clip uses the reference la
 last clip is rendered at its true, shorter length, so the video has exactly
 round(duration × fps) frames and no padded frames.
 
-Per request, the reference latent is encoded once (prepare_portrait) and the audio features are
-computed once for the whole audio (iter_clips); every clip and step reuses them. Speed switches
+Per request, the inputs are decoded, cropped and counted once (`prepare`, letstalk/inputs.py),
+the reference latent is encoded once and the audio features are computed once for the whole
+audio (iter_clips); every clip and step reuses them. Speed switches
 (autocast, SDPA kernels, torch.compile, decode overlap, batching of concurrent renders) are
 `InferenceOptions` (letstalk/accel.py), set with `set_inference`; all are off by default.
 """
@@ -37,8 +38,9 @@ from .accel import InferenceOptions, autocast, check_sdpa_backend, compile_trans
 from .audio import AudioEncoder, tiny_audio_encoder
 from .batching import ClipBatcher
 from .diffusion import SAMPLERS, ClipTarget, GaussianDiffusion
-from .media import load_audio, write_video
-from .portrait import PortraitCrop, crop_portrait, load_image
+from .inputs import InputSpec, PreparedInputs, prepare, prepare_audio
+from .media import write_video
+from .portrait import PortraitCrop, crop_portrait
 from .transformer import LetsTalkTransformer
 from .vae import Codec, LatentCodec, SpaceToDepthCodec, tiny_codec
 
@@ -202,32 +204,40 @@ class LetsTalkPipeline:
 
     # ------------------------------------------------------------------ inputs
 
+    def input_spec(self, max_audio_seconds: float | None = None, max_image_pixels: int = 40_000_000) -> InputSpec:
+        """What this bundle needs from its inputs; a deployment may lower the audio limit."""
+        s = self.settings
+        limit = min(s.max_audio_seconds, max_audio_seconds) if max_audio_seconds else s.max_audio_seconds
+        return InputSpec(self.image_size, s.sample_rate, s.fps, self.transformer.cfg.num_frames, limit,
+                         max_image_pixels)
+
+    def prepare(self, portrait, audio=None, spec: InputSpec | None = None) -> PreparedInputs:
+        """Inputs decoded, cropped and counted once (letstalk.inputs.prepare), plus the reference
+        latent. `portrait` may be PreparedInputs already (then `audio` is None): only the latent is added."""
+        if isinstance(portrait, PreparedInputs):
+            if audio is not None:
+                raise ValueError("give PreparedInputs alone, or a portrait and an audio")
+            inputs = portrait
+        else:
+            inputs = prepare(portrait, audio, spec or self.input_spec())
+        if inputs.reference is None:
+            inputs.reference = self.codec.encode(inputs.crop.image[None]).to(self.device)
+        return inputs
+
     def prepare_portrait(self, portrait) -> tuple[torch.Tensor, PortraitCrop]:
         """Image path / array / PIL image -> reference latent (1, C, h, w) and the crop."""
-        crop = crop_portrait(load_image(portrait), size=self.image_size)
+        crop = crop_portrait(portrait, size=self.image_size)
         return self.codec.encode(crop.image[None]).to(self.device), crop
-
-    def prepare_audio(self, audio) -> np.ndarray:
-        """Audio path (any format ffmpeg reads) or (samples,) float array -> mono float32."""
-        if isinstance(audio, (str, os.PathLike)):
-            return load_audio(audio, self.settings.sample_rate, max_seconds=self.settings.max_audio_seconds)
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 1 or audio.size == 0:
-            raise ValueError(f"audio must be a non-empty mono array (samples,), got shape {audio.shape}")
-        if audio.size / self.settings.sample_rate > self.settings.max_audio_seconds:
-            raise ValueError(f"audio is {audio.size / self.settings.sample_rate:.1f} s long; "
-                             f"the limit is {self.settings.max_audio_seconds:.0f} s")
-        return audio
 
     # ------------------------------------------------------------------ rendering
 
-    def iter_clips(self, portrait, audio, *, steps: int = 250, sampler: str = "ddpm", guidance: float = 1.0,
+    def iter_clips(self, portrait, audio=None, *, steps: int = 250, sampler: str = "ddpm", guidance: float = 1.0,
                    seed: int = 0, strength: float | None = None, progress: Progress | None = None,
                    seconds: dict[str, float] | None = None) -> Iterator[np.ndarray]:
         """Yield the video clip by clip as uint8 frames (f, H, W, 3).
 
-        portrait: image path / array / PIL image, or a reference latent (1, C, h, w).
-        audio: audio path or (samples,) float array at the pipeline's sample rate.
+        portrait: PreparedInputs (audio None), image path / array / PIL image, or a reference latent
+        (1, C, h, w). audio: audio path or (samples,) float array at the pipeline's sample rate.
         `progress(done, total)` counts denoising steps over the whole video; `seconds` (if given)
         accumulates time spent in audio encoding, denoising and VAE decoding. `strength` (default:
         the bundle's pipeline.json) < 1 starts each clip from its last motion frame noised to
@@ -239,13 +249,16 @@ class LetsTalkPipeline:
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         seconds = {} if seconds is None else seconds
-        s = self.settings
-        ref = portrait if isinstance(portrait, torch.Tensor) else self.prepare_portrait(portrait)[0]
+        if isinstance(portrait, torch.Tensor):  # a reference latent: only the audio is prepared here
+            ref, wave = portrait, prepare_audio(audio, self.input_spec())
+            num_frames = self.input_spec().frames_for(wave.size)
+            if num_frames < 1:
+                raise ValueError(f"audio: {wave.size / self.settings.sample_rate * 1000:.0f} ms is too short to give "
+                                 "a single video frame")
+        else:
+            inputs = self.prepare(portrait, audio)
+            ref, wave, num_frames = inputs.reference, inputs.audio, inputs.num_frames
         t0 = time.perf_counter()
-        wave = self.prepare_audio(audio)
-        num_frames = round(wave.size / s.sample_rate * s.fps)
-        if num_frames < 1:
-            raise ValueError(f"audio is too short: {wave.size / s.sample_rate * 1000:.0f} ms gives no video frame")
         feats = self.audio_encoder(wave, num_frames).to(self.device)  # (N, window, layers, A)
         seconds["audio"] = seconds.get("audio", 0.0) + time.perf_counter() - t0
         clips = self.denoise_clips(ref, feats, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
@@ -324,34 +337,34 @@ class LetsTalkPipeline:
 
         return forward, session
 
-    def render(self, portrait, audio, **kwargs) -> RenderResult:
-        """Render to memory: RenderResult.frames (N, H, W, 3) uint8 and .audio."""
+    def render(self, portrait, audio=None, **kwargs) -> RenderResult:
+        """Render to memory: RenderResult.frames (N, H, W, 3) uint8 and .audio. `portrait` and
+        `audio` as for `prepare` (PreparedInputs alone, or the two inputs)."""
         t0 = time.perf_counter()
-        wave = self.prepare_audio(audio)
-        ref, crop = self.prepare_portrait(portrait)
-        seconds: dict[str, float] = {}
-        frames = np.concatenate(list(self.iter_clips(ref, wave, seconds=seconds, **kwargs)))
+        inputs = self.prepare(portrait, audio)
+        seconds: dict[str, float] = {"inputs": time.perf_counter() - t0}
+        frames = np.concatenate(list(self.iter_clips(inputs, seconds=seconds, **kwargs)))
         seconds["total"] = time.perf_counter() - t0
-        return RenderResult(len(frames), self.settings.fps, crop.face_found, seconds, frames, wave)
+        return RenderResult(len(frames), self.settings.fps, inputs.face_found, seconds, frames, inputs.audio)
 
     def render_to_file(self, portrait, audio, out: str | os.PathLike, **kwargs) -> RenderResult:
         """Render straight into an mp4 (H.264 + AAC), streaming clips to ffmpeg as they finish.
+        `portrait` and `audio` as for `prepare` (PreparedInputs and None, or the two inputs).
 
         The file appears at `out` only when complete.
         """
         t0 = time.perf_counter()
-        wave = self.prepare_audio(audio)
-        ref, crop = self.prepare_portrait(portrait)
+        inputs = self.prepare(portrait, audio)
         seconds: dict[str, float] = {"inputs": time.perf_counter() - t0}
         count = 0
 
         def frames():
             nonlocal count
-            for clip in self.iter_clips(ref, wave, seconds=seconds, **kwargs):
+            for clip in self.iter_clips(inputs, seconds=seconds, **kwargs):
                 count += len(clip)
                 yield from clip
 
-        write_video(out, frames(), fps=self.settings.fps, audio=wave, sample_rate=self.settings.sample_rate)
+        write_video(out, frames(), fps=self.settings.fps, audio=inputs.audio, sample_rate=self.settings.sample_rate)
         seconds["total"] = time.perf_counter() - t0
         seconds["mux"] = max(0.0, seconds["total"] - sum(seconds.get(k, 0.0) for k in ("inputs", "audio", "denoise", "decode")))
-        return RenderResult(count, self.settings.fps, crop.face_found, seconds)
+        return RenderResult(count, self.settings.fps, inputs.face_found, seconds)

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from .media import LimitExceeded
+
 MIN_SIDE = 16  # smaller images carry too little detail to animate
 _DETECT_MAX_SIDE = 640  # face detection runs on a copy no larger than this
 
@@ -23,9 +25,13 @@ class ImageError(ValueError):
     """A user-facing, one-line problem with an input image (names the file and the problem)."""
 
 
-def _error(name: str, problem: object) -> ImageError:
+class ImageTooLarge(ImageError, LimitExceeded):
+    """An image over the pixel limit it was loaded with."""
+
+
+def _error(name: str, problem: object, kind: type[ImageError] = ImageError) -> ImageError:
     # Collapse whitespace so messages stay on one line even when they quote a library error.
-    return ImageError(" ".join(f"{name}: {problem}".split()))
+    return kind(" ".join(f"{name}: {problem}".split()))
 
 
 def _to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
@@ -82,7 +88,7 @@ def _check_size(width: int, height: int, max_pixels: int, name: str) -> None:
         raise _error(name, f"image has zero size ({width}x{height})")
     if width * height > max_pixels:
         raise _error(name, f"image is {width}x{height} = {width * height:,} pixels, "
-                           f"over the pixel limit of {max_pixels:,}")
+                           f"over the pixel limit of {max_pixels:,}", ImageTooLarge)
     if min(width, height) < MIN_SIDE:
         raise _error(name, f"image is {width}x{height}, smaller than the {MIN_SIDE}-pixel minimum side")
 
@@ -130,7 +136,7 @@ def load_image(source: str | os.PathLike | np.ndarray | Image.Image, max_pixels:
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise _error(name, f"image is over the pixel limit ({e})") from e
+            raise _error(name, f"image is over the pixel limit ({e})", ImageTooLarge) from e
         except Image.UnidentifiedImageError as e:
             raise _error(name, "not a recognised image file (expected PNG, JPEG, WebP, TIFF, BMP, ...)") from e
         except PermissionError as e:
@@ -202,7 +208,8 @@ def crop_portrait(image: np.ndarray, size: int = 256, margin: float = 1.8) -> Po
         raise ValueError(f"size must be >= 1, got {size}")
     if not margin > 0:
         raise ValueError(f"margin must be > 0, got {margin}")
-    image = load_image(image)
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        image = load_image(image)  # an RGB array is used as it is: it was decoded already
     h, w = image.shape[:2]
     face = detect_face(image)
     if face is None:

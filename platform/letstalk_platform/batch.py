@@ -8,8 +8,10 @@ Two ways to run the same RenderWorker:
 
 Each row: `id` (optional; a plain name, the output file is OUT/<id>.mp4), `portrait`, `audio`
 (paths, relative ones resolved against the manifest's folder), and optional `steps`, `sampler`,
-`guidance`, `seed`. A row whose mp4 exists is skipped (re-runs resume); a bad row is recorded with
-its reason and never stops the others; files appear only when complete.
+`guidance`, `seed`. A row whose mp4 exists is not rendered again (re-runs resume; its record says
+status "done", reused true); a bad row is recorded with status "failed" and its reason and never
+stops the others; files appear only when complete. The mp4 is written by the renderer straight
+into OUT when OUT is on its machine; a renderer on another node sends the bytes back.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from .render import RenderOptions, RenderWorker, check_name, one_line
+from .runtime import local_target, node_id
 
 OPTION_COLUMNS = ("steps", "sampler", "guidance", "seed")
-RESULT_FIELDS = ("row", "id", "portrait", "audio", "status", "error", "output", "frames", "clips",
+RESULT_FIELDS = ("row", "id", "portrait", "audio", "status", "reused", "error", "output", "frames", "clips",
                  "duration_s", "steps", "sampler", "dtype", "seconds_total", "seconds_denoise", "seconds_decode",
                  "finished_at")
 
@@ -124,21 +127,21 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def _record(item: Item, status: str, out: Path | None = None, result: dict | None = None,
-            error: str | None = None) -> dict:
+            error: str | None = None, reused: bool = False) -> dict:
     result = result or {}
     seconds, options = result.get("seconds") or {}, result.get("options") or {}
     return {"row": item.row, "id": item.id, "portrait": item.portrait, "audio": item.audio, "status": status,
-            "error": error, "output": str(out) if out else None, "frames": result.get("frames"),
+            "reused": reused, "error": error, "output": str(out) if out else None, "frames": result.get("frames"),
             "clips": result.get("clips"), "duration_s": result.get("duration_s"), "steps": options.get("steps"),
             "sampler": options.get("sampler"), "dtype": options.get("dtype"),
             "seconds_total": seconds.get("worker_total"), "seconds_denoise": seconds.get("denoise"),
-            "seconds_decode": seconds.get("decode"), "finished_at": time.time() if status != "skipped" else None}
+            "seconds_decode": seconds.get("decode"), "finished_at": None if reused else time.time()}
 
 
 def write_results(records: list[dict], out_dir: Path) -> Path:
     columns = {k: [r.get(k) for r in sorted(records, key=lambda r: r["row"])] for k in RESULT_FIELDS}
     schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("portrait", pa.string()),
-                        ("audio", pa.string()), ("status", pa.string()), ("error", pa.string()),
+                        ("audio", pa.string()), ("status", pa.string()), ("reused", pa.bool_()), ("error", pa.string()),
                         ("output", pa.string()), ("frames", pa.int64()), ("clips", pa.int64()),
                         ("duration_s", pa.float64()), ("steps", pa.int64()), ("sampler", pa.string()),
                         ("dtype", pa.string()), ("seconds_total", pa.float64()),
@@ -151,7 +154,9 @@ def write_results(records: list[dict], out_dir: Path) -> Path:
     return path
 
 
-Render = Callable[[Item], dict]  # -> {"status": "done", "video": bytes, ...} or {"status": "failed", "error": ...}
+# render(item, target) -> RenderWorker.render's result ({"status": "done", "video_path": target or None,
+# "video": bytes or None, ...}) or {"status": "failed", "error": ...}
+Render = Callable[[Item, Path], dict]
 
 
 def run_batch(items: list[Item], out_dir: Path, render: Render | None, *, concurrency: int = 2,
@@ -159,7 +164,7 @@ def run_batch(items: list[Item], out_dir: Path, render: Render | None, *, concur
               progress: bool = True) -> list[dict]:
     """Render the valid, not-yet-rendered items; returns one record per item (also in results.parquet).
 
-    `render(item)` is called from `concurrency` threads; `results_iter(todo)` instead yields
+    `render(item, target)` is called from `concurrency` threads; `results_iter(todo)` instead yields
     (item, result) pairs as a whole (the Ray Data path).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +174,7 @@ def run_batch(items: list[Item], out_dir: Path, render: Render | None, *, concur
         if item.error is not None:
             records.append(_record(item, "failed", error=item.error))
         elif target.is_file():
-            records.append(_record(item, "skipped", target))
+            records.append(_record(item, "done", target, reused=True))
         else:
             todo.append(item)
     bar = tqdm(total=len(todo), desc="render", unit="video", disable=not progress)
@@ -177,8 +182,9 @@ def run_batch(items: list[Item], out_dir: Path, render: Render | None, *, concur
     def finish(item: Item, result: dict) -> None:
         target = out_dir / f"{item.id}.mp4"
         if result.get("status") == "done":
-            write_atomic(target, result["video"])
-            records.append(_record(item, "rendered", target, result))
+            if result.get("video") is not None:  # rendered elsewhere: written here
+                write_atomic(target, result["video"])
+            records.append(_record(item, "done", target, result))
         else:
             records.append(_record(item, "failed", error=result.get("error") or "unknown error", result=result))
         bar.update(1)
@@ -194,7 +200,7 @@ def run_batch(items: list[Item], out_dir: Path, render: Render | None, *, concur
                 while queue or pending:
                     while queue and len(pending) < concurrency:
                         item = queue.pop(0)
-                        pending[pool.submit(render, item)] = item
+                        pending[pool.submit(render, item, out_dir / f"{item.id}.mp4")] = item
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
                         item = pending.pop(fut)
@@ -218,39 +224,43 @@ def run_batch(items: list[Item], out_dir: Path, render: Render | None, *, concur
 
 def serve_render(handle) -> Render:
     """Render through the Serve Renderer deployment (a DeploymentHandle)."""
+    here = node_id()  # a replica on this node writes the mp4 straight into the output folder
 
-    def render(item: Item) -> dict:
+    def render(item: Item, target: Path) -> dict:
         portrait, audio = Path(item.portrait).read_bytes(), Path(item.audio).read_bytes()
-        return handle.render.remote(portrait, audio, item.options).result()
+        return handle.render.remote(portrait, audio, item.options, str(target), here).result()
 
     return render
 
 
-class BatchRenderer:
-    """Ray Data actor: one RenderWorker per actor; rows in, videos (bytes) out."""
+class BatchActor:
+    """Ray Data actor: one RenderWorker per actor; rows in, results out (the mp4 written into the
+    output folder when it is on the actor's machine, else its bytes)."""
 
-    def __init__(self, bundle_dir: str, defaults: dict | None = None, inference: dict | None = None):
+    def __init__(self, bundle_dir: str, out_dir: str, out_node: str, defaults: dict | None = None, inference: dict | None = None):
         from .render import RenderDefaults
 
+        self.out_dir, self.out_node = Path(out_dir), out_node
         self.worker = RenderWorker(bundle_dir, defaults=RenderDefaults.model_validate(defaults or {}),
                                    inference=inference)
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"row": [], "result": []}
-        for row, portrait, audio, options in zip(batch["row"], batch["portrait"], batch["audio"], batch["options"]):
+        for row, item_id, portrait, audio, options in zip(batch["row"], batch["id"], batch["portrait"], batch["audio"],
+                                                          batch["options"]):
             try:
-                result = self.worker.render(Path(portrait).read_bytes(), Path(audio).read_bytes(),
-                                            json.loads(options)).result()
+                result = self.worker.render(Path(portrait).read_bytes(), Path(audio).read_bytes(), json.loads(options),
+                                            out=local_target(self.out_dir / f"{item_id}.mp4", self.out_node))
             except (ValueError, ValidationError, OSError) as e:
                 result = {"status": "failed", "error": one_line(e)}
             out["row"].append(int(row))
             out["result"].append(result)
         return {"row": out["row"], "result": [json.dumps({k: v for k, v in r.items() if k != "video"})
                                               for r in out["result"]],
-                "video": [r.get("video", b"") for r in out["result"]]}
+                "video": [r.get("video") or b"" for r in out["result"]]}
 
 
-def data_results(bundle_dir: str, *, actors: int, use_gpu: bool, cpus_per_actor: float,
+def data_results(bundle_dir: str, out_dir: Path, *, actors: int, use_gpu: bool, cpus_per_actor: float,
                  defaults: dict | None = None, inference: dict | None = None
                  ) -> Callable[[list[Item]], Iterable[tuple[Item, dict]]]:
     """The standalone back end: a Ray Data actor pool over the rows; `inference`: the actors'
@@ -261,16 +271,16 @@ def data_results(bundle_dir: str, *, actors: int, use_gpu: bool, cpus_per_actor:
         if not todo:
             return
         by_row = {item.row: item for item in todo}
-        ds = ray.data.from_items([{"row": i.row, "portrait": i.portrait, "audio": i.audio,
+        ds = ray.data.from_items([{"row": i.row, "id": i.id, "portrait": i.portrait, "audio": i.audio,
                                    "options": json.dumps(i.options)} for i in todo],
                                  override_num_blocks=len(todo))
-        ds = ds.map_batches(BatchRenderer, fn_constructor_kwargs={"bundle_dir": bundle_dir, "defaults": defaults,
-                                                               "inference": inference},
+        ds = ds.map_batches(BatchActor, fn_constructor_kwargs={"bundle_dir": bundle_dir, "out_dir": str(out_dir), "out_node": node_id(),
+                                                            "defaults": defaults, "inference": inference},
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor)
         for row in ds.iter_rows():
             result = json.loads(row["result"])
-            if result["status"] == "done":
+            if result["status"] == "done" and result.get("video_path") is None:
                 result["video"] = row["video"]
             yield by_row[int(row["row"])], result
 

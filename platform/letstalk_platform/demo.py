@@ -227,13 +227,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         print(f"    {json.dumps(manifest.counts())}")
 
     with stages("train (Ray Train + DeepSpeed)"):
-        overrides = {"data": str(shards), "storage": str(out / "runs"), "mlflow_uri": mlflow_uri,
-                     "steps": cfg.train_steps, "num_workers": cfg.num_workers}
+        overrides = {"data.path": str(shards), "tracking.storage": str(out / "runs"), "tracking.mlflow_uri": mlflow_uri,
+                     "steps": cfg.train_steps, "scaling.num_workers": cfg.num_workers}
         tcfg = load_config(TrainConfig, REPO / cfg.train, overrides)
         if cfg.train_steps is not None:
             tcfg = tcfg.model_copy(update={"checkpoint_every": min(tcfg.checkpoint_every, cfg.train_steps)})
         summary = run_training(tcfg)
-        model_uri = f"models:/{tcfg.register_name}@{tcfg.register_alias}"
+        model_uri = f"models:/{tcfg.tracking.register_name}@{tcfg.tracking.register_alias}"
         print(f"    {summary['steps']} steps, loss {summary['loss']:.4f}, registered {summary.get('registered')}")
 
     videos_dir = out / "videos"
@@ -265,7 +265,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         records = batch.run_batch(items, videos_dir, batch.serve_render(handle), concurrency=1)
         _http_wait(job)
         serve.shutdown()  # the app and Serve itself (its HTTP port was this demo's choice)
-        rendered = {r["id"]: Path(r["output"]) for r in records if r["status"] in ("rendered", "skipped")}
+        rendered = {r["id"]: Path(r["output"]) for r in records if r["status"] == "done"}
         failed = [r for r in records if r["status"] == "failed"]
         if failed:
             raise RuntimeError(f"batch rows failed: {[(r['id'], r['error']) for r in failed]}")

@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from letstalk import metrics
 from letstalk.artifacts import ShardManifest
+from letstalk.diffusion import Sampler
 from letstalk.clips import decode_video
 from letstalk.pipeline import LetsTalkPipeline
 
@@ -55,7 +56,7 @@ class EvalConfig(BaseModel):
     mlflow_uri: str = Field(default_factory=default_mlflow_uri)
     experiment: str = "letstalk-eval"
     steps: int = Field(25, ge=1, le=1000)
-    sampler: Literal["ddpm", "ddim", "dpm"] = "ddim"
+    sampler: Sampler = "ddim"
     guidance: float = Field(1.0, ge=0)
     seed: int = Field(0, ge=0)
     frames: int = Field(16, ge=2, description="frames per eval video (the paper: its first 16-frame clip)")

@@ -2,34 +2,82 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import logging
 import os
+import types
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
+
+from .configs import ConfigError, load_mapping, parse_config
 
 T = TypeVar("T", bound=BaseModel)
 
 
 def load_config(model: type[T], path: str | os.PathLike | None, overrides: dict[str, Any]) -> T:
-    """YAML file (optional) + non-None flag overrides -> a validated config; errors are one line."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file {str(p)!r} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{p}: the top level must be a mapping of settings")
-        data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"invalid {model.__name__}: {problems}") from None
+    """YAML file (optional) + non-None overrides -> a validated config; errors are one line.
+
+    An override's key is a setting's dotted path ("data.batch_size" sets `batch_size` in the YAML's
+    `data:` section, "steps" a top-level key)."""
+    data = load_mapping(path) if path is not None else {}
+    return parse_config(model, with_overrides(data, {k: v for k, v in overrides.items() if v is not None}))
+
+
+def with_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `data` with each dotted key of `overrides` set (missing sections are created)."""
+    out = copy.deepcopy(data)
+    for key, value in overrides.items():
+        *sections, name = key.split(".")
+        node = out
+        for i, section in enumerate(sections):
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {key}: {'.'.join(sections[:i + 1])} is a value, not a section")
+        node[name] = value
+    return out
+
+
+def config_field(model: type[BaseModel], key: str):
+    """The pydantic FieldInfo of a dotted key ("data.batch_size") of a settings model."""
+    *sections, name = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[name]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], flags: dict[str, str],
+                     choices: dict[str, list] | None = None) -> None:
+    """One flag per setting, e.g. {"--batch-size": "data.batch_size"}: its type, choices (a Literal)
+    and help (description and default) come from the model, so no default is written twice.
+    An absent flag is absent from the parsed namespace (default SUPPRESS): the YAML's value, or
+    else the model's default, stands. Booleans get --x / --no-x; lists are repeatable."""
+    for flag, key in flags.items():
+        info = config_field(model, key)
+        kind = info.annotation
+        if get_origin(kind) in (Union, types.UnionType):  # X | None -> X
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)}"
+        repeat = "; repeatable" if get_origin(kind) is list else ""
+        helptext = f"{info.description + ' ' if info.description else ''}({key}; {default}{repeat})"
+        helptext = helptext.replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": helptext}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal:
+            values = list(get_args(kind))
+            kwargs |= {"type": type(values[0]), "choices": values}
+        elif get_origin(kind) is list:
+            kwargs |= {"type": get_args(kind)[0], "action": "append"}
+        else:
+            kwargs["type"] = kind
+        if choices and key in choices:
+            kwargs["choices"] = choices[key]
+        if kind is not bool and "choices" not in kwargs:
+            kwargs["metavar"] = key.rsplit(".", 1)[-1].upper()
+        parser.add_argument(flag, **kwargs)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -102,3 +150,16 @@ def check_extension_locks(root: Path | None = None, wait_s: float = 5.0, poll_s:
     if locks:
         raise StaleLockError(f"stale torch extension build lock {locks[0]} (a killed build; no process is building "
                              f"there): remove it (rm {locks[0]}) and start again")
+
+
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def local_target(out: str | os.PathLike | None, out_node: str | None) -> str | None:
+    """`out` when the caller that will serve or keep the file runs on this node (write it in place),
+    else None (send the bytes back): a folder of the same name on another node is not the caller's."""
+    return str(out) if out is not None and out_node and out_node == node_id() else None

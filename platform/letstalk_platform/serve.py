@@ -39,9 +39,11 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from letstalk.accel import InferenceOptions, torch_thread_pool
+from letstalk.diffusion import SAMPLERS, Sampler
+from letstalk.inputs import InputSpec, LimitExceeded, PreparedInputs, prepare
 
-from .render import (Cancel, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, decode_file,
-                     one_line)
+from .runtime import local_target, node_id
+from .render import Cancel, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, one_line
 
 TOKEN_ENV = "LETSTALK_API_TOKEN"
 APP_NAME = "letstalk"
@@ -55,15 +57,15 @@ class AppArgs(BaseModel):
     model: str = Field(description="bundle folder or models:/<name>@<alias>")
     mlflow_uri: str | None = Field(None, description="registry for models:/ URIs (default: MLFLOW_TRACKING_URI)")
     token: SecretStr | None = Field(None, description=f"bearer token; default: ${TOKEN_ENV} in the replica's env")
-    use_gpu: bool = False
-    renderer_cpus: float = Field(1.0, ge=0)
-    num_replicas: int = Field(1, ge=1)
+    use_gpu: bool = Field(False, description="one GPU per Renderer replica")
+    renderer_cpus: float = Field(1.0, ge=0, description="CPUs per Renderer replica")
+    num_replicas: int = Field(1, ge=1, description="Renderer replicas (the minimum when autoscaling)")
     max_replicas: int | None = Field(None, ge=1, description="autoscale Renderer replicas up to this many")
     max_jobs_per_replica: int = Field(2, ge=1, description="renders one replica runs at once")
     max_queued_jobs: int = Field(0, ge=0, description="accepted jobs beyond the running ones before 503")
-    max_upload_mb: float = Field(50.0, gt=0)
-    max_audio_seconds: float = Field(600.0, gt=0)
-    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_upload_mb: float = Field(50.0, gt=0, description="largest upload per file (413 above it)")
+    max_audio_seconds: float = Field(600.0, gt=0, description="longest audio (413 above it)")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="largest portrait (413 above it)")
     retry_after_s: int = Field(10, ge=1)
     job_ttl_s: float = Field(24 * 3600, gt=0, description="finished jobs (and videos) kept this long")
     work_dir: str | None = Field(None, description="where finished videos are kept (default: a temp folder)")
@@ -109,25 +111,30 @@ class Renderer:
     def info(self) -> dict:
         return {"model": self.model, **self.worker.info()}
 
-    async def render(self, portrait: Any, audio: Any, options: dict | None = None) -> dict:
-        """One render; bad input comes back as {"status": "failed", "error": ...}, never raised."""
+    async def render(self, portrait: Any, audio: Any = None, options: dict | None = None, out: str | None = None,
+                     out_node: str | None = None) -> dict:
+        """One render (RenderWorker.render's arguments); the mp4 is written to `out` when the caller
+        runs on this replica's node (`out_node`), else sent back. Bad input comes back as
+        {"status": "failed", "error": ...}, never raised."""
         loop = asyncio.get_running_loop()
         cancel = Cancel()
+        out = local_target(out, out_node)
         try:
-            out = await loop.run_in_executor(self.pool, lambda: self.worker.render(portrait, audio, options,
-                                                                                  cancelled=cancel))
+            return await loop.run_in_executor(self.pool, lambda: self.worker.render(portrait, audio, options, out=out,
+                                                                                     cancelled=cancel))
         except asyncio.CancelledError:
             cancel.set()
             raise
         except (ValueError, ValidationError) as e:
             return {"status": "failed", "error": one_line(e)}
-        return out.result()
 
-    async def render_stream(self, portrait: Any, audio: Any, options: dict | None = None):
+    async def render_stream(self, inputs: PreparedInputs, options: dict | None = None, out: str | None = None,
+                            out_node: str | None = None):
         """Yields {"event": "progress", ...} while rendering, then one "done" or "failed" event."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = Cancel()
+        out = local_target(out, out_node)
         last = [-1, 0.0]
 
         def progress(clips_done: int, clips_total: int, fraction: float) -> None:
@@ -138,7 +145,7 @@ class Renderer:
                          "fraction": round(fraction, 4)}
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = loop.run_in_executor(self.pool, lambda: self.worker.render(portrait, audio, options,
+        job = loop.run_in_executor(self.pool, lambda: self.worker.render(inputs, None, options, out=out,
                                                                          progress=progress, cancelled=cancel))
         try:
             while True:
@@ -154,7 +161,7 @@ class Renderer:
             except (ValueError, ValidationError) as e:
                 yield {"event": "failed", "error": one_line(e)}
                 return
-            yield out.result() | {"event": "done"}
+            yield out | {"event": "done"}
         except (asyncio.CancelledError, GeneratorExit):
             cancel.set()
             raise
@@ -163,10 +170,12 @@ class Renderer:
 # ---------------------------------------------------------------------------------- Ingress
 
 
-class Job:
+class RenderJob:
+    """One HTTP render request's lifecycle: queued -> running -> done | failed | cancelled."""
+
     def __init__(self, job_id: str, options: dict, clips_total: int, duration_s: float):
         self.id, self.options = job_id, options
-        self.status = "queued"  # queued -> running -> done | failed | cancelled
+        self.status = "queued"
         self.clips_done, self.clips_total, self.fraction = 0, clips_total, 0.0
         self.duration_s = duration_s
         self.error: str | None = None
@@ -193,16 +202,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
-
-
-def _decode(data: bytes, field: str, load):
-    """decode_file, its one-line errors as 400 (413 when a limit is exceeded)."""
-    try:
-        return decode_file(data, field, load)
-    except ValueError as e:
-        message = str(e)
-        over_limit = "over the" in message and "limit" in message
-        raise ApiError(413 if over_limit else 400, message) from None
 
 
 api = FastAPI(
@@ -243,10 +242,11 @@ class Ingress:
         root = self.args.work_dir or os.path.join(tempfile.gettempdir(), "letstalk-serve")
         self.videos = Path(root) / f"videos-{uuid.uuid4().hex[:8]}"
         self.videos.mkdir(parents=True, exist_ok=True)
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, RenderJob] = {}
         replicas = self.args.max_replicas or self.args.num_replicas
         self.capacity = replicas * self.args.max_jobs_per_replica + self.args.max_queued_jobs
         self.max_upload = int(self.args.max_upload_mb * 1024 * 1024)
+        self.node = node_id()  # a Renderer on this node writes the videos straight into self.videos
         self._model_info: dict | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -258,13 +258,13 @@ class Ingress:
             raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                            {"WWW-Authenticate": "Bearer"})
 
-    def _job(self, job_id: str) -> Job:
+    def _job(self, job_id: str) -> RenderJob:
         job = self.jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None
         if job is None:
             raise ApiError(404, f"no render job {job_id[:64]!r}")
         return job
 
-    def _video_path(self, job: Job) -> Path:
+    def _video_path(self, job: RenderJob) -> Path:
         return self.videos / f"{job.id}.mp4"  # job ids are our own 32-hex-digit names
 
     def _expire(self) -> None:
@@ -291,24 +291,24 @@ class Ingress:
             self._model_info = await self.renderer.info.remote()
         return self._model_info
 
-    def _check_inputs(self, info: dict, image_bytes: bytes, audio_bytes: bytes):
-        """Decode the uploads here, so bad input is a 4xx before any renderer time is spent."""
-        from letstalk.media import load_audio
-        from letstalk.portrait import load_image
+    def _prepare(self, info: dict, image_bytes: bytes, audio_bytes: bytes) -> PreparedInputs:
+        """The uploads decoded, cropped and counted here, once: bad input is a 4xx before any
+        renderer time is spent, and the renderer gets them ready to use."""
+        spec = InputSpec(info["image_size"], info["sample_rate"], info["fps"], info["clip_frames"],
+                         min(self.args.max_audio_seconds, info["max_audio_seconds"]), self.args.max_image_pixels)
+        try:
+            return prepare(image_bytes, audio_bytes, spec)
+        except LimitExceeded as e:
+            raise ApiError(413, one_line(e)) from None
+        except ValueError as e:
+            raise ApiError(400, one_line(e)) from None
 
-        rate = info["sample_rate"]
-        limit = min(self.args.max_audio_seconds, info["max_audio_seconds"])
-        image = _decode(image_bytes, "portrait", lambda p: load_image(p, max_pixels=self.args.max_image_pixels))
-        wave = _decode(audio_bytes, "audio", lambda p: load_audio(p, rate, max_seconds=limit))
-        frames = round(wave.size / rate * info["fps"])
-        if frames < 1:
-            raise ApiError(400, "audio: too short to give a single video frame")
-        return image, wave, frames, -(-frames // info["clip_frames"])
-
-    async def _run(self, job: Job, image, wave) -> None:
+    async def _run(self, job: RenderJob, inputs: PreparedInputs) -> None:
         stream = None
         try:
-            stream = self.renderer.options(stream=True).render_stream.remote(image, wave, job.options)
+            path = self._video_path(job)
+            stream = self.renderer.options(stream=True).render_stream.remote(inputs, job.options, str(path),
+                                                                                self.node)
             async for event in stream:
                 kind = event["event"]
                 if kind == "progress":
@@ -318,10 +318,10 @@ class Ingress:
                 elif kind == "failed":
                     job.status, job.error = "failed", event["error"]
                 elif kind == "done":
-                    path = self._video_path(job)
-                    part = path.with_name(f".{path.name}.part")
-                    await run_in_threadpool(part.write_bytes, event["video"])
-                    part.rename(path)
+                    if event["video"] is not None:  # a replica on another node: its bytes, written here
+                        part = path.with_name(f".{path.name}.part")
+                        await run_in_threadpool(part.write_bytes, event["video"])
+                        part.rename(path)
                     job.clips_done, job.fraction, job.seconds = job.clips_total, 1.0, event["seconds"]
                     job.rendered_with = event["options"]
                     job.status = "done"
@@ -357,7 +357,7 @@ class Ingress:
                      portrait: UploadFile = File(..., description="portrait image (PNG, JPEG, WebP, ...)"),
                      audio: UploadFile = File(..., description="speech (WAV, MP3, M4A, OGG, ...)"),
                      steps: int | None = Form(None, description="denoising steps (default: the server's)"),
-                     sampler: str | None = Form(None, description="ddpm | ddim | dpm"),
+                     sampler: Sampler | None = Form(None, description=" | ".join(SAMPLERS)),
                      guidance: float | None = Form(None, description="audio classifier-free guidance scale"),
                      seed: int = Form(0)) -> JSONResponse:
         self._auth(request)
@@ -372,11 +372,12 @@ class Ingress:
         image_bytes = await self._read(portrait, "portrait")
         audio_bytes = await self._read(audio, "audio")
         info = await self._info()
-        image, wave, frames, clips = await run_in_threadpool(self._check_inputs, info, image_bytes, audio_bytes)
-        job = Job(uuid.uuid4().hex, options.model_dump(exclude_none=True), clips, wave.size / info["sample_rate"])
+        inputs = await run_in_threadpool(self._prepare, info, image_bytes, audio_bytes)
+        job = RenderJob(uuid.uuid4().hex, options.model_dump(exclude_none=True), inputs.num_clips, inputs.duration_s)
         self.jobs[job.id] = job
-        job.task = asyncio.create_task(self._run(job, image, wave))
-        return JSONResponse({"id": job.id, "status": job.status, "frames": frames, "clips_total": clips,
+        job.task = asyncio.create_task(self._run(job, inputs))
+        return JSONResponse({"id": job.id, "status": job.status, "frames": inputs.num_frames,
+                             "clips_total": inputs.num_clips,
                              "status_url": f"/v1/renders/{job.id}"}, status_code=202,
                             headers={"Location": f"/v1/renders/{job.id}"})
 

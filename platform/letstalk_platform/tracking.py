@@ -33,6 +33,17 @@ def start_run(uri: str, experiment: str, run_name: str | None, params: dict[str,
     return run.info.run_id
 
 
+def flat_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings -> MLflow params with dotted names ({"optim": {"lr": 1e-4}} -> {"optim.lr": 1e-4})."""
+    flat: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            flat |= flat_params(v, f"{prefix}{k}.")
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
 class RankZeroLogger:
     """Metrics and artifacts into an existing run, from world rank 0 only (a no-op elsewhere)."""
 

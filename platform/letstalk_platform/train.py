@@ -1,10 +1,13 @@
 """Distributed training: Ray Train TorchTrainer + DeepSpeed ZeRO, MLflow tracking, registry.
 
-Driver (`run_training`): validate the config, open the MLflow run, run TorchTrainer, then export the
-EMA weights as a LetsTalkPipeline bundle and register it. Workers (`train_loop`): DeepSpeed engine
-over LetsTalkTransformer, batches read by index in a replayable shuffled order
-(letstalk_platform.data), an fp32 EMA of the optimizer's master weights, checkpoints through
-`ray.train.report` every `checkpoint_every` steps.
+Settings: `TrainConfig`, in sections (model, data, optim, augment, target, scaling, tracking); YAML in
+cluster/train/, checked before Ray starts by letstalk_platform.configs.check_train.
+
+Driver (`run_training`): check the config, open the MLflow run, build the `TrainPlan` every worker
+gets, run TorchTrainer, then export the EMA weights as a LetsTalkPipeline bundle and register it.
+Workers (`train_loop`): DeepSpeed engine over LetsTalkTransformer, batches read by index in a
+replayable shuffled order (letstalk_platform.data), an fp32 EMA of the optimizer's master weights,
+checkpoints through `ray.train.report` every `checkpoint_every` steps.
 
 A checkpoint folder holds DeepSpeed's own files (`ds/`: weights, optimizer, LR schedule; per
 rank), `ema-rank{r}.safetensors` (each rank's EMA of its fp32 master partitions), `rank{r}.json`
@@ -24,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safetensors.torch import load_file, save_file
 
 from letstalk.artifacts import CheckpointState, RankState, ShardManifest, ema_file, export_bundle, write_json_atomic
-from letstalk.config import PRESETS, LetsTalkConfig
-from letstalk.diffusion import ClipTarget, GaussianDiffusion
+from letstalk.config import PRESETS, AudioFusion, LetsTalkConfig, PortraitFusion
+from letstalk.diffusion import ClipTarget, GaussianDiffusion, Prediction
 from letstalk.training import EMA, Augment, init_from_checkpoint, loss_terms, prepare_batch
 from letstalk.transformer import LetsTalkTransformer
 from letstalk.vae import LatentCodec
@@ -44,73 +48,21 @@ from . import tracking
 TRAIN_COLUMNS = ["latents", "audio", "motion", "refs"]
 
 
-class TrainConfig(BaseModel):
-    """Settings of jobs/train.py (YAML keys; flags override them)."""
+FORBID = ConfigDict(extra="forbid")
+_AUGMENT, _TARGET = Augment(), ClipTarget()  # the library's defaults: the only ones
 
-    model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(description="shard folder written by jobs/preprocess.py")
+class ModelSection(BaseModel):
+    """The network: a preset of letstalk.config with the sizes the shards fix (`architecture`)."""
+
+    model_config = FORBID
+
     preset: str = "B"
-    portrait_fusion: Literal["symbiotic", "direct", "siamese"] = "symbiotic"
-    audio_fusion: Literal["direct", "siamese", "symbiotic"] = "direct"
-    batch_size: int = Field(4, ge=1, description="clips per worker per step")
-    shuffle: bool = Field(True, description="a new permutation of all clips every epoch, seeded by (seed, epoch), "
-                          "so each batch mixes videos; false: shard order (a video's clips in a row)")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = Field(0.9999, ge=0, lt=1)
-    ema_warmup: bool = Field(False, description="decay min(ema_decay, (1+n)/(10+n)) at step n: for short runs")
-    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup from 0")
-    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warmup: constant, or "
-                                                      "cosine decay to min_lr_ratio·lr at `steps`")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    steps: int = Field(300_000, ge=1)
-    checkpoint_every: int = Field(1000, ge=1)
-    log_every: int = Field(10, ge=1)
-    sample_clips: int = Field(1, ge=0, description="eval clips rendered to MLflow at every checkpoint")
-    sample_steps: int = Field(25, ge=1, description="DDIM steps for those samples")
+    portrait_fusion: PortraitFusion | None = Field(None, description="None: the preset's")
+    audio_fusion: AudioFusion | None = Field(None, description="None: the preset's")
+    init_from: str | None = Field(None, description="Latte/DiT checkpoint: keys matching by name and shape")
     gradient_checkpointing: bool = Field(False, description="recompute each block in the backward: far less "
                                          "activation memory for about a third more compute (bench/train.py)")
-    optimizer: Literal["auto", "fused", "foreach", "loop", "deepspeed"] = Field(
-        "auto", description="AdamW kernel: torch's fused one ('fused', CUDA and CPU), its multi-tensor "
-        "('foreach') or per-tensor ('loop') path, or DeepSpeed's FusedAdam ('deepspeed': CUDA, built at first "
-        "use); auto = fused, the fastest here (bench/train.py)")
-    prefetch_batches: int = Field(1, ge=0, description="batches each worker's loader thread reads ahead "
-                                  "(the metric data_wait_frac says whether the loader keeps up)")
-    residual: bool = Field(False, description="diffuse the clip minus its portrait latent (written to the "
-                           "bundle's pipeline.json)")
-    residual_scale: float = Field(1.0, gt=0, description="x0 = (clip - portrait) · residual_scale (or clip · "
-                                  "residual_scale): about 1 / the RMS of the target (written to pipeline.json)")
-    motion_weight: float = Field(0.0, ge=0, description="weight the loss towards what moves in the clip "
-                                 "(mouth, eyes): letstalk.training.motion_weights")
-    prediction: Literal["epsilon", "v_prediction"] = Field("epsilon", description="the network's target "
-                                                             "(written to the bundle's pipeline.json)")
-    flip_prob: float = 0.5
-    audio_dropout: float = 0.1
-    motion_noise: float = 0.1
-    motion_ref_prob: float = 0.1
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
-        "PACK", description="how Ray places the workers: PACK fills a node first, SPREAD prefers one per node")
-    stall_warning_s: float = Field(600.0, gt=0, description="a worker that finishes no step for this long says "
-                                   "so in the log (waiting for data, or for a peer in a collective)")
-    storage: str = "runs"
-    name: str = "letstalk"
-    max_failures: int = 2
-    mlflow_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "letstalk"
-    register_name: str | None = "letstalk"
-    register_alias: str = "candidate"
-    deepspeed: str | None = Field(None, description="base DeepSpeed JSON (cluster/deepspeed/); the fields "
-                                  "above (batch, lr, clipping, ZeRO stage, precision) override it")
-    init_from: str | None = Field(None, description="Latte/DiT checkpoint: keys matching by name and shape")
-    seed: int = 0
-    fail_at_step: int | None = Field(None, description="chaos test: rank 1 dies once at this step")
 
     @field_validator("preset")
     @classmethod
@@ -119,6 +71,107 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown preset {v!r}; choose from {list(PRESETS)}")
         return v
 
+
+class DataSection(BaseModel):
+    """What each worker reads: the shards of jobs/preprocess.py, by index (letstalk_platform.data)."""
+
+    model_config = FORBID
+
+    path: str = Field(description="shard folder written by jobs/preprocess.py")
+    batch_size: int = Field(4, ge=1, description="clips per worker per step")
+    shuffle: bool = Field(True, description="a new permutation of all clips every epoch, seeded by (seed, epoch), "
+                          "so each batch mixes videos; false: shard order (a video's clips in a row)")
+    prefetch_batches: int = Field(1, ge=0, description="batches each worker's loader thread reads ahead "
+                                  "(the metric data_wait_frac says whether the loader keeps up)")
+
+
+class OptimSection(BaseModel):
+    """AdamW and its schedule, DeepSpeed (ZeRO stage, precision, base JSON) and the EMA of the weights."""
+
+    model_config = FORBID
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup from 0")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="after warmup: constant, or cosine "
+                                                    "decay to min_lr_ratio·lr at `steps`")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    kernel: Literal["auto", "fused", "foreach", "loop", "deepspeed"] = Field(
+        "auto", description="AdamW kernel: torch's fused one ('fused', CUDA and CPU), its multi-tensor "
+        "('foreach') or per-tensor ('loop') path, or DeepSpeed's FusedAdam ('deepspeed': CUDA, built at first "
+        "use); auto = fused, the fastest here (bench/train.py)")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    deepspeed: str | None = Field(None, description="base DeepSpeed JSON (cluster/deepspeed/); batch size, lr, "
+                                  "weight decay, clipping, ZeRO stage, precision and kernel come from this config")
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_warmup: bool = Field(False, description="decay min(ema_decay, (1+n)/(10+n)) at step n: for short runs")
+
+    @property
+    def kernel_impl(self) -> str:
+        """The AdamW implementation this run uses ('auto' resolved)."""
+        return "fused" if self.kernel == "auto" else self.kernel
+
+
+class AugmentSection(BaseModel):
+    """letstalk.training.Augment's fields (see its docstring); its defaults are the defaults."""
+
+    model_config = FORBID
+
+    flip_prob: float = Field(_AUGMENT.flip_prob, ge=0, le=1)
+    audio_dropout: float = Field(_AUGMENT.audio_dropout, ge=0, le=1)
+    motion_noise: float = Field(_AUGMENT.motion_noise, ge=0)
+    motion_ref_prob: float = Field(_AUGMENT.motion_ref_prob, ge=0, le=1)
+
+    def to_augment(self) -> Augment:
+        return Augment(**self.model_dump())
+
+
+class TargetSection(BaseModel):
+    """What the network learns: x0 (letstalk.diffusion.ClipTarget, its defaults), the prediction, the loss weights."""
+
+    model_config = FORBID
+
+    residual: bool = Field(_TARGET.residual, description="diffuse the clip minus its portrait latent (written to "
+                           "the bundle's pipeline.json)")
+    residual_scale: float = Field(_TARGET.scale, gt=0, description="x0 = (clip - portrait) · residual_scale (or "
+                                  "clip · residual_scale): about 1 / the RMS of the target (written to pipeline.json)")
+    prediction: Prediction = Field("epsilon", description="the network's target (written to the bundle's "
+                                   "pipeline.json)")
+    motion_weight: float = Field(0.0, ge=0, description="weight the loss towards what moves in the clip "
+                                 "(mouth, eyes): letstalk.training.motion_weights")
+
+    def to_clip_target(self) -> ClipTarget:
+        return ClipTarget(self.residual, self.residual_scale)
+
+
+class ScalingSection(BaseModel):
+    """Ray Train's ScalingConfig and FailureConfig."""
+
+    model_config = FORBID
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker (e.g. 0.5 on a laptop)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers: PACK fills a node first, SPREAD prefers one per node, "
+        "STRICT_SPREAD demands it")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+
+
+class TrackingSection(BaseModel):
+    """Where the run lives (STORAGE/NAME) and what it reports to: MLflow and its model registry."""
+
+    model_config = FORBID
+
+    name: str = Field("letstalk", description="run name: storage sub-folder and MLflow run name")
+    storage: str = Field("runs", description="folder for Ray Train run state and checkpoints")
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "letstalk"
+    register_name: str | None = Field("letstalk", description="registered model name; null: do not register")
+    register_alias: str = "candidate"
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
@@ -126,55 +179,77 @@ class TrainConfig(BaseModel):
             raise ValueError("name may hold only letters, digits, '-', '_' and '.'")
         return v
 
+
+class TrainConfig(BaseModel):
+    """Settings of jobs/train.py: YAML sections (cluster/train/*.yaml); flags override single keys
+    (`--batch-size` = data.batch_size). Only `data.path` is required."""
+
+    model_config = FORBID
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    optim: OptimSection = Field(default_factory=OptimSection)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    target: TargetSection = Field(default_factory=TargetSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    steps: int = Field(300_000, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_clips: int = Field(1, ge=0, description="eval clips rendered to MLflow at every checkpoint")
+    sample_steps: int = Field(25, ge=1, description="DDIM steps for those samples")
+    seed: int = 0
+    stall_warning_s: float = Field(600.0, gt=0, description="a worker that finishes no step for this long says "
+                                   "so in the log (waiting for data, or for a peer in a collective)")
+    fail_at_step: int | None = Field(None, description="chaos test: rank 1 dies once at this step")
+
     @model_validator(mode="after")
-    def _optimizer_on_device(self) -> "TrainConfig":
-        if self.optimizer == "deepspeed" and not self.use_gpu:
-            raise ValueError("optimizer 'deepspeed' (DeepSpeed's FusedAdam) needs use_gpu; on CPU use fused, "
-                             "foreach or loop")
+    def _kernel_on_device(self) -> "TrainConfig":
+        if self.optim.kernel == "deepspeed" and not self.scaling.use_gpu:
+            raise ValueError("optim.kernel 'deepspeed' (DeepSpeed's FusedAdam) needs scaling.use_gpu; on CPU use "
+                             "fused, foreach or loop")
         return self
 
     @property
-    def optimizer_impl(self) -> str:
-        """The AdamW implementation this run uses ('auto' resolved)."""
-        return "fused" if self.optimizer == "auto" else self.optimizer
-
-    @property
-    def target(self) -> ClipTarget:
-        return ClipTarget(self.residual, self.residual_scale)
+    def bf16(self) -> bool:
+        """Whether the workers train in bf16 (precision 'auto': on GPU)."""
+        return self.optim.precision == "bf16" or (self.optim.precision == "auto" and self.scaling.use_gpu)
 
 
-def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed config: cfg.deepspeed's JSON (if any) with this run's settings on top."""
-    base: dict[str, Any] = json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else {}
-    zero = dict(base.get("zero_optimization", {})) | {"stage": cfg.zero_stage}
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config: cfg.optim.deepspeed's JSON (if any) with this run's settings on top."""
+    opt = cfg.optim
+    base: dict[str, Any] = json.loads(Path(opt.deepspeed).read_text()) if opt.deepspeed else {}
+    zero = dict(base.get("zero_optimization", {})) | {"stage": opt.zero_stage}
     optimizer = base.get("optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8}})
-    params = dict(optimizer.get("params", {})) | {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    params = dict(optimizer.get("params", {})) | {"lr": opt.lr, "weight_decay": opt.weight_decay}
     for key in ("torch_adam", "fused", "foreach"):
         params.pop(key, None)
-    if cfg.optimizer_impl != "deepspeed":
+    if opt.kernel_impl != "deepspeed":
         # torch.optim.AdamW built by DeepSpeed (no op to compile); DeepSpeed passes `foreach` and
         # hands the remaining params (`fused`) to the constructor
         params |= {"torch_adam": True} | {"fused": {"fused": True}, "foreach": {"foreach": True},
-                                          "loop": {"foreach": False}}[cfg.optimizer_impl]
+                                          "loop": {"foreach": False}}[opt.kernel_impl]
     return base | {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": base.get("gradient_accumulation_steps", 1),
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": opt.grad_clip,
         "optimizer": {"type": optimizer.get("type", "AdamW"), "params": params},
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": cfg.bf16},
         "steps_per_print": 10**9,
     }
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Learning rate at optimizer step `step` (0-based) as a fraction of cfg.lr."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+    """Learning rate at optimizer step `step` (0-based) as a fraction of cfg.optim.lr."""
+    opt = cfg.optim
+    if step < opt.warmup_steps:
+        return (step + 1) / opt.warmup_steps
+    if opt.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - opt.warmup_steps) / max(1, cfg.steps - opt.warmup_steps))
+    return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ------------------------------------------------------------------------------------------
@@ -296,7 +371,7 @@ class Watchdog:
         self._stop.set()
 
 
-def build_engine(cfg: TrainConfig, arch: dict[str, Any], device: torch.device, bf16: bool, rank: int):
+def build_engine(cfg: TrainConfig, arch: LetsTalkConfig, device: torch.device, rank: int):
     """LetsTalkTransformer (the same initial weights on every rank) in a DeepSpeed engine; every
     parameter, the audio projection included, in the optimizer."""
     import deepspeed
@@ -304,20 +379,54 @@ def build_engine(cfg: TrainConfig, arch: dict[str, Any], device: torch.device, b
     from .runtime import check_extension_locks
 
     torch.manual_seed(cfg.seed)
-    model = LetsTalkTransformer(**arch)
-    if cfg.init_from and rank == 0:
-        report = init_from_checkpoint(model, cfg.init_from)
-        say(f"init from {cfg.init_from}: {len(report['loaded'])} tensors loaded, "
+    model = LetsTalkTransformer(**arch.to_dict())
+    init_from = cfg.model.init_from
+    if init_from and rank == 0:
+        report = init_from_checkpoint(model, init_from)
+        say(f"init from {init_from}: {len(report['loaded'])} tensors loaded, "
             f"{len(report['shape_mismatch'])} shape mismatches, {len(report['missing'])} missing")
-    if cfg.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     check_extension_locks()  # DeepSpeed's CPU comm op is built at first use: never wait on a dead build
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg, bf16),
+                                           config=deepspeed_config(cfg),
                                            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                                                opt, lambda s: lr_factor(cfg, s)))
     return engine
+
+
+@dataclass(frozen=True)
+class SampleClip:
+    """An eval clip rendered to MLflow at every checkpoint: its shard columns and where its audio is."""
+
+    video_id: str
+    path: str  # the source video (its audio track goes under the rendered clip)
+    start: int  # first frame of the clip in that video
+    latents: np.ndarray  # (F, C, h, w)
+    audio: np.ndarray  # (F + window - 1, layers, D)
+    motion: np.ndarray  # (M, C, h, w)
+    refs: np.ndarray  # (K, C, h, w)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Everything a training worker needs, built once by `run_training` (Ray pickles it to each
+    worker inside train_loop_config = {"plan": plan}: Ray Train takes a dict there)."""
+
+    cfg: TrainConfig  # absolute paths (the workers do not share the driver's working directory)
+    arch: LetsTalkConfig  # the preset with the sizes the shards fix
+    run_id: str  # the MLflow run the workers log into
+    run_dir: Path  # STORAGE/NAME: checkpoints and the LATEST pointer
+    data_bundle: Path  # the bundle the shards were tokenized with (its codec decodes the samples)
+    fps: float
+    sample_rate: int
+    samples: tuple[SampleClip, ...] = field(default=(), repr=False)
+
+    @property
+    def chaos_marker(self) -> Path:
+        """Written by the rank that `fail_at_step` kills, so that it dies only once."""
+        return self.run_dir / ".chaos-done"
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -326,31 +435,31 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from .data import BatchLoader, ClipTable
 
-    cfg = TrainConfig(**config["train"])
+    plan: TrainPlan = config["plan"]
+    cfg, arch = plan.cfg, plan.arch
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.use_gpu else "cpu")
-    if cfg.use_gpu:
+    use_gpu = cfg.scaling.use_gpu
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if use_gpu else "cpu")
+    if use_gpu:
         torch.cuda.set_device(device)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.use_gpu)
     node = ray.get_runtime_context().get_node_id()
 
-    arch = config["arch"]
-    engine = build_engine(cfg, arch, device, bf16, rank)
+    engine = build_engine(cfg, arch, device, rank)
     generator = seed_everything(cfg.seed, rank)
-    ema = EMA(master_weights(engine), cfg.ema_decay, warmup=cfg.ema_warmup)
-    diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"], prediction=cfg.prediction)
-    augment = Augment(cfg.flip_prob, cfg.audio_dropout, cfg.motion_noise, cfg.motion_ref_prob)
-    log = tracking.RankZeroLogger(cfg.mlflow_uri, config["run_id"], rank)
+    ema = EMA(master_weights(engine), cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
+    diffusion = GaussianDiffusion(learn_sigma=arch.learn_sigma, prediction=cfg.target.prediction)
+    augment, target = cfg.augment.to_augment(), cfg.target.to_clip_target()
+    log = tracking.RankZeroLogger(cfg.tracking.mlflow_uri, plan.run_id, rank)
     log.tag("optimizer_kernel", optimizer_kernel(engine))
 
     step, epoch, batch_in_epoch = 0, 0, 0
-    resume = latest_checkpoint(ray.train.get_checkpoint(), Path(config["run_dir"]))
+    resume = latest_checkpoint(ray.train.get_checkpoint(), plan.run_dir)
     if resume is not None:
         state = CheckpointState.load(resume)
         if state.world_size != world:
             raise ValueError(f"checkpoint written by {state.world_size} workers, this run has {world}: "
-                             "resume with the same num_workers (the EMA and data order are per rank)")
+                             "resume with the same scaling.num_workers (the EMA and data order are per rank)")
         engine.load_checkpoint(str(resume), tag="ds")
         ema.load_state_dict(load_file(str(ema_file(resume, rank)), device=str(device)))
         set_rng_state(RankState.load(resume, rank).rng, generator)
@@ -359,11 +468,12 @@ def train_loop(config: dict[str, Any]) -> None:
         say(f"train: rank {rank}: resumed at step {step} (epoch {epoch}, batch {batch_in_epoch}) from {resume.name} "
             f"on node {node[:12]}")
 
-    table = ClipTable(cfg.data, "train", TRAIN_COLUMNS)
-    loader = BatchLoader(table, cfg.batch_size, cfg.seed, rank, world, cfg.shuffle, start=(epoch, batch_in_epoch),
-                         prefetch=cfg.prefetch_batches)
+    data = cfg.data
+    table = ClipTable(data.path, "train", TRAIN_COLUMNS)
+    loader = BatchLoader(table, data.batch_size, cfg.seed, rank, world, data.shuffle, start=(epoch, batch_in_epoch),
+                         prefetch=data.prefetch_batches)
     if rank == 0 and step == 0:
-        say(f"train: {len(table)} clips, {loader.batches_per_epoch} steps per epoch of {world} × {cfg.batch_size}")
+        say(f"train: {len(table)} clips, {loader.batches_per_epoch} steps per epoch of {world} × {data.batch_size}")
     watchdog = Watchdog(cfg.stall_warning_s, rank)
     t_last, samples_since = time.perf_counter(), 0
     # data_wait_frac: the share of wall time a worker spends blocked on its next batch (0 = the
@@ -377,19 +487,18 @@ def train_loop(config: dict[str, Any]) -> None:
             data_wait += time.perf_counter() - t_ready
             watchdog.beat(step, "in a step: forward, backward or a collective with the other workers")
             batch = {k: torch.from_numpy(arrays[k]).to(device) for k in TRAIN_COLUMNS}
-            inputs = prepare_batch(batch, augment, arch["audio_window"], generator, target=cfg.target)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                terms = loss_terms(engine, diffusion, inputs, generator, motion_weight=cfg.motion_weight)
+            inputs = prepare_batch(batch, augment, arch.audio_window, generator, target=target)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                terms = loss_terms(engine, diffusion, inputs, generator, motion_weight=cfg.target.motion_weight)
             engine.backward(terms["loss"])
             engine.step()
             ema.update(master_weights(engine))
-            step, samples_since = step + 1, samples_since + cfg.batch_size * world
+            step, samples_since = step + 1, samples_since + data.batch_size * world
             position = (epoch, b + 1) if b + 1 < loader.batches_per_epoch else (epoch + 1, 0)
 
             if cfg.fail_at_step == step and rank == min(1, world - 1):
-                marker = Path(config["chaos_marker"])
-                if not marker.exists():
-                    marker.write_text(f"killed rank {rank} at step {step}\n")
+                if not plan.chaos_marker.exists():
+                    plan.chaos_marker.write_text(f"killed rank {rank} at step {step}\n")
                     os._exit(1)  # a worker dies without warning; Ray Train restarts from the last checkpoint
 
             metrics = {"step": step, **{k: float(terms[k].detach()) for k in ("loss", "mse", "vb")}}
@@ -408,15 +517,14 @@ def train_loop(config: dict[str, Any]) -> None:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 watchdog.beat(step, "writing a checkpoint")
                 state = CheckpointState(step=step, data_position=position, world_size=world, seed=cfg.seed,
-                                        shuffle=cfg.shuffle, target=cfg.target, prediction=cfg.prediction)
+                                        shuffle=data.shuffle, target=target, prediction=cfg.target.prediction)
                 rank_state = RankState(rng=rng_state(generator), node_id=node)
                 # whatever the checkpoint and the samples draw (model construction, sampling) must not
                 # move the run's own streams, or a resumed run would draw differently from this one
-                with torch.random.fork_rng(devices=[device] if cfg.use_gpu else []):
-                    full = _save_and_report(engine, ema, rank, arch, metrics, state, rank_state,
-                                            Path(config["run_dir"]))
-                    if full is not None and config.get("samples"):
-                        _log_samples(full, arch, config, log, step, device)
+                with torch.random.fork_rng(devices=[device] if use_gpu else []):
+                    full = _save_and_report(engine, ema, rank, arch, metrics, state, rank_state, plan.run_dir)
+                    if full is not None and plan.samples:
+                        _log_samples(full, plan, log, step, device)
             t_ready = time.perf_counter()
     finally:
         watchdog.close()
@@ -442,7 +550,7 @@ def latest_checkpoint(reported, run_dir: Path) -> Path | None:
     return max(found, key=lambda d: CheckpointState.load(d, resumable=False).step, default=None)
 
 
-def _save_and_report(engine, ema: EMA, rank: int, arch: dict, metrics: dict, state: CheckpointState,
+def _save_and_report(engine, ema: EMA, rank: int, arch: LetsTalkConfig, metrics: dict, state: CheckpointState,
                      rank_state: RankState, run_dir: Path) -> dict[str, torch.Tensor] | None:
     import ray.train
     import torch.distributed as dist
@@ -455,7 +563,7 @@ def _save_and_report(engine, ema: EMA, rank: int, arch: dict, metrics: dict, sta
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(ema_file(d, rank)))
         rank_state.save(d, rank)
         if rank == 0:
-            model = LetsTalkTransformer(**arch)
+            model = LetsTalkTransformer(**arch.to_dict())
             model.load_state_dict(full)
             model.save_pretrained(Path(d) / "transformer")
             state.save(d)
@@ -466,29 +574,31 @@ def _save_and_report(engine, ema: EMA, rank: int, arch: dict, metrics: dict, sta
     return full
 
 
-def _log_samples(ema_state: dict, arch: dict, config: dict, log: tracking.RankZeroLogger, step: int,
+def _log_samples(ema_state: dict, plan: TrainPlan, log: tracking.RankZeroLogger, step: int,
                  device: torch.device) -> None:
     """Rank 0: render the eval sample clips with the EMA weights (DDIM) -> mp4 with the source audio -> MLflow."""
     from letstalk.audio import windows_from_context
     from letstalk.media import load_audio, write_video
 
-    cfg = TrainConfig(**config["train"])
-    model = LetsTalkTransformer(**arch).to(device).eval()
+    cfg, arch = plan.cfg, plan.arch
+    target = cfg.target.to_clip_target()
+    model = LetsTalkTransformer(**arch.to_dict()).to(device).eval()
     model.load_state_dict(ema_state)
-    codec = LatentCodec.from_pretrained(Path(config["data_bundle"]) / "vae", device=device)
-    diffusion = GaussianDiffusion(learn_sigma=arch["learn_sigma"], prediction=cfg.prediction)
+    codec = LatentCodec.from_pretrained(plan.data_bundle / "vae", device=device)
+    diffusion = GaussianDiffusion(learn_sigma=arch.learn_sigma, prediction=cfg.target.prediction)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    for k, clip in enumerate(config["samples"]):
-        ref = torch.as_tensor(clip["refs"][0], device=device).float()[None]
-        audio = windows_from_context(torch.as_tensor(clip["audio"], device=device).float(), arch["audio_window"])[None]
-        motion = torch.as_tensor(clip["motion"], device=device).float()[None]
-        noise = torch.randn((1, *clip["latents"].shape), generator=g, device=device)
+    for k, clip in enumerate(plan.samples):
+        ref = torch.as_tensor(clip.refs[0], device=device).float()[None]
+        audio = windows_from_context(torch.as_tensor(clip.audio, device=device).float(), arch.audio_window)[None]
+        motion = torch.as_tensor(clip.motion, device=device).float()[None]
+        noise = torch.randn((1, *clip.latents.shape), generator=g, device=device)
         latents = diffusion.sample(lambda x, t: model(x, t, ref, audio, motion), noise, sampler="ddim",
-                                   steps=cfg.sample_steps, generator=g, clip_range=cfg.target.sample_range(codec.sample_range))
-        latents = cfg.target.decode(latents, ref)
+                                   steps=cfg.sample_steps, generator=g,
+                                   clip_range=target.sample_range(codec.sample_range))
+        latents = target.decode(latents, ref)
         frames = codec.decode(latents[0])
-        fps, sr = config["fps"], config["sample_rate"]
-        wave = load_audio(clip["path"], sr)[int(clip["start"] / fps * sr):][: int(len(frames) / fps * sr)]
+        fps, sr = plan.fps, plan.sample_rate
+        wave = load_audio(clip.path, sr)[int(clip.start / fps * sr):][: int(len(frames) / fps * sr)]
         with tempfile.TemporaryDirectory() as d:
             out = write_video(Path(d) / f"step{step:07d}-clip{k}.mp4", frames, fps, wave, sr)
             log.artifact(out, "samples")
@@ -503,38 +613,38 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .configs import check_train
     from .runtime import check_extension_locks
 
-    check_extension_locks()  # before anything starts: a dead build's lock would hang every worker
     cfg = absolute_paths(cfg)  # workers do not share the driver's working directory
-    manifest = ShardManifest.load(cfg.data)
+    check_train(cfg)  # the DeepSpeed JSON and what this run makes of it (jobs/train.py did so before Ray started)
+    check_extension_locks()  # before anything starts: a dead build's lock would hang every worker
+    manifest = ShardManifest.load(cfg.data.path)
     manifest.check_models()  # the codecs the bundle will ship are the ones that made the shards
     spec = manifest.clip_spec
-    arch = architecture(cfg.preset, manifest, cfg.portrait_fusion, cfg.audio_fusion)
-    LetsTalkConfig(**arch)  # fail fast on a bad combination, before any worker starts
+    arch = architecture(cfg.model, manifest)  # fails fast on a bad combination, before any worker starts
 
-    storage = Path(cfg.storage).resolve()
-    run_dir = storage / cfg.name
+    run, scaling = cfg.tracking, cfg.scaling
+    storage = Path(run.storage)
+    run_dir = storage / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_id = tracking.start_run(cfg.mlflow_uri, cfg.experiment, cfg.name,
-                                cfg.model_dump() | {f"arch.{k}": v for k, v in arch.items()})
-    log = tracking.RankZeroLogger(cfg.mlflow_uri, run_id, 0)
-    log.text(json.dumps({"train": cfg.model_dump(), "arch": arch}, indent=2), "config.json")
+    run_id = tracking.start_run(run.mlflow_uri, run.experiment, run.name,
+                                tracking.flat_params(cfg.model_dump() | {"arch": arch.to_dict()}))
+    log = tracking.RankZeroLogger(run.mlflow_uri, run_id, 0)
+    log.text(json.dumps({"train": cfg.model_dump(), "arch": arch.to_dict()}, indent=2), "config.json")
 
+    plan = TrainPlan(cfg=cfg, arch=arch, run_id=run_id, run_dir=run_dir, data_bundle=Path(manifest.bundle),
+                     fps=spec.fps, sample_rate=spec.sample_rate, samples=_sample_clips(cfg, manifest))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": cfg.model_dump(), "arch": arch, "run_id": run_id,
-                           "run_dir": str(run_dir), "chaos_marker": str(run_dir / ".chaos-done"),
-                           "data_bundle": manifest.bundle,
-                           "fps": spec.fps, "sample_rate": spec.sample_rate,
-                           "samples": _sample_clips(cfg, manifest)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
-                                     placement_strategy=cfg.placement_strategy),
-        run_config=RunConfig(name=cfg.name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+        train_loop_config={"plan": plan},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker},
+                                     placement_strategy=scaling.placement_strategy),
+        run_config=RunConfig(name=run.name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -547,44 +657,49 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         export_bundle(ckpt, manifest, bundle_dir)
     summary = {"run_id": run_id, "steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
                "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path, "bundle": str(bundle_dir)}
-    if cfg.register_name:
-        version = tracking.register_bundle(cfg.mlflow_uri, run_id, bundle_dir, cfg.register_name, cfg.register_alias)
-        summary["registered"] = f"models:/{cfg.register_name}@{cfg.register_alias} (version {version})"
+    if run.register_name:
+        version = tracking.register_bundle(run.mlflow_uri, run_id, bundle_dir, run.register_name, run.register_alias)
+        summary["registered"] = f"models:/{run.register_name}@{run.register_alias} (version {version})"
     log.text(json.dumps(summary, indent=2), "summary.json")
     return summary
 
 
-def architecture(preset: str, manifest: ShardManifest, portrait_fusion: str = "symbiotic",
-                 audio_fusion: str = "direct") -> dict[str, Any]:
-    """LetsTalkTransformer arguments for a preset trained on these shards: the preset's widths and
-    depth, the clip, latent and audio sizes the manifest records."""
-    return PRESETS[preset].to_dict() | {"portrait_fusion": portrait_fusion, "audio_fusion": audio_fusion} \
-        | manifest.architecture()
+def architecture(model: ModelSection, manifest: ShardManifest) -> LetsTalkConfig:
+    """The LetsTalkTransformer of a run on these shards: the preset's widths and depth (and fusions,
+    unless the config picks others), the clip, latent and audio sizes the manifest records."""
+    fusions = {k: v for k, v in (("portrait_fusion", model.portrait_fusion), ("audio_fusion", model.audio_fusion))
+               if v is not None}
+    return LetsTalkConfig.from_name(model.preset, **fusions, **manifest.architecture())
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Relative paths (and a relative sqlite URI) resolved against the driver's working directory."""
-    updates: dict[str, Any] = {}
-    for key in ("data", "storage", "deepspeed", "init_from"):
-        value = getattr(cfg, key)
-        if value and "://" not in value:
-            updates[key] = str(Path(value).resolve())
-    if cfg.mlflow_uri.startswith("sqlite:///") and not cfg.mlflow_uri.startswith("sqlite:////"):
-        updates["mlflow_uri"] = "sqlite:///" + str(Path(cfg.mlflow_uri[len("sqlite:///"):]).resolve())
-    return cfg.model_copy(update=updates)
+    def resolve(value: str | None) -> str | None:
+        return str(Path(value).resolve()) if value and "://" not in value else value
+
+    uri = cfg.tracking.mlflow_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"path": resolve(cfg.data.path)}),
+        "model": cfg.model.model_copy(update={"init_from": resolve(cfg.model.init_from)}),
+        "optim": cfg.optim.model_copy(update={"deepspeed": resolve(cfg.optim.deepspeed)}),
+        "tracking": cfg.tracking.model_copy(update={"storage": resolve(cfg.tracking.storage), "mlflow_uri": uri}),
+    })
 
 
-def _sample_clips(cfg: TrainConfig, manifest: ShardManifest) -> list[dict[str, Any]]:
+def _sample_clips(cfg: TrainConfig, manifest: ShardManifest) -> tuple[SampleClip, ...]:
     """The first clip of the first `sample_clips` eval videos (train videos if there is no eval split)."""
     from .data import ClipTable
 
     if cfg.sample_clips == 0:
-        return []
+        return ()
     split = "eval" if manifest.clip_count("eval") else "train"
     paths = {e.video_id: e.path for e in manifest.done()}
-    table = ClipTable(cfg.data, split, ["video_id", "start", "latents", "audio", "motion", "refs"])
+    table = ClipTable(cfg.data.path, split, ["video_id", "start", "latents", "audio", "motion", "refs"])
     firsts = [int(i) for i in table.offsets[:-1][: cfg.sample_clips]]  # clip 0 of each video
     rows = table.read(firsts)
-    return [{k: rows[k][i] for k in ("latents", "audio", "motion", "refs")}
-            | {"video_id": str(rows["video_id"][i]), "start": int(rows["start"][i]), "path": paths[str(rows["video_id"][i])]}
-            for i in range(len(firsts))]
+    return tuple(SampleClip(video_id=str(rows["video_id"][i]), path=paths[str(rows["video_id"][i])],
+                            start=int(rows["start"][i]), latents=rows["latents"][i], audio=rows["audio"][i],
+                            motion=rows["motion"][i], refs=rows["refs"][i])
+                 for i in range(len(firsts)))

@@ -116,6 +116,7 @@ def test_cluster_preprocess_train_lose_a_node_and_a_driver(cluster, bundle, tmp_
     import ray
 
     from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
+    from letstalk_platform.runtime import with_overrides
     from letstalk_platform.train import TrainConfig, run_training
 
     c, (w1, w2) = cluster
@@ -134,20 +135,28 @@ def test_cluster_preprocess_train_lose_a_node_and_a_driver(cluster, bundle, tmp_
     tokenizer_nodes = {a["Address"]["NodeID"] for a in actors if "Tokenizer" in a["ActorClassName"]}
     assert tokenizer_nodes == worker_ids, tokenizer_nodes
 
-    settings = dict(data=str(tmp_path / "shards"), preset="tiny", batch_size=2, lr=1e-3, num_workers=2,
-                    cpus_per_worker=1, placement_strategy="STRICT_SPREAD", steps=STEPS, checkpoint_every=EVERY,
-                    log_every=1, ema_decay=0.9, storage=str(tmp_path / "runs"), experiment="multinode",
-                    mlflow_uri=f"sqlite:///{tmp_path}/m.db", register_name=None, sample_clips=0, max_failures=3)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    settings = {"model": {"preset": "tiny"}, "data": {"path": str(tmp_path / "shards"), "batch_size": 2},
+                "optim": {"lr": 1e-3, "ema_decay": 0.9},
+                "scaling": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD",
+                            "max_failures": 3},
+                "tracking": {"storage": str(tmp_path / "runs"), "experiment": "multinode", "mlflow_uri": uri,
+                             "register_name": None},
+                "steps": STEPS, "checkpoint_every": EVERY, "log_every": 1, "sample_clips": 0}
+
+    def config(name: str) -> dict:
+        return with_overrides(settings, {"tracking.name": name})
 
     # 1. uninterrupted: one worker on each node
-    reference = run_training(TrainConfig(**settings, name="reference"))
+    reference = run_training(TrainConfig.model_validate(config("reference")))
     ref_ckpt = Path(reference["checkpoint"])
     assert reference["steps"] == STEPS and set(worker_nodes(ref_ckpt)) == worker_ids
 
     # 2. a worker node is lost mid-run; a new node joins; the run resumes on it
     run_dir = tmp_path / "runs" / "node-lost"
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(run_training(TrainConfig(**settings, name="node-lost"))))
+    node_lost = TrainConfig.model_validate(config("node-lost"))
+    thread = threading.Thread(target=lambda: result.update(run_training(node_lost)))
     thread.start()
     wait_for_step(run_dir, EVERY)
     c.remove_node(w2, allow_graceful=False)
@@ -157,23 +166,24 @@ def test_cluster_preprocess_train_lose_a_node_and_a_driver(cluster, bundle, tmp_
     assert not thread.is_alive() and result["steps"] == STEPS
     lost_ckpt = Path(result["checkpoint"])
     assert replacement.node_id in worker_nodes(lost_ckpt) and w2.node_id not in worker_nodes(lost_ckpt)
-    logged = [m.step for m in MlflowClient(settings["mlflow_uri"]).get_metric_history(result["run_id"], "loss")]
+    logged = [m.step for m in MlflowClient(uri).get_metric_history(result["run_id"], "loss")]
     assert sorted(set(logged)) == list(range(1, STEPS + 1)) and logged.count(1) == 1  # continuous, not restarted
     node_diff = max_diff(weights(ref_ckpt), weights(lost_ckpt))
 
     # 3. a job submitted with `ray job submit`; its driver is killed (SIGKILL) mid-run; the same job
     # submitted again resumes and finishes
-    config = tmp_path / "driver.yaml"
-    config.write_text(yaml.safe_dump(settings | {"name": "driver-lost"}))
+    config_file = tmp_path / "driver.yaml"
+    config_file.write_text(yaml.safe_dump(config("driver-lost")))
     run_dir = tmp_path / "runs" / "driver-lost"
     ray_cli = str(Path(sys.executable).parent / "ray")
     submit = [ray_cli, "job", "submit", "--address", f"http://{c.webui_url}"]
-    entrypoint = ["--", sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(config)]
+    entrypoint = ["--", sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(config_file)]
     first = subprocess.run(submit + ["--no-wait", "--submission-id", "driver-lost-1"] + entrypoint,
                            capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr[-2000:]
     wait_for_step(run_dir, EVERY)
-    drivers = subprocess.run(["pgrep", "-f", f"jobs/train.py --config {config}"], capture_output=True, text=True)
+    drivers = subprocess.run(["pgrep", "-f", f"jobs/train.py --config {config_file}"], capture_output=True,
+                             text=True)
     pids = [int(p) for p in drivers.stdout.split()]
     assert pids, "the job's driver process was not found"
     for pid in pids:

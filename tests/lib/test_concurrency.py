@@ -30,7 +30,7 @@ def test_render_worker_threads_match_serial_renders(bundle):
     with ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(lambda job: worker.render(face, *job), jobs))
     for a, b in zip(serial, parallel):
-        assert a.num_frames == b.num_frames and a.options == b.options and len(b.video) > 1000
+        assert a["frames"] == b["frames"] and a["options"] == b["options"] and len(b["video"]) > 1000
     # the decoded pixels are what matters: same frames from serial and threaded renders
     from letstalk.pipeline import LetsTalkPipeline
 

@@ -78,11 +78,12 @@ def test_clip_range_bounds_the_predicted_x0():
 def test_lr_schedule_and_ema_warmup():
     from letstalk_platform.train import TrainConfig, lr_factor
 
-    cfg = TrainConfig(data="x", steps=1000, warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.1)
+    cfg = TrainConfig(data={"path": "x"}, steps=1000,
+                      optim={"warmup_steps": 100, "schedule": "cosine", "min_lr_ratio": 0.1})
     assert lr_factor(cfg, 0) == pytest.approx(0.01) and lr_factor(cfg, 99) == pytest.approx(1.0)
     assert lr_factor(cfg, 100) == pytest.approx(1.0) and lr_factor(cfg, 1000) == pytest.approx(0.1)
     assert lr_factor(cfg, 550) == pytest.approx(0.55)
-    assert lr_factor(TrainConfig(data="x"), 10**5) == 1.0  # the defaults: constant, no warmup
+    assert lr_factor(TrainConfig(data={"path": "x"}), 10**5) == 1.0  # the defaults: constant, no warmup
 
     ema = EMA({"w": torch.zeros(2)}, decay=0.999, warmup=True)
     assert ema.current_decay() == pytest.approx(0.1)

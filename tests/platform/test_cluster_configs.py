@@ -1,9 +1,12 @@
 """Every config under cluster/ is checked by the code that will consume it (or, offline, the closest thing).
 
 VALIDATORS maps (folder under cluster/, suffix) to a validator. A .yaml/.yml/.json file under cluster/
-without an entry fails test_every_cluster_config_has_a_validator, so a new kind of config (for example
-cluster/train/*.yaml once jobs/train.py has its config model, or cluster/serve/*.yaml) must come with
+without an entry fails test_every_cluster_config_has_a_validator, so a new kind of config must come with
 its validator here.
+
+The checks a job can run at start-up live in letstalk_platform.configs (jobs/train.py runs the train and
+DeepSpeed ones before Ray starts); the validators below call them and add what only makes sense for this
+repository: the presets' house rules, the Ray launcher and KubeRay manifests, the Dockerfile.
 
     ray/*.yaml         Ray cluster launcher. The file as written against ray-schema.json from the installed
                        ray wheel (jsonschema), then what `ray up` does before launching anything:
@@ -12,15 +15,18 @@ its validator here.
                        start commands, the platform image, the repository mount, GPU workers.
     kuberay/*.yaml     KubeRay CRD schemas are not available offline: structural checks of RayJob,
                        RayService and PersistentVolumeClaim (known spec fields, images, resources, GPU
-                       requests, /dev/shm, volumes, entrypoint). serveConfigV2 goes through Ray Serve's own
-                       schema models, runtimeEnvYAML through RuntimeEnv's known fields.
-    deepspeed/*.json   deepspeed.runtime.config.DeepSpeedConfig (DeepSpeed's parser; its pydantic models for
-                       zero_optimization, bf16, fp16 ... forbid unknown keys), plus what it leaves unchecked:
-                       unknown top-level keys, "auto" values (HF-integration only), optimizer params against
-                       the optimizer class DeepSpeed would build.
+                       requests, /dev/shm, volumes, entrypoint). serveConfigV2 goes through
+                       configs.check_serve_config, runtimeEnvYAML through RuntimeEnv's known fields.
+    deepspeed/*.json   configs.check_deepspeed: deepspeed.runtime.config.DeepSpeedConfig (DeepSpeed's parser;
+                       its pydantic models for zero_optimization, bf16, fp16 ... forbid unknown keys), plus
+                       what it leaves unchecked: unknown top-level keys, "auto" values (HF-integration only),
+                       optimizer params against the optimizer class DeepSpeed would build. Then the presets'
+                       rules (AdamW 1e-4, clipping 1.0, file names, bf16 on GPU, torch_adam on CPU).
     preprocess/*.yaml  letstalk_platform.preprocess.PreprocessConfig (what jobs/preprocess.py loads).
-    serve/*.yaml       `serve run` configs: Ray Serve's schema models + our AppArgs / RenderDefaults, one
-                       Ingress replica, HTTP on 127.0.0.1.
+    train/*.yaml       configs.check_train: TrainConfig (what jobs/train.py loads), its DeepSpeed JSON, and the
+                       DeepSpeed config the run builds from both.
+    serve/*.yaml       `serve run` configs: configs.check_serve_config (Ray Serve's schema models + our
+                       AppArgs / RenderDefaults, one Ingress replica), HTTP on 127.0.0.1.
 
 cluster/docker/Dockerfile is checked by the test_dockerfile_* cases (FROM first, pins = pyproject's).
 """
@@ -30,7 +36,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -46,6 +51,9 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from letstalk_platform.configs import (check_deepspeed, check_known, check_serve_config, check_train, load_documents,
+                                       parse_config, parse_yaml)
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -57,39 +65,6 @@ JOB_SCRIPTS = {"train.py", "preprocess.py", "render_batch.py", "serve.py", "eval
 # ------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (PyYAML keeps the last one silently)."""
-
-
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-def _json_no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
-    if dupes:
-        raise ValueError(f"duplicate keys {dupes}")  # DeepSpeed's own loader refuses them too
-    return dict(pairs)
-
-
-def load_documents(path: Path) -> list[Any]:
-    text = path.read_text()
-    if path.suffix == ".json":
-        return [json.loads(text, object_pairs_hook=_json_no_duplicates)]
-    return [doc for doc in yaml.load_all(text, Loader=_UniqueKeyLoader) if doc is not None]
-
 
 def rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
@@ -194,11 +169,6 @@ SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
-def _unknown(fields: dict, known: set[str], where: str) -> None:
-    extra = sorted(set(fields) - known)
-    assert not extra, f"{where}: unknown field(s) {extra}"
-
-
 def _check_pod_template(template: Any, where: str) -> int:
     """Containers have an image and cpu/memory resources; mounts name volumes; returns GPUs per pod."""
     assert isinstance(template, dict) and isinstance(template.get("spec"), dict), f"{where}: template.spec missing"
@@ -232,13 +202,13 @@ def _check_pod_template(template: Any, where: str) -> int:
 def _check_raycluster_spec(spec: Any, where: str) -> dict[str, int]:
     """Returns GPUs per pod of each worker group."""
     assert isinstance(spec, dict), f"{where} must be a mapping"
-    _unknown(spec, RAYCLUSTER_SPEC_FIELDS, where)
+    check_known(spec, RAYCLUSTER_SPEC_FIELDS, where)
     assert str(spec.get("rayVersion")) == pin("ray"), f"{where}.rayVersion must be pyproject's ray pin {pin('ray')}"
     assert (spec.get("authOptions") or {}).get("mode") == "token", (
         f"{where}.authOptions.mode must be token (Ray 2.60 job/dashboard API)")
     head = spec.get("headGroupSpec")
     assert isinstance(head, dict), f"{where}.headGroupSpec missing"
-    _unknown(head, HEAD_GROUP_FIELDS, f"{where}.headGroupSpec")
+    check_known(head, HEAD_GROUP_FIELDS, f"{where}.headGroupSpec")
     groups = {"head": head, **{f"worker {g.get('groupName')}": g for g in spec.get("workerGroupSpecs") or []}}
     assert len(groups) > 1, f"{where}: no workerGroupSpecs"
     names = [g.get("groupName") for g in spec["workerGroupSpecs"]]
@@ -253,7 +223,7 @@ def _check_raycluster_spec(spec: Any, where: str) -> dict[str, int]:
         per_pod = _check_pod_template(group.get("template"), gwhere)
         if label == "head":
             continue
-        _unknown(group, WORKER_GROUP_FIELDS, gwhere)
+        check_known(group, WORKER_GROUP_FIELDS, gwhere)
         counts = {k: group.get(k) for k in ("replicas", "minReplicas", "maxReplicas")}
         assert all(isinstance(v, int) and v >= 0 for v in counts.values()), f"{gwhere}: integer {counts}"
         assert counts["minReplicas"] <= counts["replicas"] <= counts["maxReplicas"], f"{gwhere}: {counts}"
@@ -282,63 +252,18 @@ def _check_entrypoint(entrypoint: Any, where: str) -> None:
 def _check_runtime_env(text: Any, where: str) -> None:
     from ray.runtime_env import RuntimeEnv
 
-    env = yaml.load(text, Loader=_UniqueKeyLoader) if isinstance(text, str) else None
+    env = parse_yaml(text) if isinstance(text, str) else None
     assert isinstance(env, dict), f"{where}: runtimeEnvYAML must be a YAML mapping in a string"
-    _unknown(env, set(RuntimeEnv.known_fields), f"{where} runtimeEnvYAML")
+    check_known(env, set(RuntimeEnv.known_fields), f"{where} runtimeEnvYAML")
     for k, v in (env.get("env_vars") or {}).items():
         assert isinstance(k, str) and isinstance(v, str), f"{where}: env_vars must map str -> str ({k}: {v!r})"
 
 
 def _check_serve_config(text: Any, gpus_per_pod: dict[str, int] | None, where: str) -> None:
-    """A Serve config through Ray Serve's schema models (they allow unknown keys, so those are checked
-    here), and our application's builder args through AppArgs. `gpus_per_pod` None: no GPU needed."""
-    from ray.serve.config import AutoscalingConfig
-    from ray.serve.schema import (DeploymentSchema, HTTPOptionsSchema, RayActorOptionsSchema,
-                                  ServeApplicationSchema, ServeDeploySchema)
-
-    cfg = yaml.load(text, Loader=_UniqueKeyLoader) if isinstance(text, str) else None
+    """A serveConfigV2 string: YAML, then letstalk_platform.configs.check_serve_config."""
+    cfg = parse_yaml(text) if isinstance(text, str) else None
     assert isinstance(cfg, dict), f"{where}: serveConfigV2 must be a YAML mapping in a string"
-    ServeDeploySchema.model_validate(cfg)
-    _unknown(cfg, set(ServeDeploySchema.model_fields), f"{where} serveConfigV2")
-    _unknown(cfg.get("http_options") or {}, set(HTTPOptionsSchema.model_fields), f"{where} http_options")
-    apps = cfg.get("applications") or []
-    assert apps, f"{where}: serveConfigV2 has no applications"
-    gpu_replica_max = 0.0
-    for app in apps:
-        awhere = f"{where} app {app.get('name')}"
-        _unknown(app, set(ServeApplicationSchema.model_fields), awhere)
-        module, _, attr = app["import_path"].partition(":")
-        assert module and attr.isidentifier(), f"{awhere}: import_path must be 'module:builder'"
-        # The module itself may not exist yet; its top-level package must.
-        assert importlib.util.find_spec(module.split(".")[0]) is not None, f"{awhere}: no package for {module}"
-        if app["import_path"] == "letstalk_platform.serve:build_app":
-            from letstalk_platform.serve import AppArgs
-
-            AppArgs.model_validate(app.get("args") or {})
-            names = {d.get("name") for d in app.get("deployments") or []}
-            assert names <= {"Ingress", "Renderer"}, f"{awhere}: build_app makes Ingress and Renderer, not {names}"
-            for dep in app.get("deployments") or []:
-                if dep.get("name") == "Ingress":  # the job table lives in its one replica
-                    assert dep.get("num_replicas", 1) == 1 and "autoscaling_config" not in dep, (
-                        f"{awhere}: Ingress must have exactly one replica")
-                if dep.get("name") == "Renderer" and "user_config" in dep:
-                    from letstalk_platform.render import RenderDefaults
-
-                    RenderDefaults.model_validate(dep["user_config"])
-        for dep in app.get("deployments") or []:
-            dwhere = f"{awhere} deployment {dep.get('name')}"
-            _unknown(dep, set(DeploymentSchema.model_fields), dwhere)
-            if "autoscaling_config" in dep:
-                _unknown(dep["autoscaling_config"], set(AutoscalingConfig.model_fields), f"{dwhere} autoscaling")
-                AutoscalingConfig(**dep["autoscaling_config"])  # e.g. max_replicas >= min_replicas
-            opts = dep.get("ray_actor_options") or {}
-            _unknown(opts, set(RayActorOptionsSchema.model_fields), f"{dwhere} ray_actor_options")
-            gpu_replica_max = max(gpu_replica_max, float(opts.get("num_gpus", 0)))
-    if gpus_per_pod is None:
-        return
-    assert gpu_replica_max > 0, f"{where}: no deployment asks for a GPU (num_gpus)"
-    assert max(gpus_per_pod.values(), default=0) >= gpu_replica_max, (
-        f"{where}: no worker group has {gpu_replica_max} GPU(s) per pod for a replica")
+    check_serve_config(cfg, gpus_per_pod, where)
 
 
 def validate_kuberay_manifest(doc: Any, path: Path) -> None:
@@ -356,7 +281,7 @@ def validate_kuberay_manifest(doc: Any, path: Path) -> None:
         return
     assert api == "ray.io/v1", f"{where}: apiVersion must be ray.io/v1"
     if kind == "RayJob":
-        _unknown(spec, RAYJOB_SPEC_FIELDS, where)
+        check_known(spec, RAYJOB_SPEC_FIELDS, where)
         _check_entrypoint(spec.get("entrypoint"), where)
         if "runtimeEnvYAML" in spec:
             _check_runtime_env(spec["runtimeEnvYAML"], where)
@@ -365,7 +290,7 @@ def validate_kuberay_manifest(doc: Any, path: Path) -> None:
         gpus = _check_raycluster_spec(spec.get("rayClusterSpec"), f"{where} rayClusterSpec")
         assert any(n > 0 for n in gpus.values()), f"{where}: no worker group requests nvidia.com/gpu"
     elif kind == "RayService":
-        _unknown(spec, RAYSERVICE_SPEC_FIELDS, where)
+        check_known(spec, RAYSERVICE_SPEC_FIELDS, where)
         gpus = _check_raycluster_spec(spec.get("rayClusterConfig"), f"{where} rayClusterConfig")
         _check_serve_config(spec.get("serveConfigV2"), gpus, where)
     else:
@@ -395,75 +320,9 @@ def _claims(doc: Any) -> set[str]:
 # DeepSpeed (cluster/deepspeed/*.json)
 # ------------------------------------------------------------------------------------------
 
-@functools.cache
-def deepspeed_top_level_keys() -> frozenset[str]:
-    """Every key name DeepSpeed's config code knows (constants and config-model fields): a typo guard."""
-    import pydantic
-    import deepspeed.runtime.config  # noqa: F401  (loads the config modules)
-
-    keys: set[str] = set()
-    for name, mod in list(sys.modules.items()):
-        if not name.startswith("deepspeed") or not name.endswith(("constants", "config")) or mod is None:
-            continue
-        for attr, value in vars(mod).items():
-            if attr.isupper() and isinstance(value, str):
-                keys.add(value)
-            elif (inspect.isclass(value) and issubclass(value, pydantic.BaseModel)
-                  and value.__module__ == name):
-                for fname, field in value.model_fields.items():
-                    keys.add(fname)
-                    if field.alias:
-                        keys.add(field.alias)
-    return frozenset(keys)
-
-
-def _find_auto(node: Any, where: str = "") -> list[str]:
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _find_auto(v, f"{where}.{k}")]
-    if isinstance(node, list):
-        return [p for i, v in enumerate(node) for p in _find_auto(v, f"{where}[{i}]")]
-    return [where.lstrip(".")] if node == "auto" else []
-
-
-def _check_optimizer(cfg: dict) -> None:
-    """Params must fit the optimizer class DeepSpeed builds from them (engine._configure_basic_optimizer)."""
-    import torch
-    from deepspeed.ops.adam import FusedAdam
-
-    opt = cfg.get("optimizer")
-    assert isinstance(opt, dict) and opt.get("type"), "set an optimizer (jobs/train.py overrides its lr)"
-    assert opt["type"].lower() in {"adam", "adamw"}, f"optimizer {opt['type']!r}: LetsTalk trains with AdamW"
-    params = dict(opt.get("params") or {})
-    torch_adam = params.pop("torch_adam", False)
-    params.pop("adam_w_mode", None)
-    params.pop("fp32_optimizer_states", None)
-    offload = ((cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
-    if torch_adam:
-        params.pop("foreach", None)
-        cls = torch.optim.AdamW
-    elif offload != "none":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam as cls
-    else:
-        cls = FusedAdam
-    try:
-        inspect.signature(cls.__init__).bind(None, [], **params)
-    except TypeError as e:
-        raise AssertionError(f"optimizer params {sorted(params)} do not fit {cls.__name__}: {e}") from None
-    # Value ranges (lr, betas, eps, weight_decay) checked by torch's own AdamW constructor.
-    shared = {k: v for k, v in params.items() if k in ("lr", "betas", "eps", "weight_decay", "amsgrad")}
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], **shared)
-
-
 def validate_deepspeed(cfg: Any, path: Path) -> None:
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    assert isinstance(cfg, dict), "the top level must be an object"
-    autos = _find_auto(cfg)
-    assert not autos, f'"auto" is resolved only by the HF Trainer integration; use numbers: {autos}'
-    unknown = sorted(set(cfg) - deepspeed_top_level_keys())
-    assert not unknown, f"unknown top-level DeepSpeed key(s) {unknown} (DeepSpeed would ignore them silently)"
-    ds = DeepSpeedConfig(copy.deepcopy(cfg))  # world size 1 without a process group
-    _check_optimizer(cfg)
+    """What jobs/train.py checks at start-up (check_deepspeed), then this repository's rules for its presets."""
+    ds = check_deepspeed(cfg, rel(path))
 
     # Project rules for the presets (cluster/README.md).
     params = cfg["optimizer"].get("params") or {}
@@ -491,22 +350,21 @@ def validate_deepspeed(cfg: Any, path: Path) -> None:
 def validate_preprocess(cfg: Any, path: Path) -> None:
     from letstalk_platform.preprocess import PreprocessConfig
 
-    PreprocessConfig.model_validate(cfg)
+    parse_config(PreprocessConfig, cfg)
 
 
 def validate_serve(cfg: Any, path: Path) -> None:
     """cluster/serve/*.yaml: `serve run` configs; local ones bind 127.0.0.1."""
-    _check_serve_config(yaml.safe_dump(cfg), None, rel(path))
+    check_serve_config(cfg, None, rel(path))
     host = (cfg.get("http_options") or {}).get("host")
     assert host == "127.0.0.1", f"{rel(path)}: a local Serve config binds 127.0.0.1, not {host!r}"
 
 
 def validate_train(cfg: Any, path: Path) -> None:
+    """What jobs/train.py checks before Ray starts: TrainConfig, its DeepSpeed JSON and the run's DeepSpeed config."""
     from letstalk_platform.train import TrainConfig
 
-    train = TrainConfig.model_validate(cfg)
-    if train.deepspeed is not None:
-        assert (REPO / train.deepspeed).is_file(), f"{path}: deepspeed file {train.deepspeed} does not exist"
+    check_train(parse_config(TrainConfig, cfg), root=REPO)
 
 
 # ------------------------------------------------------------------------------------------
@@ -514,7 +372,7 @@ def validate_train(cfg: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 
 # (folder under cluster/, suffix) -> (validator, several YAML documents allowed).
-# Add an entry with every new kind of config, e.g. ("train", ".yaml") -> the config model of jobs/train.py.
+# Add an entry with every new kind of config (the model or parser of the job or tool that reads it).
 VALIDATORS: dict[tuple[str, str], tuple[Callable[[Any, Path], None], bool]] = {
     ("ray", ".yaml"): (validate_ray_launcher, False),
     ("kuberay", ".yaml"): (validate_kuberay_manifest, True),
@@ -776,6 +634,103 @@ def test_preprocess_validator_rejects(breakage, match):
     _rejects(validate_preprocess, cfg, CLUSTER / "preprocess" / "hdtf.yaml", match)
 
 
+@pytest.mark.parametrize("breakage, match", [
+    (lambda c: c["data"].update(batch_sise=4), "data.batch_sise"),
+    (lambda c: c.update(batch_size=c["data"].pop("batch_size")), "batch_size"),  # the flat shape of before
+    (lambda c: c["optim"].update(zero_stage=4), "optim.zero_stage"),
+    (lambda c: c.update(augment={"flip_prob": 1.5}), "augment.flip_prob"),
+    (lambda c: c["model"].update(preset="XL"), "unknown preset"),
+    (lambda c: c["model"].update(portrait_fusion="cross"), "model.portrait_fusion"),
+    (lambda c: c["tracking"].update(name="a/b"), "tracking.name"),
+    (lambda c: c["optim"].update(kernel="deepspeed"), "needs scaling.use_gpu"),
+    (lambda c: c["optim"].update(deepspeed="cluster/deepspeed/zero4.json"), "zero4.json is not a DeepSpeed"),
+], ids=["section-key-typo", "flat-key", "no-such-stage", "probability-over-1", "unknown-preset", "unknown-fusion",
+        "unsafe-name", "fusedadam-on-cpu", "missing-deepspeed-json"])
+def test_train_validator_rejects(breakage, match):
+    cfg = _load("train/tiny-cpu.yaml")
+    path = CLUSTER / "train" / "tiny-cpu.yaml"
+    validate_train(copy.deepcopy(cfg), path)
+    breakage(cfg)
+    _rejects(validate_train, cfg, path, match)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d["zero_optimization"].update(overlap_com=True), "overlap_com"),
+    (lambda d: d.update(train_batch_size=3), "train_batch_size 3 is not data.batch_size"),
+    (lambda d: d["optimizer"]["params"].update(lrr=1e-4), "lrr"),
+    (lambda d: d.update(gradient_accumulation_steps=2, train_batch_size=4 * 2 * 2), None),  # consistent: accepted
+], ids=["key-typo", "batch-mismatch", "optimizer-param-typo", "consistent-batch"])
+def test_train_validator_checks_the_deepspeed_json_it_names(tmp_path, change, match):
+    ds = _load("deepspeed/zero2-cpu.json")
+    change(ds)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = _load("train/tiny-cpu.yaml")
+    cfg["optim"]["deepspeed"] = str(tmp_path / "ds.json")
+    path = CLUSTER / "train" / "tiny-cpu.yaml"
+    if match is None:
+        validate_train(cfg, path)
+    else:
+        _rejects(validate_train, cfg, path, match)
+
+
+def test_train_sections_take_the_library_defaults():
+    """augment and target carry letstalk's own dataclasses' defaults; no second copy of them."""
+    import dataclasses
+
+    from letstalk.diffusion import ClipTarget
+    from letstalk.training import Augment
+    from letstalk_platform.train import AugmentSection, TargetSection
+
+    assert AugmentSection().to_augment() == Augment()
+    assert set(AugmentSection.model_fields) == {f.name for f in dataclasses.fields(Augment)}
+    assert TargetSection().to_clip_target() == ClipTarget()
+    assert TargetSection(residual=True, residual_scale=12).to_clip_target() == ClipTarget(True, 12.0)
+
+
+def _train_job():
+    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_train_flags_override_single_keys_of_the_yaml():
+    from letstalk_platform.runtime import load_config
+    from letstalk_platform.train import TrainConfig
+
+    job = _train_job()
+    args = job.get_args(["--config", "cluster/train/demo-quick.yaml", "--batch-size", "2", "--no-use-gpu",
+                         "--zero-stage", "3", "--name", "x"])
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "debug_steps")}
+    assert overrides == {"data.batch_size": 2, "scaling.use_gpu": False, "optim.zero_stage": 3, "tracking.name": "x"}
+    cfg = load_config(TrainConfig, CLUSTER / "train" / "demo-quick.yaml", overrides)
+    yaml_cfg = load_config(TrainConfig, CLUSTER / "train" / "demo-quick.yaml", {})
+    assert (cfg.data.batch_size, cfg.optim.zero_stage, cfg.tracking.name) == (2, 3, "x")
+    assert cfg.data.path == yaml_cfg.data.path and cfg.optim.lr == yaml_cfg.optim.lr  # the rest: the YAML's
+    # no YAML: an absent flag leaves TrainConfig's default
+    bare = load_config(TrainConfig, None, vars(job.get_args(["--data", "d"])) | {"config": None, "debug_steps": None})
+    assert bare == TrainConfig(data={"path": "d"})
+    assert vars(job.get_args([])) == {"config": None, "debug_steps": None}
+
+
+def test_train_job_refuses_a_bad_config_before_ray_starts(tmp_path):
+    """Exit code 2 and one line on stderr, in the seconds DeepSpeed's parser takes to import, no Ray."""
+    cfg = _load("train/tiny-cpu.yaml")
+    cfg["optim"]["deepspeed"] = str(tmp_path / "ds.json")
+    ds = _load("deepspeed/zero2-cpu.json")
+    ds["zero_optimization"]["overlap_com"] = True
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "flat.yaml").write_text("data: shards/\nbatch_size: 4\n")
+    for config, match in (("bad.yaml", "overlap_com"), ("flat.yaml", "batch_size: Extra inputs are not permitted")):
+        job = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(tmp_path / config)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert job.returncode == 2, job.stderr[-2000:]
+        assert job.stderr.startswith("train: error: ") and job.stderr.count("\n") == 1, job.stderr
+        assert match in job.stderr, job.stderr
+        assert "Ray instance" not in job.stdout + job.stderr, job.stdout + job.stderr
+
+
 def test_unregistered_folder_fails_with_a_clear_message(monkeypatch, tmp_path):
     fake = tmp_path / "cluster"
     (fake / "render").mkdir(parents=True)
@@ -853,7 +808,7 @@ def check_dockerfile(text: str) -> None:
     ray_pin, torch_pin = pin("ray"), pin("torch")
     runs = " ; ".join(resolve(r) for i, r in instructions if i == "RUN")
     assert f"py{py}" in image or f"python3.{py[1:]}" in runs, f"Python {py} matches neither base nor RUN"
-    assert f":{ray_pin}-" in image or f"ray[" in runs and f"=={ray_pin}" in runs, f"ray {ray_pin} is not pinned"
+    assert f":{ray_pin}-" in image or "ray[" in runs and f"=={ray_pin}" in runs, f"ray {ray_pin} is not pinned"
     assert re.search(rf"download\.pytorch\.org/whl/cu12\d.*torch=={re.escape(torch_pin)}\b", runs), (
         f"torch=={torch_pin} must be installed from the PyTorch CUDA index before the project")
     assert re.search(r"pip install (-\S+ )*-e \"?\.\[platform\]\"?", runs), 'missing pip install -e ".[platform]"'

@@ -101,13 +101,12 @@ def test_shard_order_without_shuffle(shard_dir):
 
 
 def test_every_config_shuffles_by_default():
-    import yaml
-
+    from letstalk_platform.runtime import load_config
     from letstalk_platform.train import TrainConfig
 
-    assert TrainConfig(data="d").shuffle is True
+    assert TrainConfig(data={"path": "d"}).data.shuffle is True
     for path in sorted((ROOT / "cluster" / "train").glob("*.yaml")):
-        assert TrainConfig(**yaml.safe_load(path.read_text())).shuffle is True, path
+        assert load_config(TrainConfig, path, {}).data.shuffle is True, path
 
 
 def test_stale_extension_lock_is_one_line_error_within_seconds(tmp_path):

@@ -31,7 +31,7 @@ def test_render_worker_batches_its_concurrent_renders(bundle):
 
     with ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(render, range(2)))
-    assert all(o.num_frames == 8 and len(o.video) > 1000 for o in outs)
+    assert all(o["frames"] == 8 and len(o["video"]) > 1000 for o in outs)
     assert worker.pipe.batcher.calls == 12 and worker.pipe.batcher.forwards <= 7
 
 
@@ -60,3 +60,67 @@ def test_serve_args_and_flags_check_the_switches(bundle, monkeypatch, capsys):
     assert "max_batch must be an integer >= 1" in err and len(err.strip().splitlines()) == 1
     assert job.main(["--model", str(bundle), "--dtype", "fp16"]) == 2
     assert "needs use_gpu" in capsys.readouterr().err
+
+
+def test_each_input_is_decoded_once_per_request(bundle, tmp_path, monkeypatch):
+    """The HTTP path (the ingress prepares the upload, the renderer renders it), the batch path
+    (file bytes to the renderer) and the CLI path (files to the pipeline): every decoder, the face
+    detector and the codec's encode run once per request, and the mp4 is written once, in place."""
+    import sys
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from letstalk import media, portrait
+    from letstalk.media import load_video_frames
+    from letstalk.pipeline import LetsTalkPipeline
+    from letstalk_platform.render import RenderWorker
+    from letstalk_platform.serve import AppArgs, ApiError, Ingress
+
+    calls = Counter()
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    originals = {"load_image": portrait.load_image, "load_audio": media.load_audio,
+                 "detect_face": portrait.detect_face, "crop_portrait": portrait.crop_portrait}
+    for module in [m for n, m in sys.modules.items() if n.startswith(("letstalk.", "letstalk_platform."))]:
+        for name, fn in originals.items():  # wherever a module holds the function, count its calls
+            if getattr(module, name, None) is fn:
+                monkeypatch.setattr(module, name, counted(name, fn))
+
+    worker = RenderWorker(bundle)
+    monkeypatch.setattr(worker.pipe.codec, "encode", counted("encode", worker.pipe.codec.encode))
+    face, speech = tmp_path / "face.png", tmp_path / "speech.wav"
+    from PIL import Image
+    import soundfile as sf
+
+    Image.fromarray(draw_portrait(96, seed=1)).save(face)
+    sf.write(speech, speech_like_audio(0.5, seed=1), 16000)
+    once = {"load_image": 1, "load_audio": 1, "detect_face": 1, "crop_portrait": 1, "encode": 1}
+
+    ingress = SimpleNamespace(args=AppArgs(model="unused"))
+    prepared = Ingress.func_or_class._prepare(ingress, worker.info(), face.read_bytes(), speech.read_bytes())
+    result = worker.render(prepared, None, {"steps": 2}, out=tmp_path / "http.mp4")
+    assert dict(calls) == once and prepared.num_clips == result["clips"] == 2
+    assert result["video"] is None and result["video_path"] == str(tmp_path / "http.mp4")
+    assert load_video_frames(tmp_path / "http.mp4").shape[0] == result["frames"] == 12
+
+    calls.clear()  # the batch path: file bytes, the mp4's bytes back (no folder on this machine given)
+    result = worker.render(face.read_bytes(), speech.read_bytes(), {"steps": 2})
+    assert dict(calls) == once and result["video_path"] is None and len(result["video"]) > 1000
+
+    calls.clear()  # the CLI path
+    pipe = LetsTalkPipeline.from_pretrained(bundle)
+    monkeypatch.setattr(pipe.codec, "encode", counted("encode", pipe.codec.encode))
+    pipe.render_to_file(face, speech, tmp_path / "cli.mp4", steps=2, sampler="ddim")
+    assert dict(calls) == once
+
+    # limits are a type, not a phrase: over a limit -> 413, anything else unusable -> 400
+    small = SimpleNamespace(args=AppArgs(model="unused", max_image_pixels=1000))
+    for args, image, status in ((small, face.read_bytes(), 413), (ingress, b"not an image", 400)):
+        with pytest.raises(ApiError) as e:
+            Ingress.func_or_class._prepare(args, worker.info(), image, speech.read_bytes())
+        assert e.value.status == status and e.value.message.startswith("portrait: ")

@@ -238,7 +238,8 @@ def test_batch_through_the_serve_app(server, tmp_path):
     out = tmp_path / "out"
     assert render_batch.main(["--manifest", str(manifest), "--out", str(out), "--no-progress"]) == 0
     rows = {r["row"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
-    assert [rows[i]["status"] for i in range(7)] == ["rendered", "rendered"] + ["failed"] * 5
+    assert [rows[i]["status"] for i in range(7)] == ["done", "done"] + ["failed"] * 5
+    assert not any(rows[i]["reused"] for i in range(7))
     errors = [rows[i]["error"] for i in range(2, 7)]
     for error, word in zip(errors, ["not found", "portrait", "plain name", "sampler", "earlier row"]):
         assert word in error, errors
@@ -250,7 +251,8 @@ def test_batch_through_the_serve_app(server, tmp_path):
     mtime = (out / "alice.mp4").stat().st_mtime_ns
     assert render_batch.main(["--manifest", str(manifest), "--out", str(out), "--no-progress"]) == 0
     again = pq.read_table(out / "results.parquet").to_pylist()
-    assert [r["status"] for r in again] == ["skipped", "skipped"] + ["failed"] * 5
+    assert [r["status"] for r in again] == ["done", "done"] + ["failed"] * 5
+    assert [r["reused"] for r in again] == [True, True] + [False] * 5
     assert (out / "alice.mp4").stat().st_mtime_ns == mtime
 
 
@@ -273,7 +275,7 @@ def test_batch_standalone_on_ray_data_from_the_registry(ray_local, bundle, tmp_p
                               "--dtype", "bf16", "--overlap-decode", "--no-progress"])
     assert code == 0
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert [r["status"] for r in rows] == ["rendered", "failed"]
+    assert [r["status"] for r in rows] == ["done", "failed"]
     # the speed switches reached the Ray Data actors: the row says what rendered it
     assert (rows[0]["dtype"], rows[0]["steps"], rows[0]["sampler"]) == ("bf16", 4, "ddim")
     assert "audio" in rows[1]["error"]

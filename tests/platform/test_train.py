@@ -32,14 +32,18 @@ def shards(ray_local, bundle, tmp_path_factory):
     return out
 
 
-def train(shards, tmp_path, **overrides):
+def train(shards, tmp_path, overrides: dict):
+    """run_training on the tiny preset; `overrides` by dotted key ("optim.zero_stage": 3)."""
+    from letstalk_platform.runtime import with_overrides
     from letstalk_platform.train import TrainConfig, run_training
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    settings = dict(data=str(shards), preset="tiny", batch_size=4, lr=1e-3, num_workers=2, cpus_per_worker=0.5,
-                    storage=str(tmp_path / "runs"), mlflow_uri=uri, experiment="test", log_every=1,
-                    register_name="letstalk-test")
-    cfg = TrainConfig(**(settings | overrides))
+    settings = {"model": {"preset": "tiny"}, "data": {"path": str(shards), "batch_size": 4}, "optim": {"lr": 1e-3},
+                "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+                "tracking": {"storage": str(tmp_path / "runs"), "mlflow_uri": uri, "experiment": "test",
+                             "register_name": "letstalk-test"},
+                "log_every": 1}
+    cfg = TrainConfig.model_validate(with_overrides(settings, overrides))
     return run_training(cfg), uri
 
 
@@ -51,7 +55,8 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
     from letstalk.pipeline import LetsTalkPipeline
     from letstalk_platform.tracking import resolve_bundle
 
-    summary, uri = train(shards, tmp_path, steps=30, checkpoint_every=15, zero_stage=2, name="z2")
+    summary, uri = train(shards, tmp_path, {"steps": 30, "checkpoint_every": 15, "optim.zero_stage": 2,
+                                            "tracking.name": "z2"})
     assert summary["steps"] == 30
     loss = dict(history(uri, summary["run_id"], "loss"))
     assert sorted(loss) == list(range(1, 31))
@@ -60,7 +65,8 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
 
     client = MlflowClient(uri)
     run = client.get_run(summary["run_id"])
-    assert run.data.params["preset"] == "tiny" and run.data.params["zero_stage"] == "2"
+    assert run.data.params["model.preset"] == "tiny" and run.data.params["optim.zero_stage"] == "2"
+    assert run.data.params["arch.hidden_size"] == "64" and run.data.params["augment.flip_prob"] == "0.5"
     assert {"loss", "mse", "vb", "grad_norm", "samples_per_s", "lr", "data_wait_frac"} <= run.data.metrics.keys()
     assert all(0 <= v < 1 for _, v in history(uri, summary["run_id"], "data_wait_frac"))
     assert run.data.tags["optimizer_kernel"] == "AdamW fused"  # optimizer "auto": torch's fused AdamW
@@ -88,8 +94,8 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
     assert state["step"] == 30 and state["world_size"] == 2
 
     # the same (storage, name) again with more steps: Ray Train resumes from the latest checkpoint
-    more, _ = train(shards, tmp_path, steps=33, checkpoint_every=15, zero_stage=2, name="z2", sample_clips=0,
-                    register_name=None)
+    more, _ = train(shards, tmp_path, {"steps": 33, "checkpoint_every": 15, "optim.zero_stage": 2,
+                                       "tracking.name": "z2", "sample_clips": 0, "tracking.register_name": None})
     resumed = [s for s, _ in history(uri, more["run_id"], "loss")]
     assert resumed == [31, 32, 33] and more["steps"] == 33
 
@@ -120,10 +126,11 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def test_a_killed_worker_resumes_exactly(shards, tmp_path, stage):
     """Rank 1 dies at step 5 (checkpoints at 3 and 6): steps 4-5 are redone from the step-3
     checkpoint, and the end equals an uninterrupted run: weights, EMA and every logged loss."""
-    common = dict(steps=7, checkpoint_every=3, zero_stage=stage, register_name=None, sample_clips=0, ema_decay=0.6,
-                  batch_size=2, prefetch_batches=2)
-    straight, uri = train(shards, tmp_path, name=f"straight{stage}", **common)
-    killed, _ = train(shards, tmp_path, name=f"killed{stage}", fail_at_step=5, max_failures=1, **common)
+    common = {"steps": 7, "checkpoint_every": 3, "optim.zero_stage": stage, "tracking.register_name": None,
+              "sample_clips": 0, "optim.ema_decay": 0.6, "data.batch_size": 2, "data.prefetch_batches": 2}
+    straight, uri = train(shards, tmp_path, common | {"tracking.name": f"straight{stage}"})
+    killed, _ = train(shards, tmp_path, common | {"tracking.name": f"killed{stage}", "fail_at_step": 5,
+                                                  "scaling.max_failures": 1})
     assert (tmp_path / "runs" / f"killed{stage}" / ".chaos-done").read_text().startswith("killed rank 1 at step 5")
     assert killed["steps"] == straight["steps"] == 7
 
@@ -156,11 +163,11 @@ def _ema_export_loop(config):
 
     from letstalk.diffusion import GaussianDiffusion
     from letstalk.training import loss_terms
-    from letstalk_platform.train import TrainConfig, build_engine, full_ema_state, master_weights
+    from letstalk_platform.train import build_engine, full_ema_state, master_weights
 
-    cfg = TrainConfig(**config["train"])
+    cfg, arch = config["cfg"], config["arch"]
     rank = ray.train.get_context().get_world_rank()
-    engine = build_engine(cfg, config["arch"], torch.device("cpu"), False, rank)
+    engine = build_engine(cfg, arch, torch.device("cpu"), rank)
     params = dict(engine.module.named_parameters())
 
     def full(p):
@@ -179,15 +186,13 @@ def _ema_export_loop(config):
               or [g["params"] for g in opt.param_groups])
     in_optimizer = {id(p) for g in groups for p in g}
     before = [full(p) for p in audio]
-    arch = config["arch"]
-    s, c, f = arch["input_size"], arch["in_channels"], arch["num_frames"]
+    s, c, f = arch.input_size, arch.in_channels, arch.num_frames
     g = torch.Generator().manual_seed(rank)
     inputs = {"x0": torch.randn(2, f, c, s, s, generator=g), "portrait": torch.randn(2, c, s, s, generator=g),
-              "audio": torch.randn(2, f, arch["audio_window"], arch["audio_layers"], arch["audio_feature_dim"],
-                                   generator=g),
-              "motion": torch.randn(2, arch["num_motion_frames"], c, s, s, generator=g)}
+              "audio": torch.randn(2, f, arch.audio_window, arch.audio_layers, arch.audio_feature_dim, generator=g),
+              "motion": torch.randn(2, arch.num_motion_frames, c, s, s, generator=g)}
     for _ in range(3):  # the zero-initialised output projections pass no gradient to the audio in step 1
-        engine.backward(loss_terms(engine, GaussianDiffusion(learn_sigma=arch["learn_sigma"]), inputs, g)["loss"])
+        engine.backward(loss_terms(engine, GaussianDiffusion(learn_sigma=arch.learn_sigma), inputs, g)["loss"])
         engine.step()
     moved = min(float((full(p) - b).abs().max()) for p, b in zip(audio, before))
     shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params.items()}
@@ -217,20 +222,20 @@ def test_ema_export_is_the_shadow_for_every_tensor(ray_local, tmp_path, stage):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from letstalk.config import PRESETS
+    from letstalk.config import LetsTalkConfig
     from letstalk_platform.train import TrainConfig
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not see tests/
-    cfg = TrainConfig(data="unused", preset="tiny", zero_stage=stage, lr=1e-2, num_workers=2)
-    arch = PRESETS["tiny"].to_dict() | {"num_frames": 4, "input_size": 8}
+    cfg = TrainConfig(data={"path": "unused"}, model={"preset": "tiny"}, optim={"zero_stage": stage, "lr": 1e-2})
+    arch = LetsTalkConfig.from_name("tiny", num_frames=4, input_size=8)
     out = tmp_path / "metrics.json"
-    trainer = TorchTrainer(_ema_export_loop, train_loop_config={"train": cfg.model_dump(), "arch": arch, "out": str(out)},
+    trainer = TorchTrainer(_ema_export_loop, train_loop_config={"cfg": cfg, "arch": arch, "out": str(out)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                            run_config=RunConfig(name=f"ema{stage}", storage_path=str(tmp_path)),
                            torch_config=TorchConfig(backend="gloo"))
     trainer.fit()
     m = json.loads(out.read_text())
-    n = len(list(LetsTalkTransformer(**arch).parameters()))
+    n = len(list(LetsTalkTransformer(**arch.to_dict()).parameters()))
     assert m["tensors"] == n and m["exact"] == n and m["dtypes"] == ["torch.float32"], m
     assert m["restored"]  # the live masters are back after the export
     if stage == 3:  # tiny: every tensor is under ZeRO-3's persistence threshold (the case that exported live values)
@@ -246,18 +251,20 @@ def test_optimizer_choice_reaches_the_deepspeed_config(tmp_path):
     base = tmp_path / "ds.json"  # a GPU base config naming DeepSpeed's own FusedAdam
     base.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"eps": 1e-6, "foreach": True}}}))
 
-    def params(**kw):
-        return deepspeed_config(TrainConfig(data="d", deepspeed=str(base), **kw), False)["optimizer"]["params"]
+    def params(kernel="auto", use_gpu=False):
+        cfg = TrainConfig(data={"path": "d"}, optim={"deepspeed": str(base), "kernel": kernel},
+                          scaling={"use_gpu": use_gpu})
+        return deepspeed_config(cfg)["optimizer"]["params"]
 
     assert params() == {"eps": 1e-6, "lr": 1e-4, "weight_decay": 0.0, "torch_adam": True, "fused": True}
-    assert params(optimizer="foreach")["foreach"] is True and "fused" not in params(optimizer="foreach")
-    assert params(optimizer="loop")["foreach"] is False
-    gpu = params(optimizer="deepspeed", use_gpu=True)
+    assert params("foreach")["foreach"] is True and "fused" not in params("foreach")
+    assert params("loop")["foreach"] is False
+    gpu = params("deepspeed", use_gpu=True)
     assert not {"torch_adam", "fused", "foreach"} & gpu.keys()
-    with pytest.raises(ValidationError, match="needs use_gpu"):
-        TrainConfig(data="d", optimizer="deepspeed")
+    with pytest.raises(ValidationError, match="needs scaling.use_gpu"):
+        TrainConfig(data={"path": "d"}, optim={"kernel": "deepspeed"})
     with pytest.raises(ValidationError):
-        TrainConfig(data="d", optimizer="sgd")
+        TrainConfig(data={"path": "d"}, optim={"kernel": "sgd"})
 
 
 def test_prepare_batch_shapes_and_augmentations():
