@@ -16,30 +16,32 @@ from pathlib import Path
 
 from letstalk.artifacts import ShardManifest, export_bundle
 from letstalk_platform import tracking
+from letstalk_platform.runtime import add_config_flags, load_config
+from letstalk_platform.tracking import RegisterConfig
+
+
+FLAGS = {"--checkpoint": "checkpoint", "--data": "data", "--mlflow-uri": "mlflow_uri", "--name": "name",
+         "--alias": "alias", "--experiment": "experiment", "--run-id": "run_id"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by jobs/train.py")
-    p.add_argument("--data", required=True, help="the shard folder the model was trained on")
-    p.add_argument("--mlflow-uri", required=True)
-    p.add_argument("--name", default="letstalk")
-    p.add_argument("--alias", default="candidate")
-    p.add_argument("--experiment", default="letstalk")
-    p.add_argument("--run-id", help="attach to this run (default: a new run named register-<name>)")
+    p.add_argument("--config", help="YAML with RegisterConfig keys; flags override it")
+    add_config_flags(p, RegisterConfig, FLAGS)  # types, help and defaults from RegisterConfig
     args = p.parse_args(argv)
     try:
-        ckpt = Path(args.checkpoint)
-        manifest = ShardManifest.load(args.data)
-        run_id = args.run_id or tracking.start_run(args.mlflow_uri, args.experiment, f"register-{args.name}",
-                                                   {"checkpoint": str(ckpt.resolve()), "data": args.data})
+        cfg = load_config(RegisterConfig, args.config, {k: v for k, v in vars(args).items() if k in FLAGS.values()})
+        ckpt = Path(cfg.checkpoint)
+        manifest = ShardManifest.load(cfg.data)
+        run_id = cfg.run_id or tracking.start_run(cfg.mlflow_uri, cfg.experiment, f"register-{cfg.name}",
+                                                  {"checkpoint": str(ckpt.resolve()), "data": cfg.data})
         with tempfile.TemporaryDirectory() as d:
             bundle = export_bundle(ckpt, manifest, Path(d) / "bundle")
-            version = tracking.register_bundle(args.mlflow_uri, run_id, bundle, args.name, args.alias)
+            version = tracking.register_bundle(cfg.mlflow_uri, run_id, bundle, cfg.name, cfg.alias)
     except ValueError as e:
         print(f"register: error: {e}", file=sys.stderr)
         return 2
-    print(f"registered models:/{args.name}@{args.alias} (version {version}, run {run_id})")
+    print(f"registered models:/{cfg.name}@{cfg.alias} (version {version}, run {run_id})")
     return 0
 
 

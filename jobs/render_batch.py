@@ -18,11 +18,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from letstalk.diffusion import SAMPLERS
-from letstalk_platform.batch import data_results, plan_items, read_manifest, run_batch, serve_render
-from letstalk_platform.render import RenderDefaults, add_speed_args, check_renderer_device, speed_options
-from letstalk_platform.runtime import init_ray
-from letstalk_platform.serve import APP_NAME, TOKEN_ENV, AppArgs, build_app
+from letstalk_platform.batch import BatchConfig, data_results, plan_items, read_manifest, run_batch, serve_render
+from letstalk_platform.render import add_speed_args, check_renderer_device
+from letstalk_platform.runtime import add_config_flags, init_ray, load_config
+from letstalk_platform.serve import TOKEN_ENV, AppArgs, build_app
+
+FLAGS = {"--manifest": "manifest", "--out": "out", "--model": "model", "--mlflow-uri": "mlflow_uri", "--app": "app",
+         "--standalone": "standalone", "--concurrency": "concurrency", "--use-gpu": "use_gpu", "--cpus": "cpus",
+         "--steps": "steps", "--sampler": "sampler", "--guidance": "guidance", "--progress": "progress"}
 
 
 def running_app(name: str) -> bool:
@@ -34,66 +37,48 @@ def running_app(name: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--manifest", required=True, help=".csv, .jsonl or .parquet with columns portrait, audio "
-                                                     "[, id, steps, sampler, guidance, seed]")
-    p.add_argument("--out", required=True, help="output folder: <id>.mp4 per row and results.parquet")
-    p.add_argument("--model", help="bundle folder or models:/<name>@<alias> (needed unless the app runs)")
-    p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
-    p.add_argument("--app", default=APP_NAME, help="the Serve application to use or start")
-    p.add_argument("--standalone", action="store_true", help="render on Ray Data actors instead of Serve")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="rows in flight (Serve; default replicas x jobs per replica) or actors (standalone; default 1)")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per renderer replica / actor")
-    p.add_argument("--cpus", type=float, default=AppArgs.model_fields["renderer_cpus"].default,
-                   help="CPUs per renderer replica / actor (default: AppArgs.renderer_cpus)")
-    p.add_argument("--steps", type=int, help="default denoising steps for rows without their own")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default sampler for rows without their own")
-    p.add_argument("--guidance", type=float, help="default guidance for rows without their own")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML with BatchConfig keys; flags override it")
+    add_config_flags(p, BatchConfig, FLAGS)  # types, choices, help and defaults from BatchConfig
     add_speed_args(p)  # for the renderers this job starts (a running app keeps its own)
     args = p.parse_args(argv)
-    out = Path(args.out)
     started = False
+    app = None
     try:
-        if args.concurrency is not None and args.concurrency < 1:
-            raise ValueError("--concurrency must be >= 1")
-        manifest = Path(args.manifest)
+        given = {k: v for k, v in vars(args).items() if k in FLAGS.values() or k.startswith("inference.")}
+        cfg = load_config(BatchConfig, args.config, given)
+        app, out, manifest = cfg.app, Path(cfg.out), Path(cfg.manifest)
         items = plan_items(read_manifest(manifest), manifest.resolve().parent)
-        defaults = RenderDefaults.model_validate(
-            {k: v for k, v in {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance}.items()
-             if v is not None})
-        model = args.model
+        defaults = cfg.defaults()
+        mlflow_uri = cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        model = cfg.model
         if model is not None:
             from letstalk_platform.tracking import resolve_bundle
 
-            model = str(resolve_bundle(model, args.mlflow_uri).resolve())  # resolved here: workers have another cwd
-        inference = speed_options(args)
-        check_renderer_device(inference, args.use_gpu)
+            model = str(resolve_bundle(model, mlflow_uri).resolve())  # resolved here: workers have another cwd
+        check_renderer_device(cfg.inference, cfg.use_gpu)
         init_ray()
-        if args.standalone:
+        if cfg.standalone:
             if model is None:
                 raise ValueError("--standalone needs --model")
-            actors = args.concurrency or 1
-            records = run_batch(items, out, None, progress=not args.no_progress, results_iter=data_results(
-                model, out, actors=actors, use_gpu=args.use_gpu, cpus_per_actor=args.cpus, defaults=defaults.model_dump(),
-                inference=inference))
+            records = run_batch(items, out, None, progress=cfg.progress, results_iter=data_results(
+                model, out, actors=cfg.concurrency or 1, use_gpu=cfg.use_gpu, cpus_per_actor=cfg.cpus,
+                defaults=defaults.model_dump(), inference=cfg.inference))
         else:
             from ray import serve
 
-            if not running_app(args.app):
+            if not running_app(app):
                 if model is None:
-                    raise ValueError(f"no Serve application {args.app!r} is running: give --model to start one")
-                app_args = AppArgs(model=model, mlflow_uri=args.mlflow_uri, use_gpu=args.use_gpu,
-                                   renderer_cpus=args.cpus, defaults=defaults, inference=inference,
+                    raise ValueError(f"no Serve application {app!r} is running: give --model to start one")
+                app_args = AppArgs(model=model, mlflow_uri=mlflow_uri, use_gpu=cfg.use_gpu, renderer_cpus=cfg.cpus,
+                                   defaults=defaults, inference=cfg.inference,
                                    token=os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(32))
-                print(f"render_batch: starting Serve application {args.app!r} (no HTTP route) for this batch",
+                print(f"render_batch: starting Serve application {app!r} (no HTTP route) for this batch",
                       file=sys.stderr)
-                serve.run(build_app(app_args), name=args.app, route_prefix=None)
+                serve.run(build_app(app_args), name=app, route_prefix=None)
                 started = True
-            handle = serve.get_deployment_handle("Renderer", app_name=args.app)
-            concurrency = args.concurrency or 2
-            records = run_batch(items, out, serve_render(handle), concurrency=concurrency,
-                                progress=not args.no_progress)
+            handle = serve.get_deployment_handle("Renderer", app_name=app)
+            records = run_batch(items, out, serve_render(handle), concurrency=cfg.concurrency or 2,
+                                progress=cfg.progress)
     except ValueError as e:
         print(f"render_batch: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -101,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         if started:
             from ray import serve
 
-            serve.delete(args.app)
-    counts = Counter(r["status"] for r in records)
-    print(f"render_batch: {counts.get('rendered', 0)} rendered, {counts.get('skipped', 0)} skipped (already "
-          f"there), {counts.get('failed', 0)} failed -> {out / 'results.parquet'}")
+            serve.delete(app)
+    counts = Counter("reused" if r["reused"] else r["status"] for r in records)
+    print(f"render_batch: {counts.get('done', 0)} rendered, {counts.get('reused', 0)} already there, "
+          f"{counts.get('failed', 0)} failed -> {out / 'results.parquet'}")
     for r in records:
         if r["status"] == "failed":
             print(f"  row {r['row']} ({r['id']}): {r['error']}")

@@ -17,9 +17,9 @@ import os
 import sys
 import time
 
-from letstalk_platform.render import add_speed_args
+from letstalk_platform.render import APP_NAME, add_speed_args
 from letstalk_platform.runtime import add_config_flags, init_ray, load_config
-from letstalk_platform.serve import APP_NAME, TOKEN_ENV, AppArgs, build_app
+from letstalk_platform.serve import TOKEN_ENV, AppArgs, build_app
 
 # flag -> AppArgs setting: types, choices, defaults and help come from AppArgs (no default twice)
 FLAGS = {"--model": "model", "--mlflow-uri": "mlflow_uri", "--use-gpu": "use_gpu", "--replicas": "num_replicas",

@@ -29,16 +29,53 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm import tqdm
 
-from .render import RenderOptions, RenderWorker, check_name, one_line
+from letstalk.accel import InferenceOptions
+from letstalk.diffusion import Sampler
+
+from .render import APP_NAME, RenderDefaults, RenderOptions, RenderWorker, check_name, one_line
 from .runtime import local_target, node_id
 
 OPTION_COLUMNS = ("steps", "sampler", "guidance", "seed")
 RESULT_FIELDS = ("row", "id", "portrait", "audio", "status", "reused", "error", "output", "frames", "clips",
                  "duration_s", "steps", "sampler", "dtype", "seconds_total", "seconds_denoise", "seconds_decode",
                  "finished_at")
+
+
+class BatchConfig(BaseModel):
+    """Settings of jobs/render_batch.py (YAML keys; flags override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str = Field(description=".csv, .jsonl or .parquet with columns portrait, audio "
+                          "[, id, steps, sampler, guidance, seed]")
+    out: str = Field(description="output folder: <id>.mp4 per row and results.parquet")
+    model: str | None = Field(None, description="bundle folder or models:/<name>@<alias> (needed unless the app runs)")
+    mlflow_uri: str | None = Field(None, description="registry for models:/ URIs (None: $MLFLOW_TRACKING_URI)")
+    app: str = Field(APP_NAME, description="the Serve application to use, or to start from `model`")
+    standalone: bool = Field(False, description="render on a Ray Data actor pool instead of the Serve app")
+    concurrency: int | None = Field(None, ge=1, description="rows in flight (Serve; None: 2) or actors "
+                                    "(standalone; None: 1)")
+    use_gpu: bool = Field(False, description="one GPU per renderer replica / actor")
+    cpus: float = Field(1.0, ge=0, description="CPUs per renderer replica / actor")
+    steps: int | None = Field(None, description="for rows without their own (None: the renderer's default)")
+    sampler: Sampler | None = Field(None, description="for rows without their own")
+    guidance: float | None = Field(None, description="for rows without their own")
+    progress: bool = Field(True, description="a progress bar")
+    inference: dict = Field(default_factory=lambda: InferenceOptions().to_dict(),
+                            description="speed switches of the renderers this job starts (letstalk.accel)")
+
+    @field_validator("inference")
+    @classmethod
+    def _check_inference(cls, value: dict) -> dict:
+        return InferenceOptions.from_dict(value).to_dict()
+
+    def defaults(self) -> RenderDefaults:
+        """The render defaults for rows that leave them out (the renderer's own where None here)."""
+        given = {"steps": self.steps, "sampler": self.sampler, "guidance": self.guidance}
+        return RenderDefaults.model_validate({k: v for k, v in given.items() if v is not None})
 
 
 @dataclass

@@ -28,6 +28,7 @@ from letstalk.diffusion import Sampler
 from letstalk.inputs import PreparedInputs, prepare
 from letstalk.pipeline import LetsTalkPipeline
 
+APP_NAME = "letstalk"  # the Serve application's default name (jobs/serve.py, jobs/render_batch.py)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 

@@ -46,7 +46,6 @@ from .runtime import local_target, node_id
 from .render import Cancel, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, one_line
 
 TOKEN_ENV = "LETSTALK_API_TOKEN"
-APP_NAME = "letstalk"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, ConfigDict, Field
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9_.-]+)@(?P<alias>[A-Za-z0-9_-]+)$")
 
@@ -42,6 +43,20 @@ def flat_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{k}"] = v
     return flat
+
+
+class RegisterConfig(BaseModel):
+    """Settings of jobs/register.py (YAML keys; flags override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(description="a checkpoint folder written by jobs/train.py")
+    data: str = Field(description="the shard folder the model was trained on")
+    mlflow_uri: str = Field(description="the tracking and registry store")
+    name: str = Field("letstalk", description="registered model name")
+    alias: str = Field("candidate", description="alias the new version gets")
+    experiment: str = "letstalk"
+    run_id: str | None = Field(None, description="attach to this run (None: a new run named register-<name>)")
 
 
 class RankZeroLogger:
