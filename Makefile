@@ -22,11 +22,11 @@ quick-demo: install
 	$(PY) -m letstalk.cli demo --out out/quick-demo
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-# the inner loop: the model library alone (no Ray), tests/lib without its 3 slow cases (~1.5 min)
+# the inner loop: the model library alone (no Ray), tests/lib (under 2 min on 2 cores)
 test-lib: install
-	$(PY) -m pytest -q tests/lib -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/lib $(PYTEST_ARGS)
 
 # the platform on a local Ray (tests/platform), then the end-to-end runs (tests/e2e) come with `make test`
 test-platform: install

@@ -64,3 +64,16 @@ def printed_summary(stdout: str) -> dict:
     Ray forwards may come before or after it."""
     start = stdout.index("\n{\n") + 1 if not stdout.startswith("{\n") else 0
     return json.JSONDecoder().raw_decode(stdout[start:])[0]
+
+
+def live_pipeline(seed: int = 0, device: str = "cpu"):
+    """The tiny pipeline with its weights perturbed: adaLN-Zero makes a fresh transformer output
+    zeros, and a render would then not depend on the network at all."""
+    from letstalk.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.init_tiny(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return pipe.to(device)

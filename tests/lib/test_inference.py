@@ -16,19 +16,12 @@ from letstalk.batching import ClipBatcher
 from letstalk.pipeline import LetsTalkPipeline
 from letstalk.synthetic import draw_portrait, speech_like_audio
 
+from conftest import live_pipeline
+
 RENDER = {"steps": 3, "sampler": "ddim"}
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def live_pipeline(seed: int = 0, device: str = "cpu") -> LetsTalkPipeline:
-    pipe = LetsTalkPipeline.init_tiny(seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pipe.transformer.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return pipe.to(device)
 
 
 @pytest.fixture
@@ -159,17 +152,6 @@ def test_compile_wraps_the_blocks_or_the_model_and_can_be_undone(pipe, mode):
         pipe.set_inference(compile="none")
         assert all(m._compiled_call_impl is None for m in (model, *model.blocks))
         assert torch.equal(model(x, t, portrait, audio, motion), eager)
-
-
-@pytest.mark.slow
-def test_regional_compile_render_is_close_to_eager(pipe, face):
-    """Inductor code generation on CPU: 63 s measured with a cold inductor cache on 2 shared cores
-    (19 s warm). One clip, so one block shape to compile. Tolerance: 1 pixel level."""
-    wave = speech_like_audio(0.32, seed=1)  # 8 frames: one clip
-    ref = pipe.render(face, wave, **RENDER).frames
-    pipe.set_inference(compile="regional")
-    got = pipe.render(face, wave, **RENDER).frames
-    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
 
 
 # ------------------------------------------------------------------------------ decode overlap
