@@ -250,8 +250,9 @@ class LetsTalkPipeline:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         seconds = {} if seconds is None else seconds
         if isinstance(portrait, torch.Tensor):  # a reference latent: only the audio is prepared here
-            ref, wave = portrait, prepare_audio(audio, self.input_spec())
-            num_frames = self.input_spec().frames_for(wave.size)
+            spec = self.input_spec()
+            ref, wave = portrait, prepare_audio(audio, spec)
+            num_frames = spec.frames_for(wave.size)
             if num_frames < 1:
                 raise ValueError(f"audio: {wave.size / self.settings.sample_rate * 1000:.0f} ms is too short to give "
                                  "a single video frame")

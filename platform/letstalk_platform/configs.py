@@ -47,11 +47,15 @@ def _require(ok: Any, message: str) -> None:
         raise ConfigError(message)
 
 
+def _problems(error: ValidationError) -> str:
+    """Each bad key of a pydantic ValidationError and why, on one line."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+
+
 def _one_line(error: Any) -> str:
     """An exception (a pydantic ValidationError: each bad key and why) as one line."""
     if isinstance(error, ValidationError):
-        return f"{error.title}: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}"
-                                             for e in error.errors())
+        return f"{error.title}: {_problems(error)}"
     return " ".join(str(error).split())
 
 
@@ -118,8 +122,7 @@ def parse_config(model: type[T], data: Any) -> T:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"invalid {model.__name__}: {problems}") from None
+        raise ConfigError(f"invalid {model.__name__}: {_problems(e)}") from None
 
 
 # ------------------------------------------------------------------------------------------

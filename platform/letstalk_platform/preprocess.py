@@ -28,7 +28,7 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from letstalk.artifacts import MANIFEST_VERSION, TENSOR_COLUMNS, FeatureShapes, InputRecord, ShardManifest, dir_fingerprint
+from letstalk.artifacts import TENSOR_COLUMNS, ArtifactError, FeatureShapes, InputRecord, ShardManifest, dir_fingerprint
 from letstalk.audio import AudioEncoder
 from letstalk.clips import ClipSpec, build_clip_rows, decode_video, load_mouth_track
 from letstalk.vae import LatentCodec, codec_downsample
@@ -223,7 +223,10 @@ def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:
     output.mkdir(parents=True, exist_ok=True)
     bundle = Path(cfg.model)
     models = {name: dir_fingerprint(bundle / name) for name in ("vae", "audio_encoder")}
-    previous_manifest = ShardManifest.load(output) if _current_manifest(output) else None
+    try:  # a manifest of an older version (or none) only lends its finished inputs
+        previous_manifest = ShardManifest.load(output)
+    except ArtifactError:
+        previous_manifest = None
     same_codecs = previous_manifest is None or (previous_manifest.models == models
                                                 and previous_manifest.clip_spec == spec)
     previous = {e.path: e for e in ShardManifest.previous_inputs(output)} if same_codecs else {}
@@ -276,14 +279,6 @@ def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:
                              last_run={"processed": len(pending), "seconds": round(seconds, 2)})
     manifest.save(output)
     return manifest
-
-
-def _current_manifest(output: Path) -> bool:
-    """A manifest of this version is in `output` (an older one only lends its finished inputs)."""
-    try:
-        return json.loads((output / ShardManifest.FILE).read_text()).get("schema_version") == MANIFEST_VERSION
-    except (OSError, ValueError):
-        return False
 
 
 def shard_features(path: Path) -> FeatureShapes:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import get_args, get_origin, get_type_hints
+from typing import get_type_hints
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +27,8 @@ from letstalk.accel import InferenceOptions
 from letstalk.diffusion import Sampler
 from letstalk.inputs import PreparedInputs, prepare
 from letstalk.pipeline import LetsTalkPipeline
+
+from .runtime import flag_kwargs
 
 APP_NAME = "letstalk"  # the Serve application's default name (jobs/serve.py, jobs/render_batch.py)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -74,15 +76,10 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     hints = get_type_hints(InferenceOptions)
     speed = parser.add_argument_group("speed switches (letstalk.accel.InferenceOptions; all off by default)")
     for flag, (name, what) in SPEED_FLAGS.items():
-        kind, default = hints[name], fields[name].default
-        kwargs: dict = {"dest": f"inference.{name}", "default": argparse.SUPPRESS,
-                        "help": f"{what} (default {default})"}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif get_origin(kind) is not None and get_args(kind):  # a Literal
-            kwargs["choices"] = list(get_args(kind))
-        else:
-            kwargs |= {"type": kind, "metavar": name.upper()}
+        kwargs = flag_kwargs(hints[name]) | {"dest": f"inference.{name}", "default": argparse.SUPPRESS,
+                                             "help": f"{what} (default {fields[name].default})"}
+        if "type" in kwargs and "choices" not in kwargs:
+            kwargs["metavar"] = name.upper()
         speed.add_argument(flag, **kwargs)
 
 

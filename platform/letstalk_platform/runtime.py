@@ -48,6 +48,21 @@ def config_field(model: type[BaseModel], key: str):
     return model.model_fields[name]
 
 
+def flag_kwargs(kind: Any) -> dict[str, Any]:
+    """argparse arguments for a setting of type `kind` (X | None counts as X): --x / --no-x for a
+    bool, choices for a Literal, a repeatable flag for a list, else the type."""
+    if get_origin(kind) in (Union, types.UnionType):
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if get_origin(kind) is Literal:
+        values = list(get_args(kind))
+        return {"type": type(values[0]), "choices": values}
+    if get_origin(kind) is list:
+        return {"type": get_args(kind)[0], "action": "append"}
+    return {"type": kind}
+
+
 def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], flags: dict[str, str],
                      choices: dict[str, list] | None = None) -> None:
     """One flag per setting, e.g. {"--batch-size": "data.batch_size"}: its type, choices (a Literal)
@@ -56,26 +71,14 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], fl
     else the model's default, stands. Booleans get --x / --no-x; lists are repeatable."""
     for flag, key in flags.items():
         info = config_field(model, key)
-        kind = info.annotation
-        if get_origin(kind) in (Union, types.UnionType):  # X | None -> X
-            kind = next(a for a in get_args(kind) if a is not type(None))
         default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)}"
-        repeat = "; repeatable" if get_origin(kind) is list else ""
+        kwargs = flag_kwargs(info.annotation)
+        repeat = "; repeatable" if kwargs.get("action") == "append" else ""
         helptext = f"{info.description + ' ' if info.description else ''}({key}; {default}{repeat})"
-        helptext = helptext.replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": helptext}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif get_origin(kind) is Literal:
-            values = list(get_args(kind))
-            kwargs |= {"type": type(values[0]), "choices": values}
-        elif get_origin(kind) is list:
-            kwargs |= {"type": get_args(kind)[0], "action": "append"}
-        else:
-            kwargs["type"] = kind
+        kwargs |= {"dest": key, "default": argparse.SUPPRESS, "help": helptext.replace("%", "%%")}
         if choices and key in choices:
             kwargs["choices"] = choices[key]
-        if kind is not bool and "choices" not in kwargs:
+        if "type" in kwargs and "choices" not in kwargs:
             kwargs["metavar"] = key.rsplit(".", 1)[-1].upper()
         parser.add_argument(flag, **kwargs)
 
