@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 from letstalk.clips import ClipSpec, build_clip_rows, decode_video
+from letstalk.faces import FaceSettings
+
+FACES = FaceSettings(detector="haar", crop="fixed")  # drawn faces
 from letstalk.media import ffmpeg_exe, iter_video_frames
 from letstalk.pipeline import LetsTalkPipeline
 
@@ -42,7 +45,7 @@ def plain_loop(paths: list[Path], bundle: Path, out: Path, spec: ClipSpec) -> in
     audio = AudioEncoder.from_pretrained(bundle / "audio_encoder")
     clips = 0
     for p in paths:
-        video = decode_video(p, spec)
+        video = decode_video(p, spec, FACES, vad=False)
         rows = build_clip_rows(p.stem, p.stem, codec.encode(video.frames),
                                audio.hidden_states(video.audio, len(video.frames)), spec)
         write_shard(rows, out / f"{p.stem}.parquet")
@@ -72,11 +75,11 @@ def main() -> None:
 
         init_ray(num_cpus=2)
         run_preprocess(PreprocessConfig(input=str(root / "raw"), output=str(root / "warm"), model=str(bundle),
-                                        stride=4, limit=1))  # warm-up: workers, imports
+                                        stride=4, limit=1, faces=FACES.__dict__, vad=False))  # warm-up: workers, imports
         m = run_preprocess(PreprocessConfig(input=str(root / "raw"), output=str(root / "ray"), model=str(bundle),
-                                            stride=4, decoders=2, tokenizers=1))
-        ray_clips = m["counts"]["clips"]["train"] + m["counts"]["clips"]["eval"]
-        ray_s = m["counts"]["seconds_this_run"]
+                                            stride=4, decoders=2, tokenizers=1, faces=FACES.__dict__, vad=False))
+        ray_clips = m.clip_count("train") + m.clip_count("eval")
+        ray_s = m.last_run["seconds"]
         print(f"{args.videos} videos × {args.seconds} s at {args.size}²: plain loop {plain_clips / plain_s:.2f} clips/s, "
               f"Ray Data {ray_clips / ray_s:.2f} clips/s, ratio {(ray_clips / ray_s) / (plain_clips / plain_s):.2f} "
               f"({ray_clips} clips each)")

@@ -59,7 +59,7 @@ def make_shards(root: Path, preset: str) -> Path:
     for i in range(6):
         talking_video(raw / f"v{i}.mp4", 100, seed=i, identity=f"id{i}")
     run_preprocess(PreprocessConfig(input=str(raw), output=str(root / "shards"), model=str(bundle), stride=2,
-                                    eval_fraction=0.0))
+                                    eval_fraction=0.0, faces={"detector": "haar", "crop": "fixed"}))
     return root / "shards"
 
 

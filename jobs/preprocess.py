@@ -1,7 +1,9 @@
 """Preprocess talking videos into training shards on Ray Data.
 
     ray job submit --working-dir . -- python jobs/preprocess.py --config cluster/preprocess/hdtf.yaml
-    python jobs/preprocess.py --input raw/ --output shards/ --model models/tiny      # local Ray, no YAML
+    python jobs/preprocess.py --input raw/ --output shards/ --model models/tiny --face-detector haar  # local Ray
+    python jobs/preprocess.py --input footage/ --output shards/ --model BUNDLE \
+        --face-model face_landmarker_v2_with_blendshapes.task --min-speech-fraction 0.5     # real footage
     python jobs/preprocess.py --config cluster/preprocess/demo.yaml --debug-videos 2  # smoke run
 
 Flags override the YAML; the defaults live in PreprocessConfig only. Prints a summary; the full record is OUTPUT/manifest.json.
@@ -12,13 +14,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
+from letstalk_platform.preprocess import PreprocessConfig, quality_table, run_preprocess
 from letstalk_platform.runtime import add_config_flags, init_ray, load_config
 
 
 FLAGS = {"--input": "input", "--output": "output", "--model": "model", "--clip-frames": "clip_frames",
          "--stride": "stride", "--image-size": "image_size", "--eval-fraction": "eval_fraction",
-         "--tokenizers": "tokenizers", "--decoders": "decoders", "--use-gpu": "use_gpu", "--debug-videos": "limit"}
+         "--tokenizers": "tokenizers", "--decoders": "decoders", "--use-gpu": "use_gpu", "--debug-videos": "limit",
+         "--face-detector": "faces.detector", "--face-model": "faces.model", "--face-margin": "faces.margin",
+         "--face-crop": "faces.crop",
+         "--vad": "vad", "--vad-model": "vad_model",
+         "--min-face-fraction": "filters.min_face_fraction", "--max-crop-jitter": "filters.max_crop_jitter",
+         "--min-speech-fraction": "filters.min_speech_fraction", "--min-mouth-audio-r": "filters.min_mouth_audio_r"}
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2
     c = manifest.counts()
-    print(f"{c['done']}/{c['inputs']} videos done, {c['failed']} failed; clips train {c['clips']['train']} "
-          f"eval {c['clips']['eval']}; {manifest.last_run['processed']} processed in {manifest.last_run['seconds']} s")
+    print(f"{c['done']}/{c['inputs']} videos done, {c['failed']} failed, {c['filtered']} filtered; clips train "
+          f"{c['clips']['train']} eval {c['clips']['eval']}; {manifest.last_run['processed']} processed in "
+          f"{manifest.last_run['seconds']} s")
+    print(quality_table(manifest))
     for e in manifest.inputs:
         if e.status != "done":
-            print(f"  failed {e.path}: {e.reason}")
+            print(f"  {e.status} {e.path}: {e.reason}")
     return 0
 
 

@@ -28,11 +28,11 @@ from typing import Any, Literal
 from .clips import ClipSpec
 from .diffusion import ClipTarget
 
-MANIFEST_VERSION = 2  # 2: feature shapes, model fingerprints, statuses done/failed
+MANIFEST_VERSION = 2  # 2: feature shapes, model fingerprints, statuses done/failed/filtered, quality, tracks
 CHECKPOINT_VERSION = 1
 TENSOR_COLUMNS = ("latents", "audio", "motion", "refs", "mouth")
 SPLITS = ("train", "eval")
-InputStatus = Literal["done", "failed"]
+InputStatus = Literal["done", "failed", "filtered"]  # filtered: a quality threshold dropped it
 
 
 class ArtifactError(ValueError):
@@ -95,6 +95,8 @@ class InputRecord:
     clips: int = 0
     shard: str = ""  # relative to the manifest's folder
     face_found: bool = False
+    quality: dict[str, Any] = field(default_factory=dict)  # letstalk.quality.Quality.to_dict()
+    track: str = ""  # relative: tracks/{video_id}.json, the crop box of every frame (for paste-back)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InputRecord":
@@ -127,7 +129,9 @@ class ShardManifest:
 
     def counts(self) -> dict[str, Any]:
         done = self.done()
-        return {"inputs": len(self.inputs), "done": len(done), "failed": len(self.inputs) - len(done),
+        filtered = sum(e.status == "filtered" for e in self.inputs)
+        return {"inputs": len(self.inputs), "done": len(done), "failed": len(self.inputs) - len(done) - filtered,
+                "filtered": filtered,
                 "clips": {s: self.clip_count(s) for s in SPLITS},
                 "identities": {s: len({e.identity for e in self.done(s)}) for s in SPLITS}}
 

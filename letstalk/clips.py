@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .faces import FaceSettings, FaceTrack, crop_frame, scale_track, track_faces
 from .media import MediaError, iter_video_frames, load_audio, probe
-from .portrait import crop_portrait, detect_face
-
-FACE_SEARCH_FRAMES = 25  # look for a face in the first second; one crop box for the whole video
+from .quality import Quality, measure
 
 
 @dataclass(frozen=True)
@@ -55,16 +54,36 @@ class ClipSpec:
 
 @dataclass
 class DecodedVideo:
-    frames: np.ndarray  # (N, S, S, 3) uint8, face-centred crop
+    frames: np.ndarray  # (N, S, S, 3) uint8, each frame cut by its crop box and resized
     audio: np.ndarray  # (samples,) float32 mono at spec.sample_rate
-    face_found: bool
-    box: tuple[int, int, int, int]
+    track: FaceTrack  # main face, shots and (N, 4) crop boxes in source pixels
+    segments: list[tuple[int, int]]  # [start, end) shots at least one clip long: clips come from these
+    quality: Quality
+
+    @property
+    def face_found(self) -> bool:
+        return any(f is not None for f in self.track.faces)
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """The first frame's crop box (the whole first shot's with the fixed crop)."""
+        return tuple(int(v) for v in self.track.boxes[0])
 
 
-def decode_video(path: str | os.PathLike, spec: ClipSpec) -> DecodedVideo:
-    """Decode at spec.fps / spec.sample_rate, crop every frame with one face box, align lengths.
+# a video whose decoded frames fit in this many bytes keeps them from the detection pass; larger
+# (or scaled-for-detection) videos are decoded a second time at full resolution to cut the crops
+_KEEP_BYTES = 1 << 30
 
-    Raises ValueError (MediaError) with a one-line reason for anything unusable.
+
+def decode_video(path: str | os.PathLike, spec: ClipSpec, faces: FaceSettings,
+                 vad: bool | str = True) -> DecodedVideo:
+    """Decode at spec.fps / spec.sample_rate, track the main face, crop every frame, measure quality.
+
+    Detection runs on frames scaled to at most ``faces.analysis_side``; crops are cut from the
+    full-resolution frames. Clips never cross a shot cut: ``segments`` lists the shots at least
+    one clip long. ``vad``: Silero VAD for the speech measure (True: the silero-vad wheel's model, a
+    path, or False: not measured). Raises ValueError (MediaError) with a one-line reason for
+    anything unusable.
     """
     info = probe(path)
     if not info.has_video:
@@ -72,34 +91,47 @@ def decode_video(path: str | os.PathLike, spec: ClipSpec) -> DecodedVideo:
     if not info.has_audio:
         raise MediaError(f"{path}: has no audio stream")
     audio = load_audio(path, spec.sample_rate, max_seconds=spec.max_seconds)
-    frames: list[np.ndarray] = []
-    box = None
-    face_found = False
-    for frame in iter_video_frames(path, fps=spec.fps):
-        frames.append(frame)
-        if box is None:
-            face = detect_face(frame)
-            if face is not None or len(frames) >= FACE_SEARCH_FRAMES:
-                crop = crop_portrait(frame, size=spec.image_size)
-                box, face_found = crop.box, crop.face_found
-    if not frames:
+    width, height = int(info.width), int(info.height)
+    scale = min(1.0, faces.analysis_side / max(width, height))
+    size = None if scale == 1.0 else (max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2))
+    keep = size is None and info.duration * spec.fps * width * height * 3 <= _KEEP_BYTES
+    kept: list[np.ndarray] = []
+    max_frames = int(spec.max_seconds * spec.fps) + 1
+
+    def analysis_frames():
+        for i, frame in enumerate(iter_video_frames(path, fps=spec.fps, size=size)):
+            if i >= max_frames:
+                break
+            if keep:
+                kept.append(frame)
+            yield frame
+
+    detector = faces.detector_for(spec.fps)
+    try:
+        track = track_faces(analysis_frames(), detector, faces, spec.fps)
+    finally:
+        detector.close()
+    if not track.faces:
         raise MediaError(f"{path}: no video frames decoded")
-    if box is None:  # fewer frames than the search window and no face: centre crop
-        crop = crop_portrait(frames[0], size=spec.image_size)
-        box, face_found = crop.box, crop.face_found
-    n = min(len(frames), round(audio.size / spec.sample_rate * spec.fps))
+    track = scale_track(track, width, height)
+    n = min(len(track.faces), round(audio.size / spec.sample_rate * spec.fps))
     if n < spec.clip_frames:
         raise ValueError(f"{path}: {n} frames at {spec.fps} fps is shorter than one clip ({spec.clip_frames} frames)")
-    cropped = np.stack([_crop(f, box, spec.image_size) for f in frames[:n]])
-    audio = audio[: int(round(n / spec.fps * spec.sample_rate))]
-    return DecodedVideo(cropped, audio, face_found, box)
-
-
-def _crop(frame: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    from PIL import Image
-
-    x0, y0, x1, y1 = box
-    return np.asarray(Image.fromarray(frame[y0:y1, x0:x1]).resize((size, size), Image.Resampling.LANCZOS))
+    crops = []
+    for i, frame in enumerate(kept if keep else iter_video_frames(path, fps=spec.fps)):
+        if i >= n:
+            break
+        crops.append(crop_frame(frame, track.boxes[i], spec.image_size))
+    track = track.truncated(len(crops))
+    segments = [(s, e) for s, e in track.shots if e - s >= spec.clip_frames]
+    if not segments:
+        raise ValueError(f"{path}: no shot is as long as one clip ({spec.clip_frames} frames); "
+                         f"shot lengths {[e - s for s, e in track.shots]}")
+    frames = np.stack(crops)
+    audio = audio[: int(round(len(frames) / spec.fps * spec.sample_rate))]
+    quality = measure(track, frames, audio, spec.sample_rate, spec.fps, kept_shots=len(segments), vad=vad,
+                      source_fps=info.fps)
+    return DecodedVideo(frames, audio, track, segments, quality)
 
 
 def clip_starts(num_frames: int, clip_frames: int, stride: int) -> list[int]:
@@ -130,8 +162,13 @@ def load_mouth_track(video_path: str | os.PathLike) -> np.ndarray | None:
 
 
 def build_clip_rows(video_id: str, identity: str, latents: torch.Tensor, states: torch.Tensor, spec: ClipSpec,
-                    mouth: np.ndarray | None = None) -> list[dict]:
-    """Video latents (N, C, h, w) + per-frame audio states (N, layers, D) -> clip rows (module docstring)."""
+                    mouth: np.ndarray | None = None,
+                    segments: list[tuple[int, int]] | None = None) -> list[dict]:
+    """Video latents (N, C, h, w) + per-frame audio states (N, layers, D) -> clip rows (module docstring).
+
+    ``segments``: [start, end) shots (default: the whole video). A clip, its audio context, motion
+    frames and reference frames all come from the clip's own shot.
+    """
     n = latents.shape[0]
     if states.shape[0] != n:
         raise ValueError(f"{video_id}: {n} latent frames but {states.shape[0]} audio frames")
@@ -139,17 +176,20 @@ def build_clip_rows(video_id: str, identity: str, latents: torch.Tensor, states:
     lat = latents.to(torch.float16).cpu().numpy()
     aud = states.to(torch.float16).cpu().numpy()
     rows = []
-    for k, start in enumerate(clip_starts(n, spec.clip_frames, spec.stride)):
-        end = start + spec.clip_frames
-        audio_idx = np.clip(np.arange(start - half, end + half), 0, n - 1)
-        motion_idx = np.clip(np.arange(start - spec.motion_frames, start), 0, n - 1)
-        track = np.full(spec.clip_frames, np.nan, np.float32)
-        if mouth is not None:
-            part = mouth[start:end]
-            track[: len(part)] = part
-        rows.append({
-            "video_id": video_id, "identity": identity, "clip": k, "start": start,
-            "latents": lat[start:end], "audio": aud[audio_idx], "motion": lat[motion_idx],
-            "refs": lat[ref_indices(n, start, spec.clip_frames, spec.ref_frames)], "mouth": track,
-        })
+    for s, e in segments or [(0, n)]:
+        e = min(e, n)
+        for start in clip_starts(e - s, spec.clip_frames, spec.stride):
+            end = start + spec.clip_frames
+            audio_idx = s + np.clip(np.arange(start - half, end + half), 0, e - s - 1)
+            motion_idx = s + np.clip(np.arange(start - spec.motion_frames, start), 0, e - s - 1)
+            refs = s + ref_indices(e - s, start, spec.clip_frames, spec.ref_frames)
+            track = np.full(spec.clip_frames, np.nan, np.float32)
+            if mouth is not None:
+                part = mouth[s + start:s + end]
+                track[: len(part)] = part
+            rows.append({
+                "video_id": video_id, "identity": identity, "clip": len(rows), "start": s + start,
+                "latents": lat[s + start:s + end], "audio": aud[audio_idx], "motion": lat[motion_idx],
+                "refs": lat[refs], "mouth": track,
+            })
     return rows

@@ -5,6 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+# drawn faces (the procedural data and talking_video): the built-in Haar cascade, one crop box per shot
+DRAWN_FACES = {"detector": "haar", "crop": "fixed"}
+
 
 def talking_video(path: Path, frames: int, seed: int, fps: float = 25, size: int = 96, identity: str | None = None):
     """A short mp4 (drawn face, speech-like audio); with `identity`, a sidecar JSON like the procedural data's."""

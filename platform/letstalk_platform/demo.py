@@ -24,11 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from letstalk import metrics
 from letstalk.artifacts import InputRecord, ShardManifest
 from letstalk.clips import ClipSpec
+from letstalk.faces import FaceSettings
 from letstalk.media import iter_video_frames, load_video_frames
 from letstalk.pipeline import LetsTalkPipeline
 from letstalk.synthetic import make_dataset
 from letstalk.viz import contact_sheet
 
+from .preprocess import manifest_faces
 from .runtime import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,7 +172,7 @@ def mouth_plot(mouth: np.ndarray, envelope: np.ndarray, fps: float, title: str, 
     part.rename(path)
 
 
-def video_figures(video: Path, entry: InputRecord, spec: ClipSpec, out: Path) -> dict[str, float]:
+def video_figures(video: Path, entry: InputRecord, spec: ClipSpec, faces: FaceSettings, out: Path) -> dict[str, float]:
     """Contact sheet + mouth-vs-audio plot for one rendered video; returns its own sync figures."""
     from letstalk.clips import decode_video
 
@@ -179,7 +181,7 @@ def video_figures(video: Path, entry: InputRecord, spec: ClipSpec, out: Path) ->
     frames = load_video_frames(video)
     vid = video.stem
     contact_sheet(frames, spec.fps, cols=10, max_frames=40).save(out / f"{vid}_sheet.png")
-    decoded = decode_video(entry.path, spec)
+    decoded = decode_video(entry.path, spec, faces, vad=False)
     face = procedural_face(entry.path, frames.shape[1], decoded.box)
     if face is None:
         return {}
@@ -285,7 +287,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         per_video = {}
         for name, path in rendered.items():
             vid = name.removesuffix("-http")
-            per_video[name] = video_figures(path, by_id[vid], spec, videos_dir)
+            per_video[name] = video_figures(path, by_id[vid], spec, manifest_faces(manifest), videos_dir)
 
     total = time.perf_counter() - t_start
     lines = ["# LetsTalk demo results", "", f"Total {total / 60:.1f} min on this machine. Stages:", ""]

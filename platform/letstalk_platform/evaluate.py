@@ -38,6 +38,7 @@ from letstalk.diffusion import Sampler
 from letstalk.clips import decode_video
 from letstalk.pipeline import LetsTalkPipeline
 
+from .preprocess import manifest_faces
 from . import tracking
 
 
@@ -97,12 +98,12 @@ def load_eval_videos(cfg: EvalConfig) -> tuple[list[EvalVideo], dict[str, Any], 
     entries = manifest.done("eval")
     if not entries:
         raise ValueError(f"{root}: the eval split is empty (see manifest.json counts)")
-    spec = manifest.clip_spec
+    spec, faces = manifest.clip_spec, manifest_faces(manifest)
     size = cfg.size or spec.image_size
     videos, skipped = [], []
     for e in entries[: cfg.max_videos] if cfg.max_videos else entries:
         try:
-            decoded = decode_video(e.path, spec)
+            decoded = decode_video(e.path, spec, faces, vad=False)
         except (ValueError, OSError) as err:
             skipped.append(f"{e.video_id}: {' '.join(str(err).split())[:200]}")
             continue

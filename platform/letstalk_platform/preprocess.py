@@ -19,27 +19,88 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from letstalk.artifacts import TENSOR_COLUMNS, ArtifactError, FeatureShapes, InputRecord, ShardManifest, dir_fingerprint
+from letstalk.artifacts import (TENSOR_COLUMNS, ArtifactError, FeatureShapes, InputRecord, ShardManifest, dir_fingerprint,
+                                write_json_atomic)
 from letstalk.audio import AudioEncoder
 from letstalk.clips import ClipSpec, build_clip_rows, decode_video, load_mouth_track
+from letstalk.faces import FaceSettings
+from letstalk.quality import QualityFilters
 from letstalk.vae import LatentCodec, codec_downsample
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 
 
+_FACES = FaceSettings(detector="haar")  # the library's defaults: the only ones (the detector has none)
+FORBID = ConfigDict(extra="forbid")
+
+
+class FacesSection(BaseModel):
+    """How faces are found and cropped (letstalk.faces.FaceSettings; its defaults are the defaults)."""
+
+    model_config = FORBID
+
+    detector: Literal["mediapipe", "haar"] = Field(
+        description="mediapipe: FaceLandmarker (needs faces.model); haar: OpenCV's built-in cascade, boxes only")
+    model: str | None = Field(None, description="MediaPipe face_landmarker .task file")
+    margin: float = Field(_FACES.margin, gt=0, description="crop side = margin x the shot's median face size")
+    crop: Literal["track", "fixed"] = Field(_FACES.crop, description="track: the crop follows the smoothed face; "
+                                                                    "fixed: one box per shot")
+    smooth_seconds: float = Field(_FACES.smooth_seconds, ge=0, description="crop centre moving-average window")
+    analysis_side: int = Field(_FACES.analysis_side, ge=64, description="detection runs on frames this large at most")
+    cut_threshold: float = Field(_FACES.cut_threshold, gt=0, le=1,
+                                 description="histogram distance between frames that marks a shot cut")
+    max_faces: int = Field(_FACES.max_faces, ge=1)
+
+    @model_validator(mode="after")
+    def _model_for_mediapipe(self) -> "FacesSection":
+        if self.detector == "mediapipe" and not self.model:
+            raise ValueError("faces.model (a MediaPipe face_landmarker .task file) is needed by the mediapipe "
+                             "detector; or set faces.detector: haar")
+        if self.model and not Path(self.model).is_file():
+            raise ValueError(f"faces.model {self.model}: file not found")
+        return self
+
+    def settings(self) -> FaceSettings:
+        return FaceSettings(**self.model_dump())
+
+
+def manifest_faces(manifest: ShardManifest) -> FaceSettings:
+    """The face settings the shards were cut with (readers decode the same crops)."""
+    return FacesSection(**manifest.config["faces"]).settings()
+
+
+class FiltersSection(BaseModel):
+    """letstalk.quality.QualityFilters: thresholds on the per-video measures; unset = only recorded."""
+
+    model_config = FORBID
+
+    min_face_fraction: float | None = Field(None, ge=0, le=1)
+    max_crop_jitter: float | None = Field(None, ge=0, description="% of the crop side per frame")
+    min_speech_fraction: float | None = Field(None, ge=0, le=1)
+    min_mouth_audio_r: float | None = Field(None, ge=-1, le=1)
+    min_blur: float | None = Field(None, ge=0, description="variance of the Laplacian of the grey crop")
+    min_brightness: float | None = Field(None, ge=0, le=255)
+    max_brightness: float | None = Field(None, ge=0, le=255)
+    min_face_px: float | None = Field(None, ge=0, description="face side in source pixels")
+    min_source_fps: float | None = Field(None, gt=0)
+
+    def filters(self) -> QualityFilters:
+        return QualityFilters(**self.model_dump())
+
+
 class PreprocessConfig(BaseModel):
     """Settings of jobs/preprocess.py (YAML keys; flags override them). None = taken from the bundle."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = FORBID
 
     input: str = Field(description="folder of videos, a glob, or a .txt list of paths")
     output: str
@@ -58,6 +119,10 @@ class PreprocessConfig(BaseModel):
     tokenizers: int = Field(1, ge=1, description="tokenizer actors (one GPU each when use_gpu)")
     use_gpu: bool = False
     limit: int | None = Field(None, ge=1, description="process at most this many pending videos (smoke runs)")
+    faces: FacesSection
+    vad: bool = Field(True, description="measure the speech fraction with Silero VAD")
+    vad_model: str | None = Field(None, description="Silero VAD TorchScript file (default: the silero-vad wheel's)")
+    filters: FiltersSection = Field(default_factory=FiltersSection)
 
 
 def clip_spec(cfg: PreprocessConfig) -> ClipSpec:
@@ -128,20 +193,31 @@ def fingerprint(path: Path) -> str:
 # ------------------------------------------------------------------------------------------
 
 class DecodeVideo:
-    """Row {path, video_id, ...} -> the same row plus frames (N, S, S, 3) uint8 and audio, or a reason."""
+    """Row {path, video_id, ...} -> the same row plus the face crops (N, S, S, 3) uint8, the audio,
+    the shots to cut clips from, the quality measures and the crop track; or a reason."""
 
-    def __init__(self, spec: ClipSpec):
-        self.spec = spec
+    def __init__(self, spec: ClipSpec, faces: FaceSettings, filters: QualityFilters, vad: bool | str):
+        self.spec, self.faces, self.filters, self.vad = spec, faces, filters, vad
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         s = self.spec.image_size
+        empty = {"face_found": False, "frames": np.zeros((0, s, s, 3), np.uint8), "audio": np.zeros(0, np.float32),
+                 "segments": np.zeros((0, 2), np.int64), "quality": "", "track": ""}
         try:
-            video = decode_video(row["path"], self.spec)
+            video = decode_video(row["path"], self.spec, self.faces, vad=self.vad)
         except (ValueError, OSError) as e:
-            return {**row, "status": "failed", "reason": _one_line(e), "face_found": False,
-                    "frames": np.zeros((0, s, s, 3), np.uint8), "audio": np.zeros(0, np.float32)}
-        return {**row, "status": "decoded", "reason": "", "face_found": video.face_found,
-                "frames": video.frames, "audio": video.audio}
+            return {**row, **empty, "status": "failed", "reason": _one_line(e)}
+        quality = video.quality.to_dict()
+        track = json.dumps({"size": video.track.size, "fps": self.spec.fps, "detector": video.track.detector,
+                            "shots": video.track.shots, "segments": video.segments,
+                            "boxes": video.track.boxes.tolist(), "found": [f is not None for f in video.track.faces]})
+        reason = self.filters.check(video.quality)
+        if reason:
+            return {**row, **empty, "status": "filtered", "reason": reason, "face_found": video.face_found,
+                    "quality": json.dumps(quality), "track": track}
+        return {**row, "status": "decoded", "reason": "", "face_found": video.face_found, "frames": video.frames,
+                "audio": video.audio, "segments": np.asarray(video.segments, np.int64),
+                "quality": json.dumps(quality), "track": track}
 
 
 class Tokenizer:
@@ -155,10 +231,13 @@ class Tokenizer:
         self.spec, self.output = spec, Path(output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = ("video_id", "status", "reason", "clips", "shard", "face_found", "features")
+        keys = ("video_id", "status", "reason", "clips", "shard", "face_found", "features", "quality", "track")
         out: dict[str, list] = {k: [] for k in keys}
         for i in range(len(batch["video_id"])):
             status, reason, clips, shard, features = str(batch["status"][i]), str(batch["reason"][i]), 0, "", ""
+            track = ""
+            if batch["track"][i]:
+                track = write_track(self.output, str(batch["video_id"][i]), str(batch["track"][i]))
             if status == "decoded":
                 try:
                     clips, shard, features = self._tokenize(batch, i)
@@ -166,7 +245,7 @@ class Tokenizer:
                 except (ValueError, RuntimeError, OSError) as e:
                     status, reason = "failed", _one_line(e)
             for key, value in zip(keys, (batch["video_id"][i], status, reason, clips, shard,
-                                         bool(batch["face_found"][i]), features)):
+                                         bool(batch["face_found"][i]), features, str(batch["quality"][i]), track)):
                 out[key].append(value)
         return {k: np.asarray(v) for k, v in out.items()}
 
@@ -175,8 +254,9 @@ class Tokenizer:
         frames, audio = batch["frames"][i], batch["audio"][i]
         latents = self.codec.encode(frames)  # (N, C, h, w)
         states = self.audio.hidden_states(audio, len(frames))  # (N, layers, D)
+        segments = [(int(a), int(b)) for a, b in np.asarray(batch["segments"][i]).reshape(-1, 2)]
         rows = build_clip_rows(vid, str(batch["identity"][i]), latents, states, self.spec,
-                               load_mouth_track(str(batch["path"][i])))
+                               load_mouth_track(str(batch["path"][i])), segments=segments)
         if not rows:
             raise ValueError(f"{vid}: no complete clip")
         shard = self.output / split / f"{vid}.parquet"
@@ -185,6 +265,14 @@ class Tokenizer:
         features = FeatureShapes(latent_channels=int(latents.shape[1]), latent_size=int(latents.shape[-1]),
                                  audio_layers=int(states.shape[1]), audio_feature_dim=int(states.shape[2]))
         return len(rows), str(shard.relative_to(self.output)), json.dumps(features.__dict__)
+
+
+def write_track(output: Path, vid: str, track_json: str) -> str:
+    """OUTPUT/tracks/{video_id}.json: shots and the crop box of every frame; returns its relative path."""
+    path = output / "tracks" / f"{vid}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, json.loads(track_json))
+    return str(path.relative_to(output))
 
 
 def write_shard(rows: list[dict], path: Path) -> None:
@@ -218,6 +306,8 @@ def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:
     """Plan, run the Ray Data pipeline over what is not done yet, write the manifest. Returns it."""
     # absolute paths: actors need not share the driver's working directory, and the manifest is read later
     cfg = cfg.model_copy(update={k: str(Path(getattr(cfg, k)).resolve()) for k in ("input", "output", "model")})
+    if cfg.faces.model:
+        cfg = cfg.model_copy(update={"faces": cfg.faces.model_copy(update={"model": str(Path(cfg.faces.model).resolve())})})
     spec = clip_spec(cfg)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -227,8 +317,10 @@ def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:
         previous_manifest = ShardManifest.load(output)
     except ArtifactError:
         previous_manifest = None
+    # shards cut with other codecs, clip sizes or face settings are redone
     same_codecs = previous_manifest is None or (previous_manifest.models == models
-                                                and previous_manifest.clip_spec == spec)
+                                                and previous_manifest.clip_spec == spec
+                                                and previous_manifest.config.get("faces") == cfg.faces.model_dump())
     previous = {e.path: e for e in ShardManifest.previous_inputs(output)} if same_codecs else {}
 
     entries: list[InputRecord] = []
@@ -251,7 +343,9 @@ def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:
     if pending:
         ds = ray.data.from_items([{**e.__dict__} for e in pending], override_num_blocks=len(pending))
         # SPREAD: on a cluster the pools' actors go to different nodes (one node is not a bottleneck)
-        ds = ds.map(DecodeVideo, fn_constructor_kwargs={"spec": spec}, scheduling_strategy="SPREAD",
+        vad = (cfg.vad_model or True) if cfg.vad else False
+        decode_args = {"spec": spec, "faces": cfg.faces.settings(), "filters": cfg.filters.filters(), "vad": vad}
+        ds = ds.map(DecodeVideo, fn_constructor_kwargs=decode_args, scheduling_strategy="SPREAD",
                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.decoders))
         ds = ds.map_batches(
             Tokenizer, fn_constructor_kwargs={"model": cfg.model, "spec": spec, "output": str(output)},
@@ -269,9 +363,10 @@ def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:
                 else shard_features(output / reused[0].shard) if reused else None)
     for entry in pending:
         r = results.get(entry.video_id, {"status": "failed", "reason": "not processed (worker lost)",
-                                         "clips": 0, "shard": "", "face_found": False})
-        entries.append(InputRecord.from_dict({**entry.__dict__,
-                                              **{k: r[k] for k in ("status", "reason", "clips", "shard", "face_found")}}))
+                                         "clips": 0, "shard": "", "face_found": False, "quality": "", "track": ""})
+        entries.append(InputRecord.from_dict({
+            **entry.__dict__, **{k: r[k] for k in ("status", "reason", "clips", "shard", "face_found", "track")},
+            "quality": json.loads(r["quality"]) if r["quality"] else {}}))
     entries.sort(key=lambda e: e.path)
 
     manifest = ShardManifest(clip_spec=spec, features=features, bundle=str(bundle), models=models, inputs=entries,
@@ -287,3 +382,20 @@ def shard_features(path: Path) -> FeatureShapes:
     _, channels, _, size = schema.field("latents").type.shape  # (F, C, h, w)
     _, layers, dim = schema.field("audio").type.shape  # (F + window - 1, layers, D)
     return FeatureShapes(latent_channels=channels, latent_size=size, audio_layers=layers, audio_feature_dim=dim)
+
+
+QUALITY_COLUMNS = ("face_fraction", "crop_jitter", "speech_fraction", "mouth_audio_r", "blur", "brightness",
+                   "face_px", "shots")
+
+
+def quality_table(manifest: ShardManifest) -> str:
+    """The per-video quality measures as a fixed-width table (status, then each measure; "-": not measured)."""
+    head = f"{'video':<40} {'status':<8} " + " ".join(f"{c[:13]:>13}" for c in QUALITY_COLUMNS)
+    lines = [head]
+    for e in manifest.inputs:
+        cells = []
+        for c in QUALITY_COLUMNS:
+            v = e.quality.get(c)
+            cells.append(f"{'-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v):>13}")
+        lines.append(f"{Path(e.path).name[:40]:<40} {e.status:<8} " + " ".join(cells))
+    return "\n".join(lines)

@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import printed_summary, talking_video
+from conftest import DRAWN_FACES, printed_summary, talking_video
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +129,8 @@ def test_cluster_preprocess_train_lose_a_node_and_a_driver(cluster, bundle, tmp_
     for i in range(4):
         talking_video(raw / f"spk{i}.mp4", 48, seed=i, identity=f"spk{i}")
     manifest = run_preprocess(PreprocessConfig(input=str(raw), output=str(tmp_path / "shards"), model=str(bundle),
-                                               stride=2, eval_fraction=0.0, tokenizers=2, decoders=2))
+                                               stride=2, eval_fraction=0.0, tokenizers=2, decoders=2,
+                                               faces=DRAWN_FACES))
     assert manifest.counts()["done"] == 4
     actors = ray._private.state.actors().values()  # the GCS's record of every actor, dead ones included
     tokenizer_nodes = {a["Address"]["NodeID"] for a in actors if "Tokenizer" in a["ActorClassName"]}

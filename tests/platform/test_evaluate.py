@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from letstalk import metrics, synthetic
 
+from conftest import DRAWN_FACES
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs"))
 
@@ -25,7 +27,7 @@ def shards(ray_local, bundle, tmp_path_factory):
     d = tmp_path_factory.mktemp("evaldata")
     synthetic.make_dataset(d / "raw", videos=3, seconds=1.2, seed=5, size=64, progress=False)
     run_preprocess(PreprocessConfig(input=str(d / "raw"), output=str(d / "shards"), model=str(bundle),
-                                    eval_fraction=1.0))
+                                    eval_fraction=1.0, faces=DRAWN_FACES))
     return d / "shards"
 
 

@@ -15,7 +15,7 @@ from letstalk.clips import ClipSpec, build_clip_rows, clip_starts, ref_indices
 from letstalk.media import ffmpeg_exe, write_video
 from letstalk.synthetic import draw_portrait
 
-from conftest import talking_video
+from conftest import DRAWN_FACES, talking_video
 
 ROOT = Path(__file__).resolve().parents[2]
 FPS, CLIP = 25, 8  # the tiny bundle's clip length
@@ -37,7 +37,7 @@ def raw(tmp_path_factory):
 def run(raw: Path, out: Path, bundle: Path, **kw):
     from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
 
-    cfg = PreprocessConfig(input=str(raw), output=str(out), model=str(bundle), eval_fraction=0.34, **kw)
+    cfg = PreprocessConfig(input=str(raw), output=str(out), model=str(bundle), eval_fraction=0.34, **{"faces": DRAWN_FACES, **kw})
     return run_preprocess(cfg)
 
 
@@ -244,7 +244,8 @@ def test_job_config_loader_gives_one_line_errors():
 def test_preprocess_job_from_a_shell(raw, bundle, tmp_path):
     out = tmp_path / "shards"
     run_job = subprocess.run([sys.executable, str(ROOT / "jobs" / "preprocess.py"), "--input", str(raw),
-                              "--output", str(out), "--model", str(bundle)], capture_output=True, text=True)
+                              "--output", str(out), "--model", str(bundle), "--face-detector", "haar",
+                              "--face-crop", "fixed"], capture_output=True, text=True)
     assert run_job.returncode == 0, run_job.stderr[-2000:]
     assert "7/7 videos done" in run_job.stdout
     assert ShardManifest.load(out).counts()["done"] == 7

@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import printed_summary, talking_video
+from conftest import DRAWN_FACES, printed_summary, talking_video
 from letstalk import LetsTalkTransformer
 from letstalk.media import probe
 from letstalk.training import EMA, Augment, init_from_checkpoint, prepare_batch
@@ -28,7 +28,8 @@ def shards(ray_local, bundle, tmp_path_factory):
     for i in range(5):
         talking_video(raw / f"spk{i}.mp4", 60, seed=i, identity=f"spk{i}")
     out = tmp_path_factory.mktemp("train_shards")
-    run_preprocess(PreprocessConfig(input=str(raw), output=str(out), model=str(bundle), stride=2, eval_fraction=0.2))
+    run_preprocess(PreprocessConfig(input=str(raw), output=str(out), model=str(bundle), stride=2, eval_fraction=0.2,
+                                    faces=DRAWN_FACES))
     return out
 
 
