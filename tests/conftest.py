@@ -1,9 +1,27 @@
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Real talking-head footage, portraits, speech and the face/VAD weights: internal test data that is
+# never committed. Tests read it by path ($LETSTALK_REALDATA, else ../shared/realdata beside the
+# checkout) and skip, saying why, where it is absent (a user's clone).
+REALDATA = Path(os.environ.get("LETSTALK_REALDATA") or ROOT.parent / "shared" / "realdata")
+FACE_MODEL = REALDATA / "weights" / "mediapipe_face_landmarker_v2_with_blendshapes.task"
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    """The real-media folder, or a skip naming what is missing."""
+    if not (REALDATA / "videos").is_dir() or not FACE_MODEL.is_file():
+        pytest.skip(f"real test media not found at {REALDATA} (set LETSTALK_REALDATA to the folder with "
+                    f"videos/ and weights/)")
+    return REALDATA
+
 
 # drawn faces (the procedural data and talking_video): the built-in Haar cascade, one crop box per shot
 DRAWN_FACES = {"detector": "haar", "crop": "fixed"}

@@ -49,7 +49,7 @@ class FacesSection(BaseModel):
     model_config = FORBID
 
     detector: Literal["mediapipe", "haar"] = Field(
-        description="mediapipe: FaceLandmarker (needs faces.model); haar: OpenCV's built-in cascade, boxes only")
+        "mediapipe", description="mediapipe: FaceLandmarker (needs faces.model); haar: OpenCV's built-in cascade, boxes only")
     model: str | None = Field(None, description="MediaPipe face_landmarker .task file")
     margin: float = Field(_FACES.margin, gt=0, description="crop side = margin x the shot's median face size")
     crop: Literal["track", "fixed"] = Field(_FACES.crop, description="track: the crop follows the smoothed face; "
@@ -119,10 +119,18 @@ class PreprocessConfig(BaseModel):
     tokenizers: int = Field(1, ge=1, description="tokenizer actors (one GPU each when use_gpu)")
     use_gpu: bool = False
     limit: int | None = Field(None, ge=1, description="process at most this many pending videos (smoke runs)")
-    faces: FacesSection
+    faces: FacesSection  # absent: the defaults, which need faces.model (validated: see _faces_default)
     vad: bool = Field(True, description="measure the speech fraction with Silero VAD")
     vad_model: str | None = Field(None, description="Silero VAD TorchScript file (default: the silero-vad wheel's)")
     filters: FiltersSection = Field(default_factory=FiltersSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _faces_default(cls, data: Any) -> Any:
+        # an absent faces section is validated like an empty one, so its error names faces.model
+        if isinstance(data, dict) and "faces" not in data:
+            data = {**data, "faces": {}}
+        return data
 
 
 def clip_spec(cfg: PreprocessConfig) -> ClipSpec:
