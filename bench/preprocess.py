@@ -20,10 +20,10 @@ from pathlib import Path
 
 from letstalk.clips import ClipSpec, build_clip_rows, decode_video
 from letstalk.faces import FaceSettings
-
-FACES = FaceSettings(detector="haar", crop="fixed")  # drawn faces
 from letstalk.media import ffmpeg_exe, iter_video_frames
 from letstalk.pipeline import LetsTalkPipeline
+
+FACES = FaceSettings(detector="haar", crop="fixed")  # drawn faces
 
 
 def make_videos(root: Path, videos: int, seconds: float, size: int) -> list[Path]:

@@ -13,6 +13,8 @@ without Ray. One clip row (all tensors float16 unless noted):
                                              repeated where the video has none)
     refs      (K, C, h, w)                   reference latents drawn from outside the clip
     mouth     (F,) float32                   ground-truth mouth opening (procedural data), NaN if unknown
+    face_fraction float                      real footage: the clip's frames in which the face was found
+    q_<name>  float                          real footage: the video's quality measures (letstalk.quality)
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def decode_video(path: str | os.PathLike, spec: ClipSpec, faces: FaceSettings,
     frames = np.stack(crops)
     audio = audio[: int(round(len(frames) / spec.fps * spec.sample_rate))]
     quality = measure(track, frames, audio, spec.sample_rate, spec.fps, kept_shots=len(segments), vad=vad,
-                      source_fps=info.fps)
+                      source_fps=info.fps, duration=info.duration)
     return DecodedVideo(frames, audio, track, segments, quality)
 
 
@@ -163,11 +165,14 @@ def load_mouth_track(video_path: str | os.PathLike) -> np.ndarray | None:
 
 def build_clip_rows(video_id: str, identity: str, latents: torch.Tensor, states: torch.Tensor, spec: ClipSpec,
                     mouth: np.ndarray | None = None,
-                    segments: list[tuple[int, int]] | None = None) -> list[dict]:
+                    segments: list[tuple[int, int]] | None = None, found: np.ndarray | None = None,
+                    quality: dict[str, float | None] | None = None) -> list[dict]:
     """Video latents (N, C, h, w) + per-frame audio states (N, layers, D) -> clip rows (module docstring).
 
     ``segments``: [start, end) shots (default: the whole video). A clip, its audio context, motion
-    frames and reference frames all come from the clip's own shot.
+    frames and reference frames all come from the clip's own shot. ``found`` (N,) bool adds the
+    clip's own ``face_fraction`` column; ``quality`` adds the video's measures as ``q_<name>``
+    float columns (None -> NaN), so clips can be filtered when read.
     """
     n = latents.shape[0]
     if states.shape[0] != n:
@@ -187,9 +192,14 @@ def build_clip_rows(video_id: str, identity: str, latents: torch.Tensor, states:
             if mouth is not None:
                 part = mouth[s + start:s + end]
                 track[: len(part)] = part
-            rows.append({
+            row = {
                 "video_id": video_id, "identity": identity, "clip": len(rows), "start": s + start,
                 "latents": lat[s + start:s + end], "audio": aud[audio_idx], "motion": lat[motion_idx],
                 "refs": lat[refs], "mouth": track,
-            })
+            }
+            if found is not None:
+                row["face_fraction"] = float(np.mean(found[s + start:s + end]))
+            for name, value in (quality or {}).items():
+                row[f"q_{name}"] = float("nan") if value is None else float(value)
+            rows.append(row)
     return rows

@@ -13,6 +13,8 @@ What is measured (`measure`), per video, on what preprocessing keeps:
     shots            shots found; dropped_shots: shots shorter than one clip (not used)
     other_faces      fraction of frames with more than one face
     source_fps       the file's own frame rate (a 1 fps re-encode repeats frames at 25 fps)
+    decoded_fraction frames decoded / frames the container's duration promises (a truncated
+                     file decodes only its first part)
 
 `QualityFilters` holds optional thresholds; unset ones only record. `QualityFilters.check` names
 the first measure that fails, as a one-line reason.
@@ -106,6 +108,7 @@ class Quality:
     dropped_shots: int
     other_faces: float
     source_fps: float
+    decoded_fraction: float
     detector: str
 
     def to_dict(self) -> dict:
@@ -119,7 +122,8 @@ class Quality:
 
 
 def measure(track: FaceTrack, crops: np.ndarray, audio: np.ndarray, sample_rate: int, fps: float,
-            kept_shots: int, vad: bool | str = True, source_fps: float | None = None) -> Quality:
+            kept_shots: int, vad: bool | str = True, source_fps: float | None = None,
+            duration: float | None = None) -> Quality:
     """The measures of the module docstring. ``vad``: True (the wheel's model), a model path, or False."""
     n = len(track.faces)
     blur, brightness = blur_and_brightness(crops)
@@ -131,7 +135,8 @@ def measure(track: FaceTrack, crops: np.ndarray, audio: np.ndarray, sample_rate:
         mouth_audio_r=mouth_audio_r(track.aperture[:n], audio, sample_rate, fps), blur=blur,
         brightness=brightness, face_px=track.face_pixels(), shots=len(track.shots),
         dropped_shots=len(track.shots) - kept_shots, other_faces=track.other_faces / max(n, 1),
-        source_fps=math.nan if source_fps is None else float(source_fps), detector=track.detector)
+        source_fps=math.nan if source_fps is None else float(source_fps),
+        decoded_fraction=math.nan if not duration else min(1.0, n / (duration * fps)), detector=track.detector)
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,7 @@ class QualityFilters:
     max_brightness: float | None = None
     min_face_px: float | None = None
     min_source_fps: float | None = None  # a clip re-encoded at a few fps has a frozen mouth
+    min_decoded_fraction: float | None = None  # a truncated file
 
     def check(self, q: Quality) -> str:
         """"" when every set threshold holds, else the first failure as one line."""

@@ -73,6 +73,11 @@ class FacesSection(BaseModel):
         return FaceSettings(**self.model_dump())
 
 
+# the per-video measures printed by the job and written into every clip row as q_<name>
+QUALITY_COLUMNS = ("face_fraction", "crop_jitter", "speech_fraction", "mouth_audio_r", "blur", "brightness",
+                   "face_px", "shots")
+
+
 def manifest_faces(manifest: ShardManifest) -> FaceSettings:
     """The face settings the shards were cut with (readers decode the same crops)."""
     return FacesSection(**manifest.config["faces"]).settings()
@@ -92,6 +97,7 @@ class FiltersSection(BaseModel):
     max_brightness: float | None = Field(None, ge=0, le=255)
     min_face_px: float | None = Field(None, ge=0, description="face side in source pixels")
     min_source_fps: float | None = Field(None, gt=0)
+    min_decoded_fraction: float | None = Field(None, ge=0, le=1, description="frames decoded / promised (truncation)")
 
     def filters(self) -> QualityFilters:
         return QualityFilters(**self.model_dump())
@@ -263,8 +269,11 @@ class Tokenizer:
         latents = self.codec.encode(frames)  # (N, C, h, w)
         states = self.audio.hidden_states(audio, len(frames))  # (N, layers, D)
         segments = [(int(a), int(b)) for a, b in np.asarray(batch["segments"][i]).reshape(-1, 2)]
+        track = json.loads(str(batch["track"][i]))
+        quality = {k: v for k, v in json.loads(str(batch["quality"][i])).items() if k in QUALITY_COLUMNS}
         rows = build_clip_rows(vid, str(batch["identity"][i]), latents, states, self.spec,
-                               load_mouth_track(str(batch["path"][i])), segments=segments)
+                               load_mouth_track(str(batch["path"][i])), segments=segments,
+                               found=np.asarray(track["found"], bool), quality=quality)
         if not rows:
             raise ValueError(f"{vid}: no complete clip")
         shard = self.output / split / f"{vid}.parquet"
@@ -392,8 +401,6 @@ def shard_features(path: Path) -> FeatureShapes:
     return FeatureShapes(latent_channels=channels, latent_size=size, audio_layers=layers, audio_feature_dim=dim)
 
 
-QUALITY_COLUMNS = ("face_fraction", "crop_jitter", "speech_fraction", "mouth_audio_r", "blur", "brightness",
-                   "face_px", "shots")
 
 
 def quality_table(manifest: ShardManifest) -> str:

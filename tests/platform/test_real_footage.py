@@ -61,6 +61,11 @@ def test_every_real_clip_becomes_shards_with_quality_columns(realdata, job):
             assert key in e.quality, (name, key)
         assert e.quality["speech_fraction"] > 0.5, name  # all of them are speech (SOURCES.md: checked with VAD)
         assert (d / "shards" / e.track).is_file()
+    # the shards carry the measures as columns: per clip (face_fraction) and per video (q_*)
+    aoc = entries["sadtalker_hdtf_aoc"]
+    table = pq.read_table(d / "shards" / aoc.shard, columns=["face_fraction", "q_speech_fraction", "q_crop_jitter"])
+    assert table.num_rows == aoc.clips and min(table.column("face_fraction").to_pylist()) == 1.0
+    assert set(table.column("q_speech_fraction").to_pylist()) == {pytest.approx(aoc.quality["speech_fraction"])}
     assert manifest.counts()["done"] == len(videos)  # measured: all 21 are usable
     # the job prints the quality table, one line per video
     for name in videos:
