@@ -1,13 +1,16 @@
-"""Evaluate models on the eval split: FID, FVD, SSIM, PSNR, E-FID, lip sync -> a table on stdout, on disk, in MLflow.
+"""Evaluate models on held-out shards and/or real footage: the metrics table on stdout, on disk and in MLflow.
 
     python jobs/evaluate.py --model models:/letstalk@production --data shards/ --out out/eval \\
         --inception weights/inception-2015-12-05.pt --i3d weights/i3d_torchscript.pt --face-recon weights/epoch_20.pth
     python jobs/evaluate.py --models letstalk@symbiotic,letstalk@siamese --data shards/   # ablation: one row each
-    python jobs/evaluate.py --model models/tiny --data shards/ --debug-videos 2           # smoke run
+    python jobs/evaluate.py --model models/tiny --data shards/ --split all --debug-videos 2  # smoke run
+    python jobs/evaluate.py --model models/demo --reference-videos 'footage/*.mp4' \\
+        --face-model weights/face_landmarker_v2_with_blendshapes.task --max-seconds 8 --out out/eval-real
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/evaluate.py --config eval.yaml
 
 Flags override the YAML; the defaults (and the sampler choices) live in EvalConfig only. Without a
-weights file a metric is reported as "not computed (no weights)".
+weights file a metric is reported as "not computed (no weights)". The MLflow store defaults to
+$MLFLOW_TRACKING_URI, else OUT/mlflow.db (--out), else ~/.cache/letstalk/eval/mlflow.db.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import sys
 from letstalk_platform.evaluate import EvalConfig, evaluate_models
 from letstalk_platform.runtime import add_config_flags, load_config
 
-FLAGS = {"--data": "data", "--out": "out", "--mlflow-uri": "mlflow_uri", "--experiment": "experiment",
+FLAGS = {"--data": "data", "--split": "split", "--reference-videos": "reference_videos", "--face-model": "face_model",
+         "--max-seconds": "max_seconds", "--out": "out", "--mlflow-uri": "mlflow_uri", "--experiment": "experiment",
          "--steps": "steps", "--sampler": "sampler", "--guidance": "guidance", "--seed": "seed", "--frames": "frames",
          "--size": "size", "--max-videos": "max_videos", "--inception": "inception", "--i3d": "i3d",
          "--face-recon": "face_recon", "--device": "device"}
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown)
     if report.files:
         print("wrote " + ", ".join(report.files))
-    print(f"MLflow: {cfg.mlflow_uri}, experiment {cfg.experiment!r}, runs {', '.join(report.run_ids)}")
+    print(f"MLflow: {report.mlflow_uri}, experiment {cfg.experiment!r}, runs {', '.join(report.run_ids)}")
     return 0
 
 
