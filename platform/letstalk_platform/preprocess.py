@@ -65,8 +65,6 @@ class FacesSection(BaseModel):
         if self.detector == "mediapipe" and not self.model:
             raise ValueError("faces.model (a MediaPipe face_landmarker .task file) is needed by the mediapipe "
                              "detector; or set faces.detector: haar")
-        if self.model and not Path(self.model).is_file():
-            raise ValueError(f"faces.model {self.model}: file not found")
         return self
 
     def settings(self) -> FaceSettings:
@@ -323,7 +321,9 @@ def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:
     """Plan, run the Ray Data pipeline over what is not done yet, write the manifest. Returns it."""
     # absolute paths: actors need not share the driver's working directory, and the manifest is read later
     cfg = cfg.model_copy(update={k: str(Path(getattr(cfg, k)).resolve()) for k in ("input", "output", "model")})
-    if cfg.faces.model:
+    if cfg.faces.model:  # checked here, on the driver (a cluster YAML names paths of the cluster's nodes)
+        if not Path(cfg.faces.model).is_file():
+            raise ValueError(f"faces.model {cfg.faces.model}: file not found (a MediaPipe face_landmarker .task file)")
         cfg = cfg.model_copy(update={"faces": cfg.faces.model_copy(update={"model": str(Path(cfg.faces.model).resolve())})})
     spec = clip_spec(cfg)
     output = Path(cfg.output)

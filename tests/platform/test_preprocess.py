@@ -252,3 +252,17 @@ def test_preprocess_job_from_a_shell(raw, bundle, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "preprocess.py"), "--input", str(raw)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "preprocess: error: invalid PreprocessConfig" in bad.stderr
+
+
+def test_face_settings_are_checked_before_any_work(raw, bundle, tmp_path):
+    """The mediapipe detector without its model, or with a missing file, stops the job at once
+    with one line (no video is tried); haar is only used when named."""
+    from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
+
+    base = {"input": str(raw), "output": str(tmp_path / "out"), "model": str(bundle)}
+    with pytest.raises(ValueError, match="faces.model .*needed by the mediapipe detector; or set faces.detector: haar"):
+        PreprocessConfig(**base)
+    cfg = PreprocessConfig(**base, faces={"model": str(tmp_path / "missing.task")})
+    with pytest.raises(ValueError, match="missing.task: file not found"):
+        run_preprocess(cfg)
+    assert not (tmp_path / "out" / "manifest.json").exists()
