@@ -313,8 +313,8 @@ def _main_faces(detections: Sequence[list[Face]], shots: Sequence[tuple[int, int
     return main
 
 
-def _fill(values: np.ndarray) -> np.ndarray:
-    """Linear interpolation over NaN entries (held flat at the ends)."""
+def fill_gaps(values: np.ndarray) -> np.ndarray:
+    """Linear interpolation over NaN entries (held flat at the ends); unchanged when all or none are NaN."""
     ok = np.isfinite(values)
     if ok.all() or not ok.any():
         return values
@@ -347,8 +347,8 @@ def crop_boxes(faces: Sequence[Face | None], shots: Sequence[tuple[int, int]], w
         else:
             size = float(np.median([f.size for f in found]))
             side = max(1, min(short, round(margin * size)))
-            cx = _fill(np.array([f.centre[0] if f else np.nan for f in faces[s:e]], np.float64))
-            cy = _fill(np.array([f.centre[1] - 0.1 * f.size if f else np.nan for f in faces[s:e]], np.float64))
+            cx = fill_gaps(np.array([f.centre[0] if f else np.nan for f in faces[s:e]], np.float64))
+            cy = fill_gaps(np.array([f.centre[1] - 0.1 * f.size if f else np.nan for f in faces[s:e]], np.float64))
             if fixed:
                 cx, cy = np.full(e - s, np.median(cx)), np.full(e - s, np.median(cy))
             else:

@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .faces import FaceTrack
+from .faces import FaceTrack, fill_gaps
 from .metrics.motion import _best_lag_r, sync_envelope
 
 
@@ -76,9 +76,7 @@ def mouth_audio_r(aperture: np.ndarray, audio: np.ndarray, sample_rate: int, fps
     aperture = np.asarray(aperture, np.float64)
     if aperture.size < max_lag + 3 or not np.isfinite(aperture).any():
         return math.nan
-    ok = np.isfinite(aperture)
-    filled = np.interp(np.arange(aperture.size), np.flatnonzero(ok), aperture[ok])
-    best = _best_lag_r(filled, sync_envelope(audio, aperture.size, sample_rate, fps), max_lag)
+    best = _best_lag_r(fill_gaps(aperture), sync_envelope(audio, aperture.size, sample_rate, fps), max_lag)
     return math.nan if best is None else best[0]
 
 

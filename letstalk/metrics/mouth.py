@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..faces import LIP_POINTS, MediaPipeFaces
+from ..faces import LIP_POINTS, MediaPipeFaces, fill_gaps
 from .motion import _best_lag_r, sync_envelope
 
 __all__ = ["MouthTrack", "mouth_track", "LandmarkSync", "landmark_sync", "audio_sync", "lmd", "MIN_SYNC_FRAMES",
@@ -105,10 +105,7 @@ def _filled(track, name: str, min_valid: int) -> np.ndarray:
     ok = np.isfinite(x)
     if ok.sum() < min_valid:
         raise ValueError(f"the {name} track has {int(ok.sum())} frames with a face, fewer than {min_valid}")
-    if ok.all():
-        return x
-    idx = np.arange(len(x))
-    return np.interp(idx, idx[ok], x[ok])
+    return fill_gaps(x)
 
 
 def _sync(x: np.ndarray, y: np.ndarray, max_lag: int, names: tuple[str, str]) -> LandmarkSync:
