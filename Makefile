@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo quick-demo test test-lib test-platform test-quick bench install clean
+.PHONY: demo quick-demo avatar test test-lib test-platform test-quick bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,14 @@ demo: install
 # seconds: the shipped learned model (models/demo) renders a drawn portrait + speech-like audio
 quick-demo: install
 	$(PY) -m letstalk.cli demo --out out/quick-demo
+
+# one real person's avatar from 30 s of footage, measured on its held-out seconds (docs/avatar.md);
+# needs the real-media folder (LETSTALK_REALDATA, else ../shared/realdata): ~45 min per person on 2 cores
+REALDATA ?= $(or $(LETSTALK_REALDATA),../shared/realdata)
+FACE_MODEL := $(REALDATA)/weights/mediapipe_face_landmarker_v2_with_blendshapes.task
+avatar: install
+	$(PY) jobs/avatar.py --video $(REALDATA)/videos/styletalk_obama2.mp4 --holdout-seconds 6 --out out/avatar-obama2 --face-model $(FACE_MODEL)
+	$(PY) jobs/avatar.py --video $(REALDATA)/videos/mimictalk_german_anchor_20s.mp4 --holdout-seconds 6 --out out/avatar-anchor --face-model $(FACE_MODEL)
 
 test: install
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)

@@ -37,6 +37,7 @@ FLAGS = {
     "--name": "tracking.name",
     "--mlflow-uri": "tracking.mlflow_uri",
     "--steps": "steps",
+    "--time-limit-minutes": "time_limit_minutes",
     "--checkpoint-every": "checkpoint_every",
     "--seed": "seed",
 }

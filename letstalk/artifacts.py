@@ -241,7 +241,7 @@ class CheckpointState:
                 "data_position": list(self.data_position) if self.data_position else None,
                 "world_size": self.world_size, "seed": self.seed, "shuffle": self.shuffle,
                 "residual": self.target.residual, "residual_scale": self.target.scale,
-                "prediction": self.prediction}
+                "residual_base": self.target.base, "prediction": self.prediction}
         (Path(folder) / self.FILE).write_text(json.dumps(data))
 
     @classmethod
@@ -258,7 +258,8 @@ class CheckpointState:
         return cls(step=int(data["step"]), data_position=tuple(position) if position else None,
                    world_size=int(data.get("world_size", 0)), seed=int(data.get("seed", 0)),
                    shuffle=bool(data.get("shuffle", True)),
-                   target=ClipTarget(bool(data.get("residual", False)), float(data.get("residual_scale", 1.0))),
+                   target=ClipTarget(bool(data.get("residual", False)), float(data.get("residual_scale", 1.0)),
+                                     str(data.get("residual_base", "portrait"))),
                    prediction=str(data.get("prediction", "epsilon")), version=int(data.get("version", 1)))
 
 
@@ -307,7 +308,7 @@ def export_bundle(checkpoint: str | os.PathLike, manifest: ShardManifest, out: s
     manifest.check_models()
     spec = manifest.clip_spec
     settings |= {"residual": state.target.residual, "residual_scale": state.target.scale,
-                 "prediction": state.prediction}
+                 "residual_base": state.target.base, "prediction": state.prediction}
     pipe = LetsTalkPipeline(  # the constructor checks that the three parts fit together
         LetsTalkTransformer.from_pretrained(checkpoint / "transformer"),
         LatentCodec.from_pretrained(manifest.vae),

@@ -7,8 +7,10 @@ frame rate; then frame i gets the window of frames i-2..i+2 (clamped at the edge
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +52,17 @@ class AudioEncoder:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike = DEFAULT_AUDIO_ENCODER, *, window: int = 5,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "AudioEncoder":
+        """A Wav2Vec2Model (a folder or a hub id), or a bundle's log-mel settings (a config.json that
+        names `letstalk_audio_features`: LogMelEncoder, no weights)."""
+        config = Path(path_or_id) / "config.json"
+        if config.is_file():
+            data = json.loads(config.read_text())
+            if data.get("letstalk_audio_features") == LOG_MEL:
+                del data["letstalk_audio_features"]
+                encoder = LogMelEncoder(window=window, **data)
+                if device is not None:
+                    encoder.model.to(device)
+                return encoder
         kwargs = {"dtype": dtype} if dtype is not None else {}
         model = Wav2Vec2Model.from_pretrained(path_or_id, **kwargs)
         if device is not None:
@@ -120,3 +133,95 @@ def tiny_audio_encoder(hidden_size: int = 32, num_layers: int = 4, seed: int = 0
         num_conv_pos_embedding_groups=4, vocab_size=32,
     )
     return AudioEncoder(Wav2Vec2Model(config))
+
+
+LOG_MEL = "log_mel"
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> torch.Tensor:
+    """(n_mels, n_fft // 2 + 1) triangular filters evenly spaced on the HTK mel scale, each summing to 1."""
+    def mel(hz):
+        return 2595.0 * np.log10(1.0 + np.asarray(hz, np.float64) / 700.0)
+
+    def hz(m):
+        return 700.0 * (10.0 ** (np.asarray(m, np.float64) / 2595.0) - 1.0)
+
+    edges = hz(np.linspace(mel(fmin), mel(fmax), n_mels + 2))
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    bank = np.maximum(0.0, np.minimum((freqs - lower) / (centre - lower), (upper - freqs) / (upper - centre)))
+    bank /= np.maximum(bank.sum(axis=1, keepdims=True), 1e-12)
+    return torch.from_numpy(bank.astype(np.float32))
+
+
+class _MelBank(torch.nn.Module):
+    """The filterbank and STFT window as buffers, so `.to(device)` moves them like a model."""
+
+    def __init__(self, bank: torch.Tensor, win_length: int):
+        super().__init__()
+        self.register_buffer("bank", bank)
+        self.register_buffer("window", torch.hann_window(win_length))
+
+
+class LogMelEncoder(AudioEncoder):
+    """Log-mel spectrogram features with the AudioEncoder interface: (frames, 1 layer, n_mels) per
+    video frame, then windows of `window` frames. No weights; `save_pretrained` writes its settings.
+
+    Each video frame gets the mel power averaged over the STFT frames (25 ms Hann windows every
+    10 ms) centred inside it, then log; each mel bin is normalised to zero mean and unit variance
+    over the utterance (cepstral mean-variance normalisation), which removes the recording's level
+    and microphone colour. On the real clips (MEASUREMENTS.md) such features predict the mouth
+    better than loudness or random-initialised wav2vec2 states.
+    """
+
+    def __init__(self, n_mels: int = 80, sample_rate: int = 16000, fps: int = 25, n_fft: int = 512,
+                 win_length: int = 400, hop_length: int = 160, fmin: float = 55.0, fmax: float = 7600.0,
+                 window: int = 5):
+        if hop_length > sample_rate / fps:
+            raise ValueError(f"hop_length {hop_length} is longer than a video frame ({sample_rate / fps:.0f} samples)")
+        self.settings = {"n_mels": n_mels, "sample_rate": sample_rate, "fps": fps, "n_fft": n_fft,
+                         "win_length": win_length, "hop_length": hop_length, "fmin": fmin, "fmax": fmax}
+        self.model = _MelBank(mel_filterbank(sample_rate, n_fft, n_mels, fmin, fmax), win_length)
+        self.sample_rate, self.window, self.fps = sample_rate, window, fps
+        self.n_fft, self.win_length, self.hop_length = n_fft, win_length, hop_length
+        self.min_samples = n_fft
+
+    @property
+    def num_layers(self) -> int:
+        return 1
+
+    @property
+    def hidden_size(self) -> int:
+        return self.settings["n_mels"]
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps({"letstalk_audio_features": LOG_MEL, **self.settings}, indent=2))
+
+    @torch.no_grad()
+    def hidden_states(self, audio: np.ndarray | torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(samples,) mono float audio -> (num_frames, 1, n_mels) normalised log-mel, one row per video frame."""
+        x = torch.as_tensor(np.asarray(audio, dtype=np.float32) if isinstance(audio, np.ndarray) else audio).float()
+        if x.ndim != 1:
+            raise ValueError(f"audio must be mono with shape (samples,), got {tuple(x.shape)}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        bank = self.model.bank
+        x = x.to(bank.device)
+        if x.numel() < self.min_samples:
+            x = F.pad(x, (0, self.min_samples - x.numel()))
+        spec = torch.stft(x, self.n_fft, self.hop_length, self.win_length, window=self.model.window, center=True,
+                          return_complex=True).abs().pow(2)  # (freq, T): STFT frame j centred on sample j·hop
+        power = bank @ spec  # (n_mels, T)
+        # video frame i averages the STFT frames centred in [i, i+1) / fps (clamped at the audio's end)
+        per_frame = self.sample_rate / self.fps / self.hop_length
+        bounds = torch.ceil(torch.arange(num_frames + 1, dtype=torch.float64) * per_frame).long()
+        bounds = bounds.clamp(max=power.shape[1] - 1)
+        ends = torch.maximum(bounds[1:], bounds[:-1] + 1)
+        cum = F.pad(power.double().cumsum(dim=1), (1, 0))
+        frames = (cum[:, ends] - cum[:, bounds[:-1]]) / (ends - bounds[:-1]).double()  # (n_mels, num_frames)
+        logmel = torch.log(frames.float() + 1e-8)
+        logmel = (logmel - logmel.mean(dim=1, keepdim=True)) / (logmel.std(dim=1, keepdim=True, unbiased=False) + 1e-5)
+        return logmel.T[:, None, :].contiguous()  # (num_frames, 1, n_mels)
+

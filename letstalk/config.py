@@ -105,6 +105,15 @@ PRESETS: dict[str, LetsTalkConfig] = {
         input_size=12, in_channels=48, num_frames=8, hidden_size=192, depth=4, num_heads=4,
         audio_feature_dim=32, audio_layers=4, audio_tokens=4, audio_token_dim=128, audio_proj_dim=128,
     ),
+    # One real person from ~30 s of footage (docs/avatar.md): 64×64 face crops through the
+    # space-to-depth codec with the person's 16-component PCA basis (16 channels at 16×16, 64 tokens
+    # per frame of 64 values: room beside them in D 192 for the noise), log-mel audio (80 bins,
+    # 1 "layer") over a ±4-frame window: the mouth moves ahead of and behind the sound it makes.
+    "avatar": LetsTalkConfig(
+        input_size=16, in_channels=16, num_frames=8, hidden_size=192, depth=4, num_heads=4,
+        audio_feature_dim=80, audio_layers=1, audio_window=9, audio_tokens=4, audio_token_dim=128,
+        audio_proj_dim=128,
+    ),
     "S": LetsTalkConfig(hidden_size=384, depth=12, num_heads=6),
     "B": LetsTalkConfig(hidden_size=768, depth=12, num_heads=12),
     "L": LetsTalkConfig(hidden_size=1024, depth=24, num_heads=16),

@@ -24,8 +24,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 Sampler = Literal["ddpm", "ddim", "dpm"]
 # what the network's first C channels are: ε (ADM/DiT, the paper), or v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·x0
 # (Salimans & Ho 2022), whose trivial high-noise answer is -x0 rather than the identity map x_t -> ε
-Prediction = Literal["epsilon", "v_prediction"]
-PREDICTIONS: tuple[str, ...] = ("epsilon", "v_prediction")
+Prediction = Literal["epsilon", "v_prediction", "sample"]
+RESIDUAL_BASES: tuple[str, ...] = ("portrait", "motion")
+PREDICTIONS: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 SAMPLERS: tuple[str, ...] = get_args(Sampler)  # the one list: CLI choices, API enums, config Literals
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,13 +46,25 @@ class ClipTarget:
 
     residual: bool = False
     scale: float = 1.0
+    # the residual's base: the portrait latent, or the clip's last motion frame (the frame it
+    # continues: "predict 0" then holds the previous frame, which a person-specific model with a
+    # moving head needs; see docs/avatar.md). Clips without motion frames fall back to the portrait.
+    base: str = "portrait"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"the target scale must be a positive number, got {self.scale}")
+        if self.base not in RESIDUAL_BASES:
+            raise ValueError(f"the residual base must be one of {RESIDUAL_BASES}, got {self.base!r}")
+
+    def base_latent(self, portrait: torch.Tensor, motion: torch.Tensor | None) -> torch.Tensor:
+        """(B, C, h, w): what the residual is taken from — the portrait, or the last motion frame."""
+        if self.base == "motion" and motion is not None and motion.shape[1] > 0:
+            return motion[:, -1]
+        return portrait
 
     def encode(self, clip: torch.Tensor, portrait: torch.Tensor) -> torch.Tensor:
-        """clip (B, F, C, h, w), portrait (B, C, h, w) -> x0 (B, F, C, h, w)."""
+        """clip (B, F, C, h, w), base (B, C, h, w): the portrait or `base_latent` -> x0 (B, F, C, h, w)."""
         return (clip - portrait[:, None] if self.residual else clip) * self.scale
 
     def decode(self, x0: torch.Tensor, portrait: torch.Tensor) -> torch.Tensor:
@@ -149,9 +162,13 @@ class GaussianDiffusion:
         return output, None
 
     def to_eps(self, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's prediction (self.prediction) -> ε. For v: ε = sqrt(ᾱ)·v + sqrt(1-ᾱ)·x_t."""
+        """The network's prediction (self.prediction) -> ε. For v: ε = sqrt(ᾱ)·v + sqrt(1-ᾱ)·x_t; for
+        x0 ("sample"): ε = (x_t - sqrt(ᾱ)·x0) / sqrt(1-ᾱ)."""
         if self.prediction == "epsilon":
             return pred
+        if self.prediction == "sample":
+            return (xt - self._at(self.sqrt_alphas_cumprod, t, xt) * pred) / self._at(
+                self.sqrt_one_minus_alphas_cumprod, t, xt)
         return self._at(self.sqrt_alphas_cumprod, t, xt) * pred + self._at(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt
 
     def p_mean_variance(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -185,6 +202,8 @@ class GaussianDiffusion:
         pred, v = self.split_output(output.float(), xt)
         if self.prediction == "epsilon":
             target = noise
+        elif self.prediction == "sample":
+            target = x0
         else:  # v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·x0
             target = self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
         err = (target - pred) ** 2

@@ -355,3 +355,26 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
         for leftover in (tmp, wav):
             if leftover is not None:
                 leftover.unlink(missing_ok=True)
+
+
+def cut_video(path: str | os.PathLike, out: str | os.PathLike, start: float = 0.0, seconds: float | None = None,
+              fps: float = 25, crf: int = 12) -> Path:
+    """The [start, start + seconds) part of a video (to its end when `seconds` is None), re-encoded at
+    `fps` (H.264 at near-lossless `crf`, AAC 192k) so that it begins on a frame of its own; written
+    to a temporary name and renamed when complete."""
+    src, out = _check_input(path), Path(out)
+    if start < 0 or (seconds is not None and seconds <= 0):
+        raise MediaError(f"{path}: cannot cut {seconds} s from {start} s")
+    tmp = out.with_name(f".{out.name}.part{out.suffix}")
+    cmd = [ffmpeg_exe(), "-v", "error", "-y", "-ss", f"{start:.3f}", "-i", src]
+    if seconds is not None:
+        cmd += ["-t", f"{seconds:.3f}"]
+    cmd += ["-map", "0:v:0", "-map", "0:a:0", "-r", f"{fps:g}", "-c:v", "libx264", "-crf", str(crf), "-preset",
+            "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "192k", f"file:{tmp}"]
+    run = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+    if run.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise _fail(path, f"could not cut {start:g}-{'end' if seconds is None else f'{start + seconds:g}'} s",
+                    run.stderr)
+    os.replace(tmp, out)
+    return out

@@ -5,7 +5,7 @@ A bundle directory holds everything a render needs:
     bundle/
       pipeline.json      fps, sample rate, audio limit, diffusion settings
       transformer/       LetsTalkTransformer (config.json + safetensors)
-      vae/               AutoencoderKL (diffusers), or a SpaceToDepthCodec's config.json
+      vae/               AutoencoderKL (diffusers), or a SpaceToDepthCodec (config.json [+ basis.safetensors])
       audio_encoder/     Wav2Vec2Model (transformers)
 
 Long audio is rendered in clips of the model's frame count: clip k continues clip k-1 through
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .accel import InferenceOptions, autocast, check_sdpa_backend, compile_transformer, overlapped, sdpa_backend
-from .audio import AudioEncoder, tiny_audio_encoder
+from .audio import AudioEncoder, LogMelEncoder, tiny_audio_encoder
 from .batching import ClipBatcher
 from .diffusion import SAMPLERS, ClipTarget, GaussianDiffusion
 from .inputs import InputSpec, PreparedInputs, prepare, prepare_audio
@@ -65,7 +65,8 @@ class PipelineSettings:
     residual: bool = False
     # x0 = (clip - base) · residual_scale (ClipTarget): the sample divided by it, plus the base, is the clip
     residual_scale: float = 1.0
-    prediction: str = "epsilon"  # what the network predicts: "epsilon" or "v_prediction" (GaussianDiffusion)
+    residual_base: str = "portrait"  # the residual's base: the portrait or the clip's last motion frame (ClipTarget)
+    prediction: str = "epsilon"  # what the network predicts: "epsilon", "v_prediction" or "sample" (x0; GaussianDiffusion)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class LetsTalkPipeline:
         s = self.settings
         self.diffusion = GaussianDiffusion(s.num_timesteps, s.beta_start, s.beta_end, transformer.cfg.learn_sigma,
                                            prediction=s.prediction)
-        self.target = ClipTarget(s.residual, s.residual_scale)
+        self.target = ClipTarget(s.residual, s.residual_scale, s.residual_base)
         self._check_components()
 
     def _check_components(self) -> None:
@@ -169,6 +170,18 @@ class LetsTalkPipeline:
         codec = SpaceToDepthCodec(factor=4)  # 48 channels = the preset's in_channels (checked below)
         return cls(transformer, codec, tiny_audio_encoder(transformer.cfg.audio_feature_dim,
                                                           transformer.cfg.audio_layers, seed))
+
+    @classmethod
+    def init_avatar(cls, frames: np.ndarray, seed: int = 0, preset: str = "avatar") -> "LetsTalkPipeline":
+        """Random-initialised person-specific bundle (docs/avatar.md): the space-to-depth codec
+        (factor 4) with a PCA basis fitted to `frames` (N, S, S, 3) uint8 face crops of the person,
+        as many components as the preset has latent channels, and log-mel audio features; preprocessing
+        the person's footage with it gives the data, training fills in the transformer."""
+        torch.manual_seed(seed)
+        transformer = LetsTalkTransformer.from_preset(preset)
+        cfg = transformer.cfg
+        codec = SpaceToDepthCodec.fit(frames, factor=4, channels=cfg.in_channels)
+        return cls(transformer, codec, LogMelEncoder(n_mels=cfg.audio_feature_dim, window=cfg.audio_window))
 
     # ------------------------------------------------------------------ speed switches
 
@@ -308,15 +321,16 @@ class LetsTalkPipeline:
             done = k * steps
             t0 = time.perf_counter()
             last = ref if motion is None else motion[:, -1]  # (1, C, h, w): the frame the clip continues
+            base = target.base_latent(ref, motion)
             with session():  # this render is in flight for the batcher while its clip denoises
                 latents = self.diffusion.sample(
                     model_fn, noise, sampler=sampler, steps=steps, generator=generator,
                     clip_range=target.sample_range(self.codec.sample_range),
-                    x_init=target.encode(last[:, None], ref).expand_as(noise) if strength < 1 else None,
+                    x_init=target.encode(last[:, None], base).expand_as(noise) if strength < 1 else None,
                     strength=strength,
                     progress=None if progress is None else (lambda i, n, done=done: progress(
                         done + round(i * steps / n), total_steps)))
-            latents = target.decode(latents, ref)
+            latents = target.decode(latents, base)
             seconds["denoise"] = seconds.get("denoise", 0.0) + time.perf_counter() - t0
             if m:
                 motion = torch.cat([motion, latents], dim=1)[:, -m:]

@@ -69,7 +69,7 @@ def prepare_batch(batch: dict[str, torch.Tensor], augment: Augment, audio_window
         x0 = torch.where(flip.view(b, 1, 1, 1, 1), x0.flip(-1), x0)
         motion = torch.where(flip.view(b, 1, 1, 1, 1), motion.flip(-1), motion)
         portrait = torch.where(flip.view(b, 1, 1, 1), portrait.flip(-1), portrait)
-    x0 = target.encode(x0, portrait)
+    x0 = target.encode(x0, target.base_latent(portrait, motion))  # the motion frames as the model sees them
     return {"x0": x0, "portrait": portrait, "audio": audio, "motion": motion}
 
 

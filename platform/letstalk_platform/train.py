@@ -142,8 +142,12 @@ class TargetSection(BaseModel):
     motion_weight: float = Field(0.0, ge=0, description="weight the loss towards what moves in the clip "
                                  "(mouth, eyes): letstalk.training.motion_weights")
 
+    residual_base: Literal["portrait", "motion"] = Field(_TARGET.base, description="the residual's base: the "
+                                                         "portrait latent, or the clip's last motion frame (written "
+                                                         "to pipeline.json)")
+
     def to_clip_target(self) -> ClipTarget:
-        return ClipTarget(self.residual, self.residual_scale)
+        return ClipTarget(self.residual, self.residual_scale, self.residual_base)
 
 
 class ScalingSection(BaseModel):
@@ -194,6 +198,9 @@ class TrainConfig(BaseModel):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     steps: int = Field(300_000, ge=1)
+    time_limit_minutes: float | None = Field(None, gt=0, description="wall-clock budget of this training attempt: "
+                                             "the run stops (checkpoint, bundle) at the first log_every step past "
+                                             "it, every worker at the same step; the schedule still runs to `steps`")
     checkpoint_every: int = Field(1000, ge=1)
     log_every: int = Field(10, ge=1)
     sample_clips: int = Field(1, ge=0, description="eval clips rendered to MLflow at every checkpoint")
@@ -480,8 +487,9 @@ def train_loop(config: dict[str, Any]) -> None:
     # loader never holds the accelerator up)
     t_ready, data_wait = time.perf_counter(), 0.0
     batches = iter(loader)
+    t_begin, out_of_time = time.perf_counter(), False
     try:
-        while step < cfg.steps:
+        while step < cfg.steps and not out_of_time:
             watchdog.beat(step, "waiting for data")
             epoch, b, arrays = next(batches)
             data_wait += time.perf_counter() - t_ready
@@ -502,6 +510,10 @@ def train_loop(config: dict[str, Any]) -> None:
                     os._exit(1)  # a worker dies without warning; Ray Train restarts from the last checkpoint
 
             metrics = {"step": step, **{k: float(terms[k].detach()) for k in ("loss", "mse", "vb")}}
+            if cfg.time_limit_minutes is not None and step % cfg.log_every == 0:
+                out_of_time = _all_past(time.perf_counter() - t_begin > cfg.time_limit_minutes * 60, device)
+                if out_of_time and rank == 0:
+                    say(f"train: time limit of {cfg.time_limit_minutes:g} min reached at step {step}/{cfg.steps}")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 metrics |= {"grad_norm": float(engine.get_global_grad_norm() or 0.0),
@@ -514,7 +526,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 if rank == 0:
                     say(f"train: step {step}/{cfg.steps} ({step / cfg.steps:.0%}) loss {metrics['loss']:.4f} "
                         f"{metrics['samples_per_s']:.1f} samples/s, waiting for data {metrics['data_wait_frac']:.0%}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
                 watchdog.beat(step, "writing a checkpoint")
                 state = CheckpointState(step=step, data_position=position, world_size=world, seed=cfg.seed,
                                         shuffle=data.shuffle, target=target, prediction=cfg.target.prediction)
@@ -528,6 +540,16 @@ def train_loop(config: dict[str, Any]) -> None:
             t_ready = time.perf_counter()
     finally:
         watchdog.close()
+
+
+def _all_past(mine: bool, device: torch.device) -> bool:
+    """Whether any worker is past its time limit (a MAX all-reduce): all stop at the same step."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if mine else 0.0], device=device)  # NCCL reduces CUDA tensors only
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 LATEST = "latest_checkpoint.json"
@@ -595,7 +617,7 @@ def _log_samples(ema_state: dict, plan: TrainPlan, log: tracking.RankZeroLogger,
         latents = diffusion.sample(lambda x, t: model(x, t, ref, audio, motion), noise, sampler="ddim",
                                    steps=cfg.sample_steps, generator=g,
                                    clip_range=target.sample_range(codec.sample_range))
-        latents = target.decode(latents, ref)
+        latents = target.decode(latents, target.base_latent(ref, motion))
         frames = codec.decode(latents[0])
         fps, sr = plan.fps, plan.sample_rate
         wave = load_audio(clip.path, sr)[int(clip.start / fps * sr):][: int(len(frames) / fps * sr)]

@@ -155,6 +155,13 @@ def test_residual_target_is_the_clip_minus_its_portrait():
     assert torch.allclose(res["x0"], batch["latents"] - batch["refs"][:, 0, None])
     scaled = prepare_batch(batch, aug, 5, target=ClipTarget(residual=True, scale=8.0))
     assert torch.allclose(scaled["x0"], 8.0 * res["x0"])
+    # the motion base: the residual to the clip's last motion frame (what the avatar recipe learns)
+    moving = prepare_batch(batch, aug, 5, target=ClipTarget(residual=True, base="motion"))
+    assert torch.allclose(moving["x0"], batch["latents"] - batch["motion"][:, -1, None])
+    no_motion = {**batch, "motion": batch["motion"][:, :0]}  # no motion frames: the portrait again
+    assert torch.allclose(prepare_batch(no_motion, aug, 5, target=ClipTarget(True, base="motion"))["x0"], res["x0"])
+    with pytest.raises(ValueError, match="residual base"):
+        ClipTarget(True, base="previous")
 
 
 def test_scaled_target_round_trips_and_bounds_its_range():
@@ -171,14 +178,22 @@ def test_scaled_target_round_trips_and_bounds_its_range():
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
-def test_v_prediction_perfect_model_recovers_x0(learn_sigma):
-    diffusion = GaussianDiffusion(learn_sigma=learn_sigma, prediction="v_prediction")
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_perfect_v_and_x0_models_recover_x0(learn_sigma, prediction):
+    diffusion = GaussianDiffusion(learn_sigma=learn_sigma, prediction=prediction)
     x0 = torch.rand(1, 2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) - 0.5
 
     def perfect(x, t):
         ab = torch.as_tensor(diffusion.alphas_cumprod[t.long()], dtype=x.dtype).view(-1, 1, 1, 1, 1)
         v = ab.sqrt() * (x - ab.sqrt() * x0) / (1 - ab).sqrt() - (1 - ab).sqrt() * x0
+        v = x0.expand_as(x) if prediction == "sample" else v
         return torch.cat([v, torch.zeros_like(v)], 2) if learn_sigma else v
+
+    def wrong(x, t):  # the other parameterisation's answer: a large loss
+        out = perfect(x, t)
+        return -out if prediction == "sample" else torch.cat([x0.expand_as(x)] * (2 if learn_sigma else 1), 2)
+
+    assert diffusion.training_losses(wrong, x0, torch.tensor([700]))["mse"].item() > 1e-3
 
     assert diffusion.training_losses(perfect, x0, torch.tensor([700]))["mse"].item() < 1e-10
     for sampler in ("ddim", "ddpm", "dpm"):

@@ -1,0 +1,327 @@
+"""One person's avatar from a short clip of them talking: preprocess -> train -> render the held-out
+seconds -> a report that measures the render against the real footage.
+
+    python jobs/avatar.py --video CLIP.mp4 --holdout-seconds 6 --out out/avatar-obama2 \\
+        --face-model weights/face_landmarker_v2_with_blendshapes.task
+
+Stages (all on a local Ray on 127.0.0.1, or the cluster of `ray job submit`):
+
+1. footage: all but the last `holdout_seconds` of the clip are cut (re-encoded at 25 fps) into
+   OUT/footage/train/NAME.mp4: the held-out seconds are never trained on;
+2. preprocess (Ray Data): the training part through the real-footage path (MediaPipe face track,
+   crop, quality measures) with a fresh person-specific data bundle (`LetsTalkPipeline.init_avatar`:
+   space-to-depth codec, log-mel audio);
+3. train (Ray Train + DeepSpeed): the train config (cluster/train/avatar-cpu.yaml) within a
+   wall-clock budget, tracked in MLflow and registered as models:/avatar-NAME@candidate;
+4. render: the held-out seconds from the held-out audio, with the first training frame as the portrait
+   (the real held-out frames are cropped from the whole clip's face track, as the training frames are);
+5. report: OUT/report.json (mouth r against the real mouth and its control, LMD, face PSNR/SSIM,
+   seam ratio, the settings), OUT/holdout.mp4, OUT/side_by_side.mp4 (real | generated, with the
+   audio), OUT/mouth.png (both aperture tracks and the audio envelope), OUT/sheet.png.
+
+Each stage reuses what an earlier run with the same settings finished; `fresh` starts over.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from letstalk import metrics
+from letstalk.artifacts import write_json_atomic
+from letstalk.clips import ClipSpec, decode_video
+from letstalk.config import LetsTalkConfig
+from letstalk.faces import FaceSettings
+from letstalk.media import MediaError, cut_video, probe, write_video
+from letstalk.pipeline import LetsTalkPipeline
+from letstalk.viz import contact_sheet
+
+from .runtime import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+MIN_TRAIN_SECONDS = 8.0
+
+
+class AvatarConfig(BaseModel):
+    """Settings of jobs/avatar.py (flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    video: str = Field(description="the person talking: one video with sound, one face")
+    out: str = Field(description="output folder: footage, shards, runs, mlflow.db, the report and videos")
+    holdout_seconds: float = Field(6.0, gt=0, description="the last seconds, never trained on: rendered and measured")
+    minutes: float | None = Field(None, gt=0, description="training wall-clock budget (default: the config's "
+                                  "time_limit_minutes)")
+    steps: int | None = Field(None, ge=1, description="training steps (default: the config's)")
+    config: str = Field("cluster/train/avatar-cpu.yaml", description="train config (TrainConfig YAML)")
+    preset: str = Field("avatar", description="model preset of the data bundle (letstalk.config.PRESETS)")
+    face_model: str = Field(description="MediaPipe face_landmarker .task file: crops and the mouth measures")
+    stride: int = Field(2, ge=1, description="frames between training clip starts")
+    sample_steps: int = Field(25, ge=1, description="DDIM steps of the held-out render")
+    seed: int = 0
+    name: str | None = Field(None, description="registered as models:/avatar-NAME@candidate (default: the video's stem)")
+    mlflow_uri: str | None = Field(None, description="default: sqlite:///OUT/mlflow.db")
+    fresh: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+            raise ValueError("name may hold only letters, digits, '-', '_' and '.' (at most 64)")
+        return v
+
+    @property
+    def person(self) -> str:
+        return self.name or (re.sub(r"[^A-Za-z0-9_.-]", "_", Path(self.video).stem).strip("._-")[:64] or "person")
+
+
+def _stage(n: int, total: int, name: str) -> float:
+    print(f"[{n}/{total}] {name} ...", flush=True)
+    return time.perf_counter()
+
+
+def cut_footage(cfg: AvatarConfig, out: Path) -> tuple[Path, dict[str, float]]:
+    """The training part of the clip (all but the last holdout seconds, re-encoded at 25 fps; cut once)."""
+    info = probe(cfg.video)
+    if not info.has_video or not info.has_audio:
+        raise MediaError(f"{cfg.video}: needs both a video and an audio stream")
+    duration = float(info.duration)
+    train_s = duration - cfg.holdout_seconds
+    if train_s < MIN_TRAIN_SECONDS:
+        raise ValueError(f"{cfg.video}: {duration:.1f} s leaves {train_s:.1f} s to train on after holding out "
+                         f"{cfg.holdout_seconds:g} s; at least {MIN_TRAIN_SECONDS:g} s are needed")
+    if cfg.holdout_seconds * 25 < metrics.MIN_SYNC_FRAMES:
+        raise ValueError(f"holdout_seconds {cfg.holdout_seconds:g}: the lip-sync measure needs at least "
+                         f"{metrics.MIN_SYNC_FRAMES / 25:g} s")
+    train = out / "footage" / "train" / f"{cfg.person}.mp4"
+    if not train.is_file():
+        train.parent.mkdir(parents=True, exist_ok=True)
+        cut_video(cfg.video, train, start=0.0, seconds=train_s)
+    return train, {"source": round(duration, 3), "train": round(train_s, 3), "holdout": round(cfg.holdout_seconds, 3)}
+
+
+@dataclass
+class Holdout:
+    """The real held-out seconds, cropped the way the training frames were."""
+
+    frames: np.ndarray  # (N, S, S, 3) at the model's resolution: the pixel measures
+    frames_full: np.ndarray  # (N, 256, 256, 3) or larger: the real mouth's landmarks
+    audio: np.ndarray  # (samples,) at the model's sample rate
+
+
+def held_out(video: str, train_seconds: float, spec: ClipSpec, faces: FaceSettings) -> Holdout:
+    """Decode the whole clip with the training crop settings and keep the frames (and audio) after
+    `train_seconds`: the crop's size is the clip's median face size, as the training part's is."""
+    full = decode_video(video, ClipSpec(fps=spec.fps, sample_rate=spec.sample_rate,
+                                        image_size=max(256, spec.image_size), clip_frames=spec.clip_frames,
+                                        stride=spec.clip_frames, audio_window=spec.audio_window),
+                        faces, vad=False)
+    first = round(train_seconds * spec.fps)
+    frames = full.frames[first:]
+    audio = full.audio[round(first * spec.sample_rate / spec.fps):]
+    n = min(len(frames), round(len(audio) / spec.sample_rate * spec.fps))
+    if n < metrics.MIN_SYNC_FRAMES:
+        raise ValueError(f"{video}: {n} held-out frames decoded, fewer than {metrics.MIN_SYNC_FRAMES}")
+    frames = frames[:n]
+    return Holdout(metrics.resize_frames(frames, spec.image_size), frames,
+                   audio[: round(n * spec.sample_rate / spec.fps)])
+
+
+def residual_scale(shards: Path, base: str, sample: int = 64) -> float:
+    """1 / the RMS of (clip latents - their base: the last motion frame, or a reference latent) over
+    up to `sample` training clips, to 2 significant digits: the residual target at about unit scale
+    (letstalk.diffusion.ClipTarget)."""
+    from .data import ClipTable
+
+    table = ClipTable(str(shards), "train", ["latents", "refs", "motion"])
+    rows = table.read(np.unique(np.linspace(0, len(table) - 1, min(sample, len(table))).round().astype(int)))
+    base_latent = rows["motion"][:, -1:] if base == "motion" and rows["motion"].shape[1] else rows["refs"][:, :1]
+    residual = rows["latents"].astype(np.float32) - base_latent.astype(np.float32)
+    rms = float(np.sqrt(np.mean(residual**2)))
+    if not rms > 1e-6:
+        raise ValueError(f"{shards}: the training frames do not change (residual RMS {rms:.2g})")
+    return float(f"{1.0 / rms:.2g}")
+
+
+def mouth_plot(real: np.ndarray, generated: np.ndarray, envelope: np.ndarray, fps: float, title: str,
+               path: Path) -> None:
+    """The real and the generated mouth aperture over time beside the audio loudness, standardised."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def z(x):
+        x = np.asarray(x, np.float64)
+        return (x - np.nanmean(x)) / (np.nanstd(x) + 1e-8)
+
+    t = np.arange(len(real)) / fps
+    fig, ax = plt.subplots(figsize=(10, 3.2), dpi=100)
+    ax.fill_between(t, z(envelope[: len(t)]) - 4, -4, color="#dddddd", label="audio loudness")
+    ax.plot(t, z(real), color="#2c3e50", lw=1.6, label="real mouth aperture")
+    ax.plot(t, z(generated), color="#c0392b", lw=1.4, label="generated mouth aperture")
+    ax.set_xlabel("seconds (held out)")
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper right", fontsize=8, frameon=False, ncol=3)
+    fig.tight_layout()
+    part = path.with_name(f".{path.name}.part.png")
+    fig.savefig(part)
+    plt.close(fig)
+    part.rename(path)
+
+
+def _upscale(frames: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    if frames.shape[1] == size:
+        return frames
+    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_CUBIC) for f in frames])
+
+
+def side_by_side(real: np.ndarray, generated: np.ndarray, size: int = 256) -> np.ndarray:
+    """(N, S, S, 3) real | generated, each upscaled to `size`, with a 4-pixel white gap."""
+    gap = np.full((len(real), size, 4, 3), 255, np.uint8)
+    return np.concatenate([_upscale(real, size), gap, _upscale(generated, size)], axis=2)
+
+
+def score_holdout(generated: np.ndarray, real: np.ndarray, real_full: np.ndarray, audio: np.ndarray,
+                  spec: ClipSpec, face_model: str, clip_frames: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The render against the real held-out frames: mouth r (best lag 0..3) and its shifted-real
+    control, LMD, the audio figures of both, face PSNR / SSIM, seam ratio. `real` is at the model's
+    resolution (pixel measures), `real_full` at a larger one (the real mouth's landmarks)."""
+    n = min(len(generated), len(real))
+    generated, real, real_full = generated[:n], real[:n], real_full[:n]
+    gen_mouth = metrics.mouth_track(generated, face_model, fps=spec.fps)
+    real_mouth = metrics.mouth_track(real_full, face_model, fps=spec.fps)
+    sync = metrics.landmark_sync(gen_mouth.aperture, real_mouth.aperture)
+    box = metrics.face_region(real.shape[1])
+    report: dict[str, Any] = {
+        "mouth_r": sync.r, "mouth_r_control": sync.control, "mouth_lag": sync.lag,
+        "lmd": round(metrics.lmd(gen_mouth.lips, real_mouth.lips), 4),
+        "face_psnr": round(metrics.psnr(metrics.crop_region(generated, box), metrics.crop_region(real, box)), 3),
+        "face_ssim": round(metrics.ssim(metrics.crop_region(generated, box), metrics.crop_region(real, box)), 4),
+        "psnr": round(metrics.psnr(generated, real), 3),
+        "seam": round(metrics.seam_ratio([generated], clip_frames), 3) if n > clip_frames else None,
+        "frames": n,
+        "generated_face_fraction": round(gen_mouth.face_fraction, 4),
+        "audio_r_generated": metrics.audio_sync(gen_mouth.aperture, audio, spec.sample_rate, spec.fps).r,
+        "audio_r_real": metrics.audio_sync(real_mouth.aperture, audio, spec.sample_rate, spec.fps).r,
+    }
+    tracks = {"real": real_mouth.aperture, "generated": gen_mouth.aperture,
+              "envelope": metrics.sync_envelope(audio, n, spec.sample_rate, spec.fps)}
+    return report, tracks
+
+
+def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
+    from .preprocess import PreprocessConfig, run_preprocess
+    from .runtime import init_ray
+    from .train import TrainConfig, run_training
+
+    out = Path(cfg.out).resolve()
+    if cfg.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not Path(cfg.face_model).is_file():
+        raise ValueError(f"face_model {cfg.face_model}: file not found (a MediaPipe face_landmarker .task file)")
+    mlflow_uri = cfg.mlflow_uri or f"sqlite:///{out / 'mlflow.db'}"
+    seconds: dict[str, float] = {}
+    total = 5
+
+    t = _stage(1, total, "footage: cut the training part (the last seconds are held out)")
+    train_video, lengths = cut_footage(cfg, out)
+    seconds["footage"] = time.perf_counter() - t
+
+    t = _stage(2, total, "preprocess (Ray Data): face track, crops, quality, log-mel")
+    bundle = out / "data-bundle"
+    faces = {"detector": "mediapipe", "model": str(Path(cfg.face_model).resolve()), "crop": "track"}
+    if not (bundle / "pipeline.json").is_file():
+        # the codec's PCA basis comes from the person's own face crops (the training part only)
+        size = LetsTalkConfig.from_name(cfg.preset).input_size * 4
+        crops = decode_video(train_video, ClipSpec(image_size=size, clip_frames=8, stride=8), FaceSettings(**faces),
+                             vad=False).frames
+        LetsTalkPipeline.init_avatar(crops, seed=cfg.seed, preset=cfg.preset).save_pretrained(bundle)
+    init_ray()
+    pcfg = PreprocessConfig(input=str(train_video.parent), output=str(out / "shards"), model=str(bundle),
+                            stride=cfg.stride, eval_fraction=0.0, decoders=1, faces=faces)
+    manifest = run_preprocess(pcfg)
+    entry = next(iter(manifest.inputs))
+    if entry.status != "done":
+        raise ValueError(f"{cfg.video}: preprocessing {entry.status}: {entry.reason}")
+    quality = entry.quality or {}
+    print(f"    {manifest.clip_count('train')} training clips; face found in "
+          f"{quality.get('face_fraction', float('nan')):.0%} of frames, crop jitter {quality.get('crop_jitter')}")
+    seconds["preprocess"] = time.perf_counter() - t
+
+    t = _stage(3, total, "train (Ray Train + DeepSpeed)")
+    register = f"avatar-{cfg.person}"
+    tcfg = load_config(TrainConfig, REPO / cfg.config if not Path(cfg.config).is_absolute() else cfg.config, {})
+    base = tcfg.target.residual_base
+    scale = residual_scale(out / "shards", base)
+    print(f"    target: (clip - {'last motion frame' if base == 'motion' else 'portrait'}) × {scale:g} "
+          f"(1 / the residual's RMS on the training clips)")
+    overrides = {"target.residual_scale": scale, "data.path": str(out / "shards"), "tracking.storage": str(out / "runs"),
+                 "tracking.mlflow_uri": mlflow_uri, "tracking.name": register, "tracking.register_name": register,
+                 "time_limit_minutes": cfg.minutes, "steps": cfg.steps, "seed": cfg.seed}
+    tcfg = load_config(TrainConfig, REPO / cfg.config if not Path(cfg.config).is_absolute() else cfg.config,
+                       overrides)
+    summary = run_training(tcfg)
+    seconds["train"] = time.perf_counter() - t
+    model_uri = f"models:/{register}@{tcfg.tracking.register_alias}"
+    print(f"    {summary['steps']} steps in {summary['seconds']:.0f} s, loss {summary['loss']:.4f}; "
+          f"registered {summary.get('registered')}")
+
+    t = _stage(4, total, "render the held-out seconds from their audio")
+    pipe = LetsTalkPipeline.from_pretrained(summary["bundle"])
+    spec = manifest.clip_spec
+    holdout = held_out(cfg.video, lengths["train"], spec, FaceSettings(**faces))
+    from .data import ClipTable
+
+    first = ClipTable(str(out / "shards"), "train", ["latents"]).read([0])["latents"][0][0]  # frame 0's latent
+    reference = torch.as_tensor(np.asarray(first, np.float32))[None]
+    generated = np.concatenate(list(pipe.iter_clips(reference, holdout.audio, steps=cfg.sample_steps,
+                                                    sampler="ddim", seed=cfg.seed)))
+    portrait = pipe.codec.decode(reference)[0]
+    seconds["render"] = time.perf_counter() - t
+
+    t = _stage(5, total, "report: the render against the real held-out footage")
+    figures, tracks = score_holdout(generated, holdout.frames, holdout.frames_full, holdout.audio, spec,
+                                    cfg.face_model, pipe.transformer.cfg.num_frames)
+    write_video(out / "holdout.mp4", generated, fps=spec.fps, audio=holdout.audio, sample_rate=spec.sample_rate)
+    n = figures["frames"]
+    real = holdout.frames
+    write_video(out / "side_by_side.mp4", side_by_side(real[:n], generated[:n]), fps=spec.fps, audio=holdout.audio,
+                sample_rate=spec.sample_rate)
+    mouth_plot(tracks["real"], tracks["generated"], tracks["envelope"], spec.fps,
+               f"{cfg.person}, held-out {lengths['holdout']:g} s: generated vs real mouth r = {figures['mouth_r']:.2f} "
+               f"(shifted-real control {figures['mouth_r_control']:.2f})", out / "mouth.png")
+    sheet_real = contact_sheet(_upscale(real[:n], 128), spec.fps, cols=10, max_frames=20)
+    sheet_gen = contact_sheet(_upscale(generated[:n], 128), spec.fps, cols=10, max_frames=20)
+    from PIL import Image
+
+    sheet = Image.new("RGB", (sheet_real.width, sheet_real.height * 2), (255, 255, 255))
+    sheet.paste(sheet_real, (0, 0))
+    sheet.paste(sheet_gen, (0, sheet_real.height))
+    sheet.save(out / "sheet.png")
+    Image.fromarray(_upscale(portrait[None], 256)[0]).save(out / "portrait.png")
+    seconds["report"] = time.perf_counter() - t
+
+    report = {
+        "person": cfg.person, "video": str(Path(cfg.video).resolve()), "seconds_of_footage": lengths,
+        **figures,
+        "resolution": spec.image_size, "steps": summary["steps"], "sample_steps": cfg.sample_steps,
+        "train_seconds": summary["seconds"], "train_clips": manifest.clip_count("train"),
+        "model": model_uri, "bundle": summary["bundle"], "mlflow_uri": mlflow_uri, "preset": cfg.preset,
+        "quality": quality, "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "files": ["holdout.mp4", "side_by_side.mp4", "mouth.png", "sheet.png", "portrait.png"],
+    }
+    write_json_atomic(out / "report.json", report)
+    return report
