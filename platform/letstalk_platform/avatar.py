@@ -39,6 +39,7 @@ from letstalk import metrics
 from letstalk.artifacts import write_json_atomic
 from letstalk.clips import ClipSpec, decode_video
 from letstalk.config import LetsTalkConfig
+from letstalk.diffusion import ClipTarget
 from letstalk.faces import FaceSettings
 from letstalk.media import MediaError, cut_video, probe, write_video
 from letstalk.pipeline import LetsTalkPipeline
@@ -143,9 +144,9 @@ def residual_scale(shards: Path, base: str, sample: int = 64) -> float:
 
     table = ClipTable(str(shards), "train", ["latents", "refs", "motion"])
     rows = table.read(np.unique(np.linspace(0, len(table) - 1, min(sample, len(table))).round().astype(int)))
-    base_latent = rows["motion"][:, -1:] if base == "motion" and rows["motion"].shape[1] else rows["refs"][:, :1]
-    residual = rows["latents"].astype(np.float32) - base_latent.astype(np.float32)
-    rms = float(np.sqrt(np.mean(residual**2)))
+    clips, refs, motion = (torch.as_tensor(rows[k]).float() for k in ("latents", "refs", "motion"))
+    target = ClipTarget(residual=True, base=base)  # the residual training will diffuse, at scale 1
+    rms = float(target.encode(clips, target.base_latent(refs[:, 0], motion)).pow(2).mean().sqrt())
     if not rms > 1e-6:
         raise ValueError(f"{shards}: the training frames do not change (residual RMS {rms:.2g})")
     return float(f"{1.0 / rms:.2g}")
@@ -179,18 +180,10 @@ def mouth_plot(real: np.ndarray, generated: np.ndarray, envelope: np.ndarray, fp
     part.rename(path)
 
 
-def _upscale(frames: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
-    if frames.shape[1] == size:
-        return frames
-    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_CUBIC) for f in frames])
-
-
 def side_by_side(real: np.ndarray, generated: np.ndarray, size: int = 256) -> np.ndarray:
     """(N, S, S, 3) real | generated, each upscaled to `size`, with a 4-pixel white gap."""
     gap = np.full((len(real), size, 4, 3), 255, np.uint8)
-    return np.concatenate([_upscale(real, size), gap, _upscale(generated, size)], axis=2)
+    return np.concatenate([metrics.resize_frames(real, size), gap, metrics.resize_frames(generated, size)], axis=2)
 
 
 def score_holdout(generated: np.ndarray, real: np.ndarray, real_full: np.ndarray, audio: np.ndarray,
@@ -263,16 +256,15 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
 
     t = _stage(3, total, "train (Ray Train + DeepSpeed)")
     register = f"avatar-{cfg.person}"
-    tcfg = load_config(TrainConfig, REPO / cfg.config if not Path(cfg.config).is_absolute() else cfg.config, {})
-    base = tcfg.target.residual_base
-    scale = residual_scale(out / "shards", base)
-    print(f"    target: (clip - {'last motion frame' if base == 'motion' else 'portrait'}) × {scale:g} "
-          f"(1 / the residual's RMS on the training clips)")
-    overrides = {"target.residual_scale": scale, "data.path": str(out / "shards"), "tracking.storage": str(out / "runs"),
+    overrides = {"data.path": str(out / "shards"), "tracking.storage": str(out / "runs"),
                  "tracking.mlflow_uri": mlflow_uri, "tracking.name": register, "tracking.register_name": register,
                  "time_limit_minutes": cfg.minutes, "steps": cfg.steps, "seed": cfg.seed}
-    tcfg = load_config(TrainConfig, REPO / cfg.config if not Path(cfg.config).is_absolute() else cfg.config,
-                       overrides)
+    tcfg = load_config(TrainConfig, REPO / cfg.config, overrides)  # an absolute cfg.config stays as it is
+    base = tcfg.target.residual_base
+    scale = residual_scale(out / "shards", base)
+    tcfg = tcfg.model_copy(update={"target": tcfg.target.model_copy(update={"residual_scale": scale})})
+    print(f"    target: (clip - {'last motion frame' if base == 'motion' else 'portrait'}) × {scale:g} "
+          f"(1 / the residual's RMS on the training clips)")
     summary = run_training(tcfg)
     seconds["train"] = time.perf_counter() - t
     model_uri = f"models:/{register}@{tcfg.tracking.register_alias}"
@@ -303,15 +295,15 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     mouth_plot(tracks["real"], tracks["generated"], tracks["envelope"], spec.fps,
                f"{cfg.person}, held-out {lengths['holdout']:g} s: generated vs real mouth r = {figures['mouth_r']:.2f} "
                f"(shifted-real control {figures['mouth_r_control']:.2f})", out / "mouth.png")
-    sheet_real = contact_sheet(_upscale(real[:n], 128), spec.fps, cols=10, max_frames=20)
-    sheet_gen = contact_sheet(_upscale(generated[:n], 128), spec.fps, cols=10, max_frames=20)
+    sheet_real = contact_sheet(metrics.resize_frames(real[:n], 128), spec.fps, cols=10, max_frames=20)
+    sheet_gen = contact_sheet(metrics.resize_frames(generated[:n], 128), spec.fps, cols=10, max_frames=20)
     from PIL import Image
 
     sheet = Image.new("RGB", (sheet_real.width, sheet_real.height * 2), (255, 255, 255))
     sheet.paste(sheet_real, (0, 0))
     sheet.paste(sheet_gen, (0, sheet_real.height))
     sheet.save(out / "sheet.png")
-    Image.fromarray(_upscale(portrait[None], 256)[0]).save(out / "portrait.png")
+    Image.fromarray(metrics.resize_frames(portrait[None], 256)[0]).save(out / "portrait.png")
     seconds["report"] = time.perf_counter() - t
 
     report = {
