@@ -109,6 +109,12 @@ def prepare_audio(audio: Any, spec: InputSpec) -> np.ndarray:
     return wave
 
 
+def prepare_portrait(portrait: Any, spec: InputSpec) -> PortraitCrop:
+    """Decode and check a portrait (path, encoded bytes, array or PIL image) -> its face crop at
+    spec.image_size: what a render would use."""
+    return crop_portrait(_image(portrait, spec), size=spec.image_size)
+
+
 def prepare(portrait: Any, audio: Any, spec: InputSpec) -> PreparedInputs:
     """Decode, check and crop one request's inputs.
 
@@ -120,5 +126,5 @@ def prepare(portrait: Any, audio: Any, spec: InputSpec) -> PreparedInputs:
     if frames < 1:
         raise ValueError(f"audio: {wave.size / spec.sample_rate * 1000:.0f} ms is too short to give a single "
                          "video frame")
-    crop = crop_portrait(_image(portrait, spec), size=spec.image_size)
+    crop = prepare_portrait(portrait, spec)
     return PreparedInputs(crop, wave, spec.sample_rate, frames, clip_count(frames, spec.clip_frames))

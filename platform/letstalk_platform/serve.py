@@ -19,6 +19,8 @@ renders share its replicas (and their autoscaling).
 
 import asyncio
 import hmac
+import io
+import json
 import os
 import re
 import shutil
@@ -26,11 +28,15 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import File, Form, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPBearer
+from fastapi_offline import FastAPIOffline
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -39,8 +45,9 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from letstalk.accel import InferenceOptions, torch_thread_pool
-from letstalk.diffusion import SAMPLERS, Sampler
-from letstalk.inputs import InputSpec, LimitExceeded, PreparedInputs, prepare
+from letstalk.diffusion import Sampler
+from letstalk.inputs import InputSpec, LimitExceeded, PreparedInputs, prepare, prepare_portrait
+from letstalk.portrait import PortraitCrop
 
 from .runtime import local_target, node_id
 from .render import Cancel, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, one_line
@@ -183,18 +190,109 @@ class RenderJob:
         self.seconds: dict[str, float] = {}
         self.rendered_with: dict | None = None  # the options after the renderer's defaults filled the gaps
         self.task: asyncio.Task | None = None
+        self.started: float | None = None  # the first progress event: the ETA's clock
+        self.version = 0  # bumped on every change; event streams wait on `changed`
+        self.changed = asyncio.Event()
+
+    def touch(self) -> None:
+        """Record a change: wake every event stream waiting on this job."""
+        self.version += 1
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     @property
     def active(self) -> bool:
         return self.status in ("queued", "running")
 
+    def eta_s(self) -> float | None:
+        """Seconds left at the rate so far (None before the first clip's progress, 0 once finished)."""
+        if not self.active:
+            return 0.0
+        if self.started is None or self.fraction <= 0:
+            return None
+        return round((time.time() - self.started) * (1 - self.fraction) / self.fraction, 1)
+
     def public(self) -> dict:
         return {"id": self.id, "status": self.status,
                 "progress": {"clips_done": self.clips_done, "clips_total": self.clips_total,
-                             "fraction": self.fraction},
+                             "fraction": self.fraction, "eta_s": self.eta_s()},
                 "audio_seconds": round(self.duration_s, 3), "options": self.options, "error": self.error,
                 "created": self.created, "finished": self.finished,
                 "rendered_with": self.rendered_with, "seconds": self.seconds, "video": f"/v1/renders/{self.id}/video" if self.status == "done" else None}
+
+
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="one line saying what was wrong")
+
+
+class Progress(BaseModel):
+    clips_done: int
+    clips_total: int
+    fraction: float = Field(description="denoising steps done / all steps of the video, 0..1")
+    eta_s: float | None = Field(description="seconds left at the rate so far (null before the first progress)")
+
+
+class JobState(BaseModel):
+    id: str
+    status: JobStatus
+    progress: Progress
+    audio_seconds: float
+    options: dict[str, Any] = Field(description="the options the request gave")
+    error: str | None
+    created: float = Field(description="Unix time")
+    finished: float | None
+    rendered_with: dict[str, Any] | None = Field(description="the options after the server's defaults filled the gaps")
+    seconds: dict[str, float] = Field(description="time spent per stage (audio, denoise, decode, ...)")
+    video: str | None = Field(description="the mp4's URL once done")
+
+
+class Accepted(BaseModel):
+    id: str
+    status: JobStatus
+    frames: int
+    clips_total: int
+    status_url: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobState]
+    total: int
+    next: str | None = Field(description="the next page's URL, null on the last page")
+
+
+class Deleted(BaseModel):
+    id: str
+    status: Literal["deleted"]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    active_jobs: int = Field(description="render slots in use")
+    capacity: int
+
+
+_ERRORS = {
+    400: "unusable input: an unreadable or empty image/audio file, a file name with path parts",
+    401: "missing or wrong bearer token",
+    404: "no such render job (or it expired)",
+    409: "the video is not ready: the job is queued, running, failed or cancelled",
+    413: "over a limit: upload size, audio length or image pixels (GET /v1/model lists them)",
+    422: "a field out of range or missing (steps 1..1000, guidance 0..20, sampler one of the enum)",
+    503: "all render slots are busy; the Retry-After header says when to try again",
+}
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI `responses` for the error codes a route can answer, all with the ErrorBody shape."""
+    return {c: {"model": ErrorBody, "description": _ERRORS[c]} for c in codes}
+
+
+# the security scheme OpenAPI declares (Swagger's Authorize button); Ingress._auth does the checking
+BEARER = HTTPBearer(auto_error=False, description=f"the API token (${TOKEN_ENV} of the server)")
+SECURED = [Security(BEARER)]
 
 
 class ApiError(Exception):
@@ -203,12 +301,17 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
-api = FastAPI(
+# FastAPIOffline: /docs (Swagger UI) and /redoc with their scripts served by this app, not a CDN
+api = FastAPIOffline(
     title="LetsTalk render API",
     version="1",
     description="Portrait image + speech audio -> talking video (mp4, H.264 + AAC), rendered clip by clip. "
-                "Every /v1 route needs `Authorization: Bearer <token>`.",
+                "Every /v1 route needs `Authorization: Bearer <token>` (the Authorize button).",
 )
+
+
+WEB = Path(__file__).parent / "web"  # the page at / : plain HTML, CSS and JavaScript, no build step
+api.mount("/web", StaticFiles(directory=WEB), name="web")
 
 
 @api.exception_handler(ApiError)
@@ -242,6 +345,7 @@ class Ingress:
         self.videos = Path(root) / f"videos-{uuid.uuid4().hex[:8]}"
         self.videos.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, RenderJob] = {}
+        self._reserved = 0  # slots held by requests still reading and decoding their uploads
         replicas = self.args.max_replicas or self.args.num_replicas
         self.capacity = replicas * self.args.max_jobs_per_replica + self.args.max_queued_jobs
         self.max_upload = int(self.args.max_upload_mb * 1024 * 1024)
@@ -265,6 +369,10 @@ class Ingress:
 
     def _video_path(self, job: RenderJob) -> Path:
         return self.videos / f"{job.id}.mp4"  # job ids are our own 32-hex-digit names
+
+    def _active(self) -> int:
+        """Slots in use: queued and running jobs, and the requests that reserved a slot before reading."""
+        return sum(j.active for j in self.jobs.values()) + self._reserved
 
     def _expire(self) -> None:
         now = time.time()
@@ -290,13 +398,17 @@ class Ingress:
             self._model_info = await self.renderer.info.remote()
         return self._model_info
 
-    def _prepare(self, info: dict, image_bytes: bytes, audio_bytes: bytes) -> PreparedInputs:
-        """The uploads decoded, cropped and counted here, once: bad input is a 4xx before any
-        renderer time is spent, and the renderer gets them ready to use."""
-        spec = InputSpec(info["image_size"], info["sample_rate"], info["fps"], info["clip_frames"],
+    def _spec(self, info: dict) -> InputSpec:
+        return InputSpec(info["image_size"], info["sample_rate"], info["fps"], info["clip_frames"],
                          min(self.args.max_audio_seconds, info["max_audio_seconds"]), self.args.max_image_pixels)
+
+    def _prepare(self, info: dict, image_bytes: bytes, audio_bytes: bytes | None) -> PreparedInputs | PortraitCrop:
+        """The uploads decoded, cropped and counted here, once: bad input is a 4xx before any
+        renderer time is spent, and the renderer gets them ready to use (no audio: the crop only)."""
         try:
-            return prepare(image_bytes, audio_bytes, spec)
+            if audio_bytes is None:
+                return prepare_portrait(image_bytes, self._spec(info))
+            return prepare(image_bytes, audio_bytes, self._spec(info))
         except LimitExceeded as e:
             raise ApiError(413, one_line(e)) from None
         except ValueError as e:
@@ -312,6 +424,7 @@ class Ingress:
                 kind = event["event"]
                 if kind == "progress":
                     job.status = "running"
+                    job.started = job.started or time.time()
                     job.clips_done, job.clips_total = event["clips_done"], event["clips_total"]
                     job.fraction = event["fraction"]
                 elif kind == "failed":
@@ -324,6 +437,7 @@ class Ingress:
                     job.clips_done, job.fraction, job.seconds = job.clips_total, 1.0, event["seconds"]
                     job.rendered_with = event["options"]
                     job.status = "done"
+                job.touch()
         except asyncio.CancelledError:
             job.status = "cancelled"
             if stream is not None:
@@ -335,14 +449,41 @@ class Ingress:
             if job.status in ("queued", "running"):
                 job.status, job.error = "failed", job.error or "the render ended without a result"
             job.finished = time.time()
+            job.touch()
+
+    async def _events(self, job: RenderJob, keepalive_s: float = 15.0):
+        """Server-Sent Events for one job: its state now, then every change, the last one final
+        (done, failed, cancelled); a comment line every `keepalive_s` keeps proxies from closing it."""
+        seen = -1
+        while True:
+            if job.version != seen:
+                seen, state = job.version, job.public()
+                yield f"event: {state['status']}\ndata: {json.dumps(state)}\n\n"
+                if not job.active:
+                    return
+            waiter = job.changed
+            try:
+                await asyncio.wait_for(waiter.wait(), keepalive_s)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
 
     # ------------------------------------------------------------------ routes
 
-    @api.get("/healthz", summary="Liveness (no token needed)")
-    def healthz(self) -> dict:
-        return {"status": "ok", "active_jobs": sum(j.active for j in self.jobs.values()), "capacity": self.capacity}
+    @api.get("/", include_in_schema=False, response_class=HTMLResponse)
+    def page(self) -> HTMLResponse:
+        """The web page (platform/letstalk_platform/web): token, portrait, speech, render, progress, video."""
+        return HTMLResponse((WEB / "index.html").read_text(), headers={"Cache-Control": "no-cache"})
 
-    @api.get("/v1/model", summary="The model being served, its defaults and the request limits")
+    @api.get("/ui", include_in_schema=False)
+    def ui(self) -> RedirectResponse:
+        return RedirectResponse("/")
+
+    @api.get("/healthz", summary="Liveness (no token needed)", response_model=Health)
+    def healthz(self) -> dict:
+        return {"status": "ok", "active_jobs": self._active(), "capacity": self.capacity}
+
+    @api.get("/v1/model", summary="The model being served, its defaults and the request limits",
+             dependencies=SECURED, responses=errors(401))
     async def model(self, request: Request) -> dict:
         self._auth(request)
         info = await self.renderer.info.remote()  # fresh: user_config may have changed the defaults
@@ -351,41 +492,94 @@ class Ingress:
                                    "max_image_pixels": self.args.max_image_pixels,
                                    "concurrent_jobs": self.capacity}}
 
-    @api.post("/v1/renders", status_code=202, summary="Start a render: portrait image + speech audio")
+    @api.post("/v1/renders", status_code=202, summary="Start a render: portrait image + speech audio",
+              response_model=Accepted, dependencies=SECURED, responses=errors(400, 401, 413, 422, 503))
     async def create(self, request: Request,
-                     portrait: UploadFile = File(..., description="portrait image (PNG, JPEG, WebP, ...)"),
-                     audio: UploadFile = File(..., description="speech (WAV, MP3, M4A, OGG, ...)"),
-                     steps: int | None = Form(None, description="denoising steps (default: the server's)"),
-                     sampler: Sampler | None = Form(None, description=" | ".join(SAMPLERS)),
-                     guidance: float | None = Form(None, description="audio classifier-free guidance scale"),
-                     seed: int = Form(0)) -> JSONResponse:
+                     portrait: UploadFile = File(..., description="portrait image (PNG, JPEG, WebP, ...); at most "
+                                                 "the upload and pixel limits of GET /v1/model"),
+                     audio: UploadFile = File(..., description="speech (WAV, MP3, M4A, OGG, ...); at most the "
+                                              "upload and audio-seconds limits of GET /v1/model"),
+                     steps: int | None = Form(None, description="denoising steps, 1..1000 (default: the server's)"),
+                     sampler: Sampler | None = Form(None, description="ddim or dpm: 10-50 steps; ddpm: the "
+                                                    "paper's sampler, ~250 steps (default: the server's)"),
+                     guidance: float | None = Form(None, description="audio classifier-free guidance scale, 0..20 "
+                                                   "(default: the server's)"),
+                     seed: int = Form(0, description="0..2147483647: the same seed and inputs give the same video"))\
+            -> JSONResponse:
         self._auth(request)
         try:
             options = RenderOptions(steps=steps, sampler=sampler, guidance=guidance, seed=seed)
         except ValidationError as e:
             raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
         self._expire()
-        if sum(j.active for j in self.jobs.values()) >= self.capacity:
+        # the check and the reservation with no await between them: concurrent requests cannot all pass
+        # the check before any of them records its job (the event loop runs one coroutine at a time)
+        if self._active() >= self.capacity:
             raise ApiError(503, f"all {self.capacity} render slots are busy; retry later",
                            {"Retry-After": str(self.args.retry_after_s)})
-        image_bytes = await self._read(portrait, "portrait")
-        audio_bytes = await self._read(audio, "audio")
-        info = await self._info()
-        inputs = await run_in_threadpool(self._prepare, info, image_bytes, audio_bytes)
-        job = RenderJob(uuid.uuid4().hex, options.model_dump(exclude_none=True), inputs.num_clips, inputs.duration_s)
-        self.jobs[job.id] = job
-        job.task = asyncio.create_task(self._run(job, inputs))
+        self._reserved += 1
+        try:
+            image_bytes = await self._read(portrait, "portrait")
+            audio_bytes = await self._read(audio, "audio")
+            info = await self._info()
+            inputs = await run_in_threadpool(self._prepare, info, image_bytes, audio_bytes)
+            job = RenderJob(uuid.uuid4().hex, options.model_dump(exclude_none=True), inputs.num_clips,
+                            inputs.duration_s)
+            self.jobs[job.id] = job  # the job holds the slot from here: no await before the release below
+            job.task = asyncio.create_task(self._run(job, inputs))
+        finally:  # a 4xx, an error, or the client gone (cancelled) all give the slot back
+            self._reserved -= 1
         return JSONResponse({"id": job.id, "status": job.status, "frames": inputs.num_frames,
                              "clips_total": inputs.num_clips,
                              "status_url": f"/v1/renders/{job.id}"}, status_code=202,
                             headers={"Location": f"/v1/renders/{job.id}"})
 
-    @api.get("/v1/renders/{job_id}", summary="Status, progress (clips done / total) and any error")
+    @api.post("/v1/crop", summary="The face crop a render would use for this portrait (PNG)",
+              dependencies=SECURED, responses=errors(400, 401, 413, 422) | {200: {
+                  "content": {"image/png": {}},
+                  "description": "the crop at the model's image size; header X-Face-Found: true | false "
+                                 "(false: no face detected, the centre square)"}})
+    async def crop(self, request: Request,
+                   portrait: UploadFile = File(..., description="portrait image (PNG, JPEG, WebP, ...)")) -> Response:
+        self._auth(request)
+        image_bytes = await self._read(portrait, "portrait")
+        info = await self._info()
+        crop = await run_in_threadpool(self._prepare, info, image_bytes, None)
+        buf = io.BytesIO()
+        Image.fromarray(crop.image).save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png",
+                        headers={"X-Face-Found": str(crop.face_found).lower(), "Cache-Control": "no-store"})
+
+    @api.get("/v1/renders", summary="The render jobs, newest first (paginated: limit, offset)",
+             response_model=JobList, dependencies=SECURED, responses=errors(401, 422))
+    def list_jobs(self, request: Request, limit: int = Query(20, ge=1, le=100), offset: int = Query(0, ge=0)) -> dict:
+        self._auth(request)
+        self._expire()
+        jobs = sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
+        page = jobs[offset: offset + limit]
+        more = offset + limit < len(jobs)
+        return {"jobs": [j.public() for j in page], "total": len(jobs),
+                "next": f"/v1/renders?limit={limit}&offset={offset + limit}" if more else None}
+
+    @api.get("/v1/renders/{job_id}/events", summary="Live progress as Server-Sent Events (text/event-stream)",
+             response_class=StreamingResponse, dependencies=SECURED, responses=errors(401, 404) | {200: {
+                 "description": "one event per change: `event: <status>` and `data: <JobState as JSON>`; the "
+                                "stream ends after done, failed or cancelled",
+                 "content": {"text/event-stream": {}}}})
+    def events(self, job_id: str, request: Request) -> StreamingResponse:
+        self._auth(request)
+        return StreamingResponse(self._events(self._job(job_id)), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.get("/v1/renders/{job_id}", summary="Status, progress (clips done / total, ETA) and any error",
+             response_model=JobState, dependencies=SECURED, responses=errors(401, 404))
     def status(self, job_id: str, request: Request) -> dict:
         self._auth(request)
         return self._job(job_id).public()
 
-    @api.get("/v1/renders/{job_id}/video", summary="The finished mp4", response_class=FileResponse)
+    @api.get("/v1/renders/{job_id}/video", summary="The finished mp4", response_class=FileResponse,
+             dependencies=SECURED, responses=errors(401, 404, 409) | {200: {"content": {"video/mp4": {}},
+                                                                          "description": "H.264 + AAC"}})
     def video(self, job_id: str, request: Request):
         self._auth(request)
         job = self._job(job_id)
@@ -393,7 +587,8 @@ class Ingress:
             raise ApiError(409, f"job {job.id} is {job.status}" + (f": {job.error}" if job.error else ""))
         return FileResponse(self._video_path(job), media_type="video/mp4", filename=f"{job.id}.mp4")
 
-    @api.delete("/v1/renders/{job_id}", summary="Cancel a queued or running render; delete a finished one")
+    @api.delete("/v1/renders/{job_id}", summary="Cancel a queued or running render; delete a finished one",
+                response_model=JobState | Deleted, dependencies=SECURED, responses=errors(401, 404))
     async def delete(self, job_id: str, request: Request) -> dict:
         self._auth(request)
         job = self._job(job_id)

@@ -109,8 +109,38 @@ def test_health_auth_and_openapi(server):
     assert model["defaults"]["steps"] == DEFAULT_STEPS
     assert model["limits"]["max_audio_seconds"] == 20
     assert model["inference"]["overlap_decode"] and model["inference"]["batch_clips"]
-    paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
-    assert {"/v1/renders", "/v1/renders/{job_id}", "/v1/renders/{job_id}/video", "/v1/model", "/healthz"} <= set(paths)
+    spec = requests.get(f"{server}/openapi.json", timeout=10).json()
+    paths = spec["paths"]
+    assert {"/v1/renders", "/v1/renders/{job_id}", "/v1/renders/{job_id}/video", "/v1/renders/{job_id}/events",
+            "/v1/model", "/healthz"} <= set(paths)
+    # the Authorize button: a bearer scheme, required by every /v1 operation
+    schemes = spec["components"]["securitySchemes"]
+    assert [s["scheme"] for s in schemes.values()] == ["bearer"]
+    for path, ops in paths.items():
+        for op in ops.values():
+            assert ("security" in op) == path.startswith("/v1/"), path
+            if path.startswith("/v1/"):
+                assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert {"400", "401", "413", "422", "503"} <= set(paths["/v1/renders"]["post"]["responses"])
+    assert "409" in paths["/v1/renders/{job_id}/video"]["get"]["responses"]
+    ok = paths["/v1/renders/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["$ref"].endswith("/JobState")
+    form = spec["components"]["schemas"][paths["/v1/renders"]["post"]["requestBody"]["content"]
+                                         ["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert {"enum": ["ddpm", "ddim", "dpm"], "type": "string"} in form["properties"]["sampler"]["anyOf"]
+    # /docs and /redoc load their scripts from this server, not a CDN
+    import re
+
+    for page in ("docs", "redoc"):
+        html = requests.get(f"{server}/{page}", timeout=10).text
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert assets and not [a for a in assets if "//" in a], assets
+        scripts = [a for a in assets if a.endswith(".js")]
+        assert scripts
+        for asset in assets:
+            r = requests.get(f"{server}{asset}", timeout=10)
+            assert r.status_code == 200 and len(r.content) > (100_000 if asset.endswith(".js") else 1000), asset
+    assert "'/openapi.json'" in requests.get(f"{server}/docs", timeout=10).text
 
 
 def test_render_through_the_api(server, tmp_path):
@@ -164,6 +194,159 @@ def test_cancel_frees_the_renderer_and_full_means_503(server):
     final, _ = wait_done(server, r.json()["id"], timeout=40)
     assert final["status"] == "done" and time.monotonic() - t0 < 30
     assert requests.get(f"{server}/v1/renders/{job}/video", headers=AUTH, timeout=10).status_code == 409
+
+
+def read_events(url, job_id, timeout=120):
+    """The job's Server-Sent Events as (event, data) pairs, until the server closes the stream."""
+    events, kind = [], None
+    with requests.get(f"{url}/v1/renders/{job_id}/events", headers=AUTH, stream=True, timeout=timeout) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[6:])))
+    return events
+
+
+def test_live_progress_events_and_the_job_list(server):
+    first = post(server, png_bytes(), wav_bytes(2.0), steps=12, sampler="ddim")
+    assert first.status_code == 202, first.text
+    job = first.json()["id"]
+    events = read_events(server, job)
+    kinds = [k for k, _ in events]
+    order = {"queued": 0, "running": 1, "done": 2}
+    assert kinds[-1] == "done" and all(order[a] <= order[b] for a, b in zip(kinds, kinds[1:])), kinds
+    assert [k for k, d in events] == [d["status"] for _, d in events]
+    running = [d for k, d in events if k == "running"]
+    done = [d["progress"]["clips_done"] for d in running]
+    assert len(running) >= 2 and done == sorted(done), done  # more than one progress step was streamed
+    assert any(d["progress"]["eta_s"] is not None and d["progress"]["eta_s"] > 0 for d in running)
+    final = events[-1][1]
+    assert final["progress"]["fraction"] == 1.0 and final["progress"]["eta_s"] == 0 and final["video"]
+    assert read_events(server, job) == [("done", requests.get(f"{server}/v1/renders/{job}", headers=AUTH,
+                                                               timeout=10).json())]  # finished: one final event
+    assert requests.get(f"{server}/v1/renders/{'0' * 32}/events", headers=AUTH, timeout=10).status_code == 404
+    assert requests.get(f"{server}/v1/renders/{job}/events", timeout=10).status_code == 401
+    # the list: newest first, paginated
+    second = post(server, png_bytes(), wav_bytes(0.4))
+    wait_done(server, second.json()["id"])
+    page = requests.get(f"{server}/v1/renders", params={"limit": 1}, headers=AUTH, timeout=10).json()
+    assert [j["id"] for j in page["jobs"]] == [second.json()["id"]] and page["total"] >= 2
+    rest = requests.get(f"{server}{page['next']}", headers=AUTH, timeout=10).json()
+    assert rest["jobs"][0]["id"] == job
+    assert requests.get(f"{server}/v1/renders", params={"limit": 0}, headers=AUTH, timeout=10).status_code == 422
+    assert requests.get(f"{server}/v1/renders", timeout=10).status_code == 401
+
+
+def test_a_burst_never_takes_more_than_the_slots(server):
+    """20 POSTs at once against the app's slots: at most `capacity` renders are accepted, the others get
+    503 + Retry-After, /healthz never counts more than the capacity, and the accepted ones finish."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    capacity = requests.get(f"{server}/healthz", timeout=10).json()["capacity"]
+    portrait, audio = png_bytes(), wav_bytes(3.0)
+    gate = threading.Barrier(20)
+
+    def one(_):
+        gate.wait()  # all 20 leave together
+        return post(server, portrait, audio, steps=40, sampler="ddim")  # seconds of rendering: outlasts the burst
+
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], requests.get(f"{server}/healthz", timeout=10).json()["active_jobs"])
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(one, range(20)))
+        accepted = [r for r in answers if r.status_code == 202]
+        busy = [r for r in answers if r.status_code == 503]
+        assert 1 <= len(accepted) <= capacity and len(busy) == 20 - len(accepted), [r.status_code for r in answers]
+        assert all(r.headers["Retry-After"] == "7" and "busy" in r.json()["error"] for r in busy)
+        for r in accepted:
+            final, _ = wait_done(server, r.json()["id"], timeout=90)
+            assert final["status"] == "done", final
+    finally:
+        stop.set()
+        watcher.join()
+    assert 1 <= peak[0] <= capacity
+
+
+def chromium():
+    """Headless Chromium through chromedriver (Debian's chromium + chromium-driver), or a skip saying why."""
+    import shutil
+
+    binary, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("needs Chromium and chromedriver: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,1500",
+                 "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_web_page_in_a_real_browser(server, tmp_path):
+    """The page as a person uses it: token, portrait (its crop shown), speech, quality, Render; the
+    progress bar reaches 100 %, the video plays and lasts as long as the audio; a text file given as
+    audio shows the API's message. Screenshots of each state go to $LETSTALK_SCREENSHOTS (docs/web.md)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    shots = Path(os.environ.get("LETSTALK_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "face.png").write_bytes(png_bytes(seed=3, size=160))
+    (tmp_path / "speech.wav").write_bytes(wav_bytes(2.0, seed=4))
+    (tmp_path / "notes.txt").write_text("not audio\n")
+    browser = chromium()
+    try:
+        wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+        el = browser.find_element
+        browser.get(f"{server}/")
+        assert browser.title.startswith("LetsTalk")
+        browser.save_screenshot(str(shots / "1-empty.png"))
+        el(By.ID, "token").send_keys(TOKEN + "\t")  # the change event loads the model line
+        wait.until(lambda b: el(By.ID, "model").text.startswith("Model"))
+        el(By.ID, "portrait").send_keys(str(tmp_path / "face.png"))
+        wait.until(lambda b: el(By.ID, "crop-figure").is_displayed()
+                   and b.execute_script("return document.getElementById('crop').naturalWidth") == 64)
+        el(By.ID, "audio").send_keys(str(tmp_path / "speech.wav"))
+        Select(el(By.ID, "quality")).select_by_value("ddim:10")
+        browser.save_screenshot(str(shots / "2-ready.png"))
+        el(By.ID, "render").click()
+        wait.until(lambda b: el(By.ID, "progress-text").text.startswith("Rendering clip"))
+        browser.save_screenshot(str(shots / "3-progress.png"))
+        wait.until(lambda b: el(By.ID, "video").is_displayed())
+        assert el(By.ID, "progress").get_attribute("value") == "1" and "Done" in el(By.ID, "progress-text").text
+        duration = wait.until(lambda b: b.execute_script(
+            "const v = document.getElementById('video'); return v.readyState >= 1 ? v.duration : null"))
+        assert abs(duration - 2.0) <= 0.1, duration
+        played = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1], v = document.getElementById('video'); v.muted = true;"
+            "v.play().then(() => setTimeout(() => done(v.currentTime), 600), (e) => done('error: ' + e));")
+        assert isinstance(played, float) and played > 0.2, played
+        assert el(By.ID, "download").get_attribute("download").endswith(".mp4")
+        assert "done" in el(By.ID, "past").text
+        browser.save_screenshot(str(shots / "4-done.png"))
+        # an error: a text file as the speech; the page shows the API's one-line message
+        el(By.ID, "audio").send_keys(str(tmp_path / "notes.txt"))
+        el(By.ID, "render").click()
+        wait.until(lambda b: el(By.ID, "error").is_displayed())
+        assert el(By.ID, "error").text.startswith("audio:"), el(By.ID, "error").text
+        browser.save_screenshot(str(shots / "5-error.png"))
+    finally:
+        browser.quit()
 
 
 @pytest.mark.parametrize("case, expect, words", [
