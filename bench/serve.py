@@ -4,7 +4,9 @@
 
 Prints (1) the end-to-end HTTP render time (upload, validation, Serve hop, render, mp4 back)
 over the time of rendering the same input straight to an mp4 with the pipeline in this process
-(overhead ratio), and (2) throughput with 4 concurrent requests over 1 at a time (same server).
+(overhead ratio), (2) throughput with 4 concurrent requests over 1 at a time (same server), (3) how
+soon the Server-Sent Events stream answers and reports `running`, and (4) status polls per second
+from one client while a render runs.
 Without --bundle a random tiny bundle is used (the model's quality does not matter here).
 `--batch-clips` serves with InferenceOptions.batch_clips (the concurrent renders of the replica
 share merged forward passes; bench/inference.py compares it with and without in one run).
@@ -23,7 +25,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import requests
 import soundfile as sf
 from PIL import Image
@@ -134,6 +135,37 @@ def main() -> None:
     parallel = time.perf_counter() - t0
     print(f"throughput 1 at a time: {n / serial:.3f} videos/s; {n} concurrent: {n / parallel:.3f} videos/s; "
           f"ratio {serial / parallel:.2f}")
+
+    # live progress: how soon a client hears of a job over Server-Sent Events, and how many status polls
+    # the Ingress answers per second while a render runs
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    first, running, polls = [], [], []
+    for _ in range(args.repeats):
+        job = requests.post(f"{url}/v1/renders", headers=auth, files={"portrait": ("p.png", portrait),
+                            "audio": ("a.wav", audio)}, data={"steps": args.steps, "sampler": "ddim"}, timeout=60)
+        t0 = time.perf_counter()
+        events = []  # (seconds since the POST returned, event name)
+        with requests.get(f"{url}/v1/renders/{job.json()['id']}/events", headers=auth, stream=True, timeout=600) as r:
+            for line in r.iter_lines(decode_unicode=True):
+                if line.startswith("event: "):
+                    events.append((time.perf_counter() - t0, line[7:]))
+        first.append(events[0][0])
+        running.append(next(t for t, name in events if name == "running"))
+        long = requests.post(f"{url}/v1/renders", headers=auth, files={"portrait": ("p.png", portrait),
+                             "audio": ("a.wav", audio)}, data={"steps": args.steps * 4, "sampler": "ddim"},
+                             timeout=60).json()["id"]
+        deadline, count = time.perf_counter() + 2.0, 0
+        with requests.Session() as session:
+            while time.perf_counter() < deadline:
+                session.get(f"{url}/v1/renders/{long}", headers=auth, timeout=60).raise_for_status()
+                count += 1
+        polls.append(count / 2.0)
+        requests.delete(f"{url}/v1/renders/{long}", headers=auth, timeout=60)
+    print(f"SSE: first event {statistics.median(first) * 1000:.1f} ms after the POST returned (median of "
+          f"{[round(x * 1000, 1) for x in first]}), first 'running' event {statistics.median(running):.3f} s "
+          f"after the POST returned")
+    print(f"status polls from one client during a render: {statistics.median(polls):.0f} requests/s "
+          f"({[round(x) for x in polls]})")
     serve.shutdown()
 
 

@@ -2,8 +2,9 @@
 
 Two deployments, wired by `build_app` (Ray Serve's builder pattern, typed `AppArgs`):
 
-    Ingress   FastAPI on CPU: token check, upload limits, input validation, the job table,
-              finished videos on local disk. One replica (the job table lives in it).
+    Ingress   FastAPI on CPU: token check, upload limits, input validation, the web page, the job
+              table (a database: jobstore.py) and the finished videos on disk; both outlive a
+              restart of the replica. One replica.
     Renderer  loads the bundle once (a folder or models:/name@alias from the MLflow registry),
               renders clip by clip and streams progress back; one GPU per replica when
               `use_gpu`. Runtime defaults (steps, sampler, guidance) come from user_config.
@@ -23,7 +24,6 @@ import io
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 import uuid
@@ -49,11 +49,13 @@ from letstalk.diffusion import Sampler
 from letstalk.inputs import InputSpec, LimitExceeded, PreparedInputs, prepare, prepare_portrait
 from letstalk.portrait import PortraitCrop
 
+from .jobstore import JobStore
 from .runtime import local_target, node_id
 from .render import Cancel, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, one_line
 
 TOKEN_ENV = "LETSTALK_API_TOKEN"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+RESTART_REASON = "the server restarted while this job was queued or running; submit it again"
 
 
 class AppArgs(BaseModel):
@@ -74,7 +76,9 @@ class AppArgs(BaseModel):
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest portrait (413 above it)")
     retry_after_s: int = Field(10, ge=1)
     job_ttl_s: float = Field(24 * 3600, gt=0, description="finished jobs (and videos) kept this long")
-    work_dir: str | None = Field(None, description="where finished videos are kept (default: a temp folder)")
+    work_dir: str | None = Field(None, description="the job table (jobs.db) and the finished videos: they outlive "
+                                 "a restart (default: TMP/letstalk-serve)")
+    jobs_db: str | None = Field(None, description="SQLAlchemy URL of the job table (default: sqlite:///WORK_DIR/jobs.db)")
     defaults: RenderDefaults = RenderDefaults()
     inference: dict = Field(default_factory=lambda: InferenceOptions().to_dict(), description=(
         "speed switches (letstalk.accel.InferenceOptions): dtype fp32|bf16|fp16, sdpa_backend "
@@ -193,6 +197,17 @@ class RenderJob:
         self.started: float | None = None  # the first progress event: the ETA's clock
         self.version = 0  # bumped on every change; event streams wait on `changed`
         self.changed = asyncio.Event()
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RenderJob":
+        """A job read back from the job table (`public()`'s dict)."""
+        p = state["progress"]
+        job = cls(state["id"], state["options"], p["clips_total"], state["audio_seconds"])
+        job.status, job.error = state["status"], state["error"]
+        job.clips_done, job.fraction = p["clips_done"], p["fraction"]
+        job.created, job.finished = state["created"], state["finished"]
+        job.rendered_with, job.seconds = state["rendered_with"], state["seconds"]
+        return job
 
     def touch(self) -> None:
         """Record a change: wake every event stream waiting on this job."""
@@ -341,10 +356,16 @@ class Ingress:
             raise RuntimeError(f"no API token: set {TOKEN_ENV} (or args.token); the API refuses to run open")
         self._token = token.encode()
         self.renderer = renderer
-        root = self.args.work_dir or os.path.join(tempfile.gettempdir(), "letstalk-serve")
-        self.videos = Path(root) / f"videos-{uuid.uuid4().hex[:8]}"
+        root = Path(self.args.work_dir or os.path.join(tempfile.gettempdir(), "letstalk-serve"))
+        self.videos = root / "videos"
         self.videos.mkdir(parents=True, exist_ok=True)
-        self.jobs: dict[str, RenderJob] = {}
+        self.store = JobStore(self.args.jobs_db or f"sqlite:///{(root / 'jobs.db').resolve()}")
+        # renders that were queued or running died with the replica that ran them: their uploads are
+        # gone (never stored), so they are reported failed rather than re-queued
+        lost = self.store.fail_unfinished(RESTART_REASON)
+        if lost:
+            print(f"Ingress: {len(lost)} unfinished job(s) marked failed: {RESTART_REASON}", flush=True)
+        self.jobs: dict[str, RenderJob] = {}  # this replica's jobs (live progress); the table has them all
         self._reserved = 0  # slots held by requests still reading and decoding their uploads
         replicas = self.args.max_replicas or self.args.num_replicas
         self.capacity = replicas * self.args.max_jobs_per_replica + self.args.max_queued_jobs
@@ -362,7 +383,11 @@ class Ingress:
                            {"WWW-Authenticate": "Bearer"})
 
     def _job(self, job_id: str) -> RenderJob:
-        job = self.jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None
+        job = None
+        if JOB_ID.fullmatch(job_id):
+            job = self.jobs.get(job_id)
+            if job is None and (state := self.store.get(job_id)) is not None:
+                job = RenderJob.from_state(state)  # finished before this replica started
         if job is None:
             raise ApiError(404, f"no render job {job_id[:64]!r}")
         return job
@@ -375,10 +400,14 @@ class Ingress:
         return sum(j.active for j in self.jobs.values()) + self._reserved
 
     def _expire(self) -> None:
-        now = time.time()
-        for job in [j for j in self.jobs.values() if j.finished and now - j.finished > self.args.job_ttl_s]:
-            self._video_path(job).unlink(missing_ok=True)
-            del self.jobs[job.id]
+        """The TTL sweep: finished jobs older than job_ttl_s go, with their videos."""
+        for job_id in self.store.finished_before(time.time() - self.args.job_ttl_s):
+            self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        (self.videos / f"{job_id}.mp4").unlink(missing_ok=True)
+        self.store.delete(job_id)
+        self.jobs.pop(job_id, None)
 
     async def _read(self, upload: UploadFile | None, field: str) -> bytes:
         if not isinstance(upload, StarletteUpload):
@@ -423,8 +452,9 @@ class Ingress:
             async for event in stream:
                 kind = event["event"]
                 if kind == "progress":
-                    job.status = "running"
-                    job.started = job.started or time.time()
+                    if job.status == "queued":
+                        job.status, job.started = "running", time.time()
+                        self.store.save(job.public())
                     job.clips_done, job.clips_total = event["clips_done"], event["clips_total"]
                     job.fraction = event["fraction"]
                 elif kind == "failed":
@@ -449,6 +479,7 @@ class Ingress:
             if job.status in ("queued", "running"):
                 job.status, job.error = "failed", job.error or "the render ended without a result"
             job.finished = time.time()
+            self.store.save(job.public())
             job.touch()
 
     async def _events(self, job: RenderJob, keepalive_s: float = 15.0):
@@ -526,6 +557,7 @@ class Ingress:
             job = RenderJob(uuid.uuid4().hex, options.model_dump(exclude_none=True), inputs.num_clips,
                             inputs.duration_s)
             self.jobs[job.id] = job  # the job holds the slot from here: no await before the release below
+            self.store.save(job.public())
             job.task = asyncio.create_task(self._run(job, inputs))
         finally:  # a 4xx, an error, or the client gone (cancelled) all give the slot back
             self._reserved -= 1
@@ -552,13 +584,14 @@ class Ingress:
 
     @api.get("/v1/renders", summary="The render jobs, newest first (paginated: limit, offset)",
              response_model=JobList, dependencies=SECURED, responses=errors(401, 422))
-    def list_jobs(self, request: Request, limit: int = Query(20, ge=1, le=100), offset: int = Query(0, ge=0)) -> dict:
+    def list_jobs(self, request: Request, limit: int = Query(20, ge=1, le=100),
+                  offset: int = Query(0, ge=0, le=2**31 - 1)) -> dict:
         self._auth(request)
         self._expire()
-        jobs = sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
-        page = jobs[offset: offset + limit]
-        more = offset + limit < len(jobs)
-        return {"jobs": [j.public() for j in page], "total": len(jobs),
+        states, total = self.store.page(limit, offset)
+        live = [self.jobs[s["id"]].public() if s["id"] in self.jobs else s for s in states]  # fresher progress
+        more = offset + limit < total
+        return {"jobs": live, "total": total,
                 "next": f"/v1/renders?limit={limit}&offset={offset + limit}" if more else None}
 
     @api.get("/v1/renders/{job_id}/events", summary="Live progress as Server-Sent Events (text/event-stream)",
@@ -599,12 +632,8 @@ class Ingress:
             except asyncio.CancelledError:
                 pass
             return job.public()
-        self._video_path(job).unlink(missing_ok=True)
-        del self.jobs[job.id]
+        self._forget(job.id)
         return {"id": job.id, "status": "deleted"}
-
-    def __del__(self):
-        shutil.rmtree(getattr(self, "videos", "/nonexistent"), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------- builder
