@@ -173,14 +173,20 @@ class LetsTalkPipeline:
 
     @classmethod
     def init_avatar(cls, frames: np.ndarray, seed: int = 0, preset: str = "avatar") -> "LetsTalkPipeline":
-        """Random-initialised person-specific bundle (docs/avatar.md): the space-to-depth codec
-        (factor 4) with a PCA basis fitted to `frames` (N, S, S, 3) uint8 face crops of the person,
-        as many components as the preset has latent channels, and log-mel audio features; preprocessing
-        the person's footage with it gives the data, training fills in the transformer."""
+        """Random-initialised person-specific bundle (docs/avatar.md): the space-to-depth codec with a
+        PCA basis fitted to `frames` (N, S, S, 3) uint8 face crops of the person — factor S / the
+        preset's latent size (S for the `avatar` preset: the whole crop is one block, its components
+        are the person's "eigenfaces"), as many components as the preset has latent channels — and
+        log-mel audio features; preprocessing the person's footage with it gives the data, training
+        fills in the transformer."""
         torch.manual_seed(seed)
         transformer = LetsTalkTransformer.from_preset(preset)
         cfg = transformer.cfg
-        codec = SpaceToDepthCodec.fit(frames, factor=4, channels=cfg.in_channels)
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[1] != frames.shape[2] or frames.shape[1] % cfg.input_size:
+            raise ValueError(f"frames must be square crops (N, S, S, 3) with S a multiple of {cfg.input_size}, "
+                             f"got {frames.shape}")
+        codec = SpaceToDepthCodec.fit(frames, factor=frames.shape[1] // cfg.input_size, channels=cfg.in_channels)
         return cls(transformer, codec, LogMelEncoder(n_mels=cfg.audio_feature_dim, window=cfg.audio_window))
 
     # ------------------------------------------------------------------ speed switches

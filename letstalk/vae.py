@@ -146,9 +146,15 @@ class SpaceToDepthCodec:
             raise ValueError(f"frames must be uint8 with shape (N, H, W, 3), got {frames.dtype} {frames.shape}")
         idx = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
         blocks = cls(factor).encode(frames[idx]).permute(0, 2, 3, 1).reshape(-1, 3 * factor**2).double()
+        if not 1 <= channels <= min(blocks.shape):
+            raise ValueError(f"channels must be 1..{min(blocks.shape)} for {len(blocks)} blocks of "
+                             f"{blocks.shape[1]} values, got {channels}")
         mean = blocks.mean(dim=0)
-        _, vectors = torch.linalg.eigh(torch.cov((blocks - mean).T))  # ascending eigenvalues
-        return cls(factor, basis=vectors[:, -channels:].flip(1).T.float(), mean=mean.float())
+        # the right singular vectors of the centred blocks, largest first: the principal components
+        # (an SVD of the N × 3f² data, not an eigendecomposition of the 3f² × 3f² covariance: at
+        # f = 64 that matrix is 12288²)
+        _, _, vh = torch.linalg.svd(blocks - mean, full_matrices=False)
+        return cls(factor, basis=vh[:channels].float(), mean=mean.float())
 
     @property
     def downsample(self) -> int:

@@ -38,7 +38,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from letstalk import metrics
 from letstalk.artifacts import write_json_atomic
 from letstalk.clips import ClipSpec, decode_video
-from letstalk.config import LetsTalkConfig
 from letstalk.diffusion import ClipTarget
 from letstalk.faces import FaceSettings
 from letstalk.media import MediaError, cut_video, probe, write_video
@@ -64,6 +63,8 @@ class AvatarConfig(BaseModel):
     steps: int | None = Field(None, ge=1, description="training steps (default: the config's)")
     config: str = Field("cluster/train/avatar-cpu.yaml", description="train config (TrainConfig YAML)")
     preset: str = Field("avatar", description="model preset of the data bundle (letstalk.config.PRESETS)")
+    image_size: int = Field(64, ge=64, le=256, description="face crop size in pixels (a multiple of the preset's "
+                            "latent size)")
     face_model: str = Field(description="MediaPipe face_landmarker .task file: crops and the mouth measures")
     stride: int = Field(2, ge=1, description="frames between training clip starts")
     sample_steps: int = Field(25, ge=1, description="DDIM steps of the held-out render")
@@ -152,6 +153,18 @@ def residual_scale(shards: Path, base: str, sample: int = 64) -> float:
     return float(f"{1.0 / rms:.2g}")
 
 
+def typical_frame(shards: Path) -> torch.Tensor:
+    """(1, C, h, w): the training frame whose latent is nearest the mean of all training frames' latents —
+    the person's most typical pose and expression, the portrait of the held-out render."""
+    from .data import ClipTable
+
+    table = ClipTable(str(shards), "train", ["latents"])
+    latents = torch.as_tensor(np.asarray(table.read(np.arange(len(table)))["latents"], np.float32))
+    frames = latents.flatten(0, 1)  # (clips · F, C, h, w)
+    pick = (frames - frames.mean(0)).flatten(1).pow(2).sum(1).argmin()
+    return frames[pick][None].clone()
+
+
 def mouth_plot(real: np.ndarray, generated: np.ndarray, envelope: np.ndarray, fps: float, title: str,
                path: Path) -> None:
     """The real and the generated mouth aperture over time beside the audio loudness, standardised."""
@@ -238,9 +251,8 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     faces = {"detector": "mediapipe", "model": str(Path(cfg.face_model).resolve()), "crop": "track"}
     if not (bundle / "pipeline.json").is_file():
         # the codec's PCA basis comes from the person's own face crops (the training part only)
-        size = LetsTalkConfig.from_name(cfg.preset).input_size * 4
-        crops = decode_video(train_video, ClipSpec(image_size=size, clip_frames=8, stride=8), FaceSettings(**faces),
-                             vad=False).frames
+        crops = decode_video(train_video, ClipSpec(image_size=cfg.image_size, clip_frames=8, stride=8),
+                             FaceSettings(**faces), vad=False).frames
         LetsTalkPipeline.init_avatar(crops, seed=cfg.seed, preset=cfg.preset).save_pretrained(bundle)
     init_ray()
     pcfg = PreprocessConfig(input=str(train_video.parent), output=str(out / "shards"), model=str(bundle),
@@ -275,10 +287,7 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     pipe = LetsTalkPipeline.from_pretrained(summary["bundle"])
     spec = manifest.clip_spec
     holdout = held_out(cfg.video, lengths["train"], spec, FaceSettings(**faces))
-    from .data import ClipTable
-
-    first = ClipTable(str(out / "shards"), "train", ["latents"]).read([0])["latents"][0][0]  # frame 0's latent
-    reference = torch.as_tensor(np.asarray(first, np.float32))[None]
+    reference = typical_frame(out / "shards")
     generated = np.concatenate(list(pipe.iter_clips(reference, holdout.audio, steps=cfg.sample_steps,
                                                     sampler="ddim", seed=cfg.seed)))
     portrait = pipe.codec.decode(reference)[0]

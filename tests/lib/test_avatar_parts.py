@@ -86,6 +86,13 @@ def test_pca_codec_keeps_the_person_and_round_trips(tmp_path):
     torch.testing.assert_close(loaded.encode(frames), lat)
     plain = SpaceToDepthCodec(4)
     assert np.array_equal(plain.decode(plain.encode(frames)), frames) and plain.latent_channels == 48
+    # one block per frame (the avatar preset's codec): the frames' own principal components
+    eigen = SpaceToDepthCodec.fit(frames, factor=64, channels=8)
+    assert eigen.encode(frames).shape == (12, 8, 1, 1)
+    torch.testing.assert_close(eigen.basis @ eigen.basis.T, torch.eye(8), atol=1e-5, rtol=0)
+    e8 = eigen.decode(eigen.encode(frames)).astype(float) - frames
+    e2 = SpaceToDepthCodec.fit(frames, factor=64, channels=2)
+    assert ((e2.decode(e2.encode(frames)).astype(float) - frames) ** 2).mean() > (e8**2).mean() * 2
     with pytest.raises(ValueError, match="basis must be"):
         SpaceToDepthCodec(4, basis=torch.zeros(3, 12), mean=torch.zeros(12))
 
@@ -93,6 +100,12 @@ def test_pca_codec_keeps_the_person_and_round_trips(tmp_path):
 def test_avatar_bundle_saves_and_loads_with_log_mel(tmp_path):
     pipe = LetsTalkPipeline.init_avatar(faces(), seed=0)
     assert pipe.image_size == 64 and pipe.transformer.cfg.audio_window == 9 and pipe.codec.latent_channels == 16
+    assert pipe.codec.factor == 4  # 64² crops over the preset's 16² latents
+    assert LetsTalkPipeline.init_avatar(faces(size=128), seed=0).codec.factor == 8  # 128² crops: 8×8 blocks
+    with pytest.raises(ValueError, match="square crops"):
+        LetsTalkPipeline.init_avatar(faces()[:, :, :48], seed=0)
+    with pytest.raises(ValueError, match="channels must be 1..12"):
+        SpaceToDepthCodec.fit(faces(), factor=64, channels=16)  # 12 frames span at most 12 components
     pipe.save_pretrained(tmp_path / "bundle")
     loaded = LetsTalkPipeline.from_pretrained(tmp_path / "bundle")
     assert isinstance(loaded.audio_encoder, LogMelEncoder)
