@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROJECT_FILES = ("pyproject.toml", "README.md", "letstalk", "platform")
 PACKAGES = {"letstalk": "letstalk", "letstalk_platform": "platform/letstalk_platform"}
 # top-level modules that only the [platform] extra brings (fastapi and starlette come with ray[serve],
-# multipart with python-multipart): a letstalk_platform module may fail to import for these alone
-PLATFORM_ONLY = {"ray", "deepspeed", "mlflow", "pyarrow", "fastapi", "starlette", "multipart", "python_multipart"}
+# multipart with python-multipart, the job table's sqlalchemy with mlflow): a letstalk_platform module
+# may fail to import for these alone
+PLATFORM_ONLY = {"ray", "deepspeed", "mlflow", "pyarrow", "fastapi", "starlette", "multipart", "python_multipart",
+                 "sqlalchemy", "fastapi_offline"}
 # present only when an extra was installed: proves the venv got the core dependencies alone
 EXTRAS_ONLY = ("ray", "pytest")
 
