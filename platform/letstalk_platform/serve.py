@@ -305,6 +305,12 @@ def errors(*codes: int) -> dict:
     return {c: {"model": ErrorBody, "description": _ERRORS[c]} for c in codes}
 
 
+def input_spec(args: AppArgs, info: dict) -> InputSpec:
+    """What the Ingress checks uploads against: the served model's sizes (Renderer.info) and the app's limits."""
+    return InputSpec(info["image_size"], info["sample_rate"], info["fps"], info["clip_frames"],
+                     min(args.max_audio_seconds, info["max_audio_seconds"]), args.max_image_pixels)
+
+
 # the security scheme OpenAPI declares (Swagger's Authorize button); Ingress._auth does the checking
 BEARER = HTTPBearer(auto_error=False, description=f"the API token (${TOKEN_ENV} of the server)")
 SECURED = [Security(BEARER)]
@@ -427,17 +433,13 @@ class Ingress:
             self._model_info = await self.renderer.info.remote()
         return self._model_info
 
-    def _spec(self, info: dict) -> InputSpec:
-        return InputSpec(info["image_size"], info["sample_rate"], info["fps"], info["clip_frames"],
-                         min(self.args.max_audio_seconds, info["max_audio_seconds"]), self.args.max_image_pixels)
-
     def _prepare(self, info: dict, image_bytes: bytes, audio_bytes: bytes | None) -> PreparedInputs | PortraitCrop:
         """The uploads decoded, cropped and counted here, once: bad input is a 4xx before any
         renderer time is spent, and the renderer gets them ready to use (no audio: the crop only)."""
         try:
             if audio_bytes is None:
-                return prepare_portrait(image_bytes, self._spec(info))
-            return prepare(image_bytes, audio_bytes, self._spec(info))
+                return prepare_portrait(image_bytes, input_spec(self.args, info))
+            return prepare(image_bytes, audio_bytes, input_spec(self.args, info))
         except LimitExceeded as e:
             raise ApiError(413, one_line(e)) from None
         except ValueError as e:
