@@ -162,6 +162,29 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def this_actor() -> tuple[str, str] | None:
+    """(name, namespace) of the named actor this code runs in (a Serve replica), else None."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    name = context.get_actor_name() if context.get_actor_id() else None
+    return (name, context.namespace) if name else None
+
+
+def actor_alive(actor: tuple[str, str]) -> bool:
+    """Whether the named actor (this_actor()'s answer) still exists: a killed or crashed one is gone
+    from the registry (a replica that replaces it has a new name)."""
+    import ray
+
+    try:
+        ray.get_actor(actor[0], namespace=actor[1])
+        return True
+    except ValueError:
+        return False
+
+
 def local_target(out: str | os.PathLike | None, out_node: str | None) -> str | None:
     """`out` when the caller that will serve or keep the file runs on this node (write it in place),
     else None (send the bytes back): a folder of the same name on another node is not the caller's."""

@@ -50,11 +50,12 @@ from letstalk.inputs import InputSpec, LimitExceeded, PreparedInputs, prepare, p
 from letstalk.portrait import PortraitCrop
 
 from .jobstore import JobStore
-from .runtime import local_target, node_id
-from .render import Cancel, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, one_line
+from .runtime import actor_alive, local_target, node_id, this_actor
+from .render import Cancel, RenderCancelled, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, one_line
 
 TOKEN_ENV = "LETSTALK_API_TOKEN"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+CALLER_CHECK_S = 2.0  # how often a render checks that the Ingress that asked for it still exists
 RESTART_REASON = "the server restarted while this job was queued or running; submit it again"
 
 
@@ -113,6 +114,7 @@ class Renderer:
         self.worker = RenderWorker(bundle, max_audio_seconds=max_audio_seconds, max_image_pixels=max_image_pixels,
                                    inference=inference)
         self.pool = torch_thread_pool(threads, "render")  # each render thread gets the replica's torch threads
+        self.running = 0
 
     def reconfigure(self, config: dict) -> None:
         """user_config: {steps, sampler, guidance} defaults, applied to requests that omit them."""
@@ -120,6 +122,10 @@ class Renderer:
 
     def info(self) -> dict:
         return {"model": self.model, **self.worker.info()}
+
+    def renders_running(self) -> int:
+        """Renders in progress on this replica (both kinds of call)."""
+        return self.running
 
     async def render(self, portrait: Any, audio: Any = None, options: dict | None = None, out: str | None = None,
                      out_node: str | None = None) -> dict:
@@ -129,6 +135,7 @@ class Renderer:
         loop = asyncio.get_running_loop()
         cancel = Cancel()
         out = local_target(out, out_node)
+        self.running += 1
         try:
             return await loop.run_in_executor(self.pool, lambda: self.worker.render(portrait, audio, options, out=out,
                                                                                      cancelled=cancel))
@@ -137,10 +144,14 @@ class Renderer:
             raise
         except (ValueError, ValidationError) as e:
             return {"status": "failed", "error": one_line(e)}
+        finally:
+            self.running -= 1
 
     async def render_stream(self, inputs: PreparedInputs, options: dict | None = None, out: str | None = None,
-                            out_node: str | None = None):
-        """Yields {"event": "progress", ...} while rendering, then one "done" or "failed" event."""
+                            out_node: str | None = None, caller: tuple[str, str] | None = None):
+        """Yields {"event": "progress", ...} while rendering, then one "done" or "failed" event.
+        `caller` (runtime.this_actor() of the requester): when that actor dies (an Ingress crash), the
+        render stops within CALLER_CHECK_S instead of holding this replica's slot for nobody."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = Cancel()
@@ -155,21 +166,31 @@ class Renderer:
                          "fraction": round(fraction, 4)}
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
+        self.running += 1
         job = loop.run_in_executor(self.pool, lambda: self.worker.render(inputs, None, options, out=out,
                                                                          progress=progress, cancelled=cancel))
+        job.add_done_callback(lambda _: setattr(self, "running", self.running - 1))
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({getter, job}, timeout=CALLER_CHECK_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     yield getter.result()
                     continue
                 getter.cancel()
-                break
+                if job in done:
+                    break
+                if caller is not None and not cancel() and not await loop.run_in_executor(None, actor_alive, caller):
+                    print(f"Renderer: the requester {caller[0]} is gone; stopping its render", flush=True)
+                    cancel.set()  # the render ends at its next denoising step; the loop then sees `job` done
             try:
                 out = job.result()
             except (ValueError, ValidationError) as e:
                 yield {"event": "failed", "error": one_line(e)}
+                return
+            except RenderCancelled:
+                yield {"event": "failed", "error": "stopped: the server that asked for this render is gone"}
                 return
             yield out | {"event": "done"}
         except (asyncio.CancelledError, GeneratorExit):
@@ -377,6 +398,7 @@ class Ingress:
         self.capacity = replicas * self.args.max_jobs_per_replica + self.args.max_queued_jobs
         self.max_upload = int(self.args.max_upload_mb * 1024 * 1024)
         self.node = node_id()  # a Renderer on this node writes the videos straight into self.videos
+        self.actor = this_actor()  # renders check that it lives (runtime.actor_alive)
         self._model_info: dict | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -450,7 +472,7 @@ class Ingress:
         try:
             path = self._video_path(job)
             stream = self.renderer.options(stream=True).render_stream.remote(inputs, job.options, str(path),
-                                                                                self.node)
+                                                                                self.node, self.actor)
             async for event in stream:
                 kind = event["event"]
                 if kind == "progress":
@@ -512,7 +534,7 @@ class Ingress:
         return RedirectResponse("/")
 
     @api.get("/healthz", summary="Liveness (no token needed)", response_model=Health)
-    def healthz(self) -> dict:
+    async def healthz(self) -> dict:
         return {"status": "ok", "active_jobs": self._active(), "capacity": self.capacity}
 
     @api.get("/v1/model", summary="The model being served, its defaults and the request limits",
@@ -586,7 +608,7 @@ class Ingress:
 
     @api.get("/v1/renders", summary="The render jobs, newest first (paginated: limit, offset)",
              response_model=JobList, dependencies=SECURED, responses=errors(401, 422))
-    def list_jobs(self, request: Request, limit: int = Query(20, ge=1, le=100),
+    async def list_jobs(self, request: Request, limit: int = Query(20, ge=1, le=100),
                   offset: int = Query(0, ge=0, le=2**31 - 1)) -> dict:
         self._auth(request)
         self._expire()
@@ -601,21 +623,21 @@ class Ingress:
                  "description": "one event per change: `event: <status>` and `data: <JobState as JSON>`; the "
                                 "stream ends after done, failed or cancelled",
                  "content": {"text/event-stream": {}}}})
-    def events(self, job_id: str, request: Request) -> StreamingResponse:
+    async def events(self, job_id: str, request: Request) -> StreamingResponse:
         self._auth(request)
         return StreamingResponse(self._events(self._job(job_id)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @api.get("/v1/renders/{job_id}", summary="Status, progress (clips done / total, ETA) and any error",
              response_model=JobState, dependencies=SECURED, responses=errors(401, 404))
-    def status(self, job_id: str, request: Request) -> dict:
+    async def status(self, job_id: str, request: Request) -> dict:
         self._auth(request)
         return self._job(job_id).public()
 
     @api.get("/v1/renders/{job_id}/video", summary="The finished mp4", response_class=FileResponse,
              dependencies=SECURED, responses=errors(401, 404, 409) | {200: {"content": {"video/mp4": {}},
                                                                           "description": "H.264 + AAC"}})
-    def video(self, job_id: str, request: Request):
+    async def video(self, job_id: str, request: Request):
         self._auth(request)
         job = self._job(job_id)
         if job.status != "done":

@@ -280,8 +280,24 @@ def test_a_burst_never_takes_more_than_the_slots(server):
     assert 1 <= peak[0] <= capacity
 
 
-def chromium():
-    """Headless Chromium through chromedriver (Debian's chromium + chromium-driver), or a skip saying why."""
+def test_job_state_is_only_touched_on_the_event_loop():
+    """FastAPI runs a plain `def` route in a thread pool; a route that reads the job table from there races
+    the event loop that admits jobs (/healthz once counted a job and its still-held reservation: 2 of 1
+    slots). Every route that reads jobs must be a coroutine, so it runs on the loop between awaits."""
+    import inspect
+
+    from letstalk_platform.serve import Ingress
+
+    routes = {name: f for name, f in vars(Ingress.func_or_class.__wrapped__).items()
+              if not name.startswith("_") and callable(f) and name not in ("page", "ui")}  # page, ui: static
+    assert {"healthz", "list_jobs", "status", "events", "video", "create", "delete"} <= set(routes)
+    assert [name for name, f in routes.items() if not inspect.iscoroutinefunction(f)] == []
+
+
+def chromium(*flags: str, log_network: bool = False):
+    """Headless Chromium through chromedriver (Debian's chromium + chromium-driver), or a skip saying why;
+    `flags`: more command-line switches; `log_network`: keep Chrome's performance (DevTools network) and
+    console logs, for browser.get_log("performance") / get_log("browser")."""
     import shutil
 
     binary, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
@@ -293,8 +309,10 @@ def chromium():
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,1500",
-                 "--autoplay-policy=no-user-gesture-required"):
+                 "--autoplay-policy=no-user-gesture-required", *flags):
         options.add_argument(flag)
+    if log_network:
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
@@ -348,6 +366,99 @@ def test_the_web_page_in_a_real_browser(server, tmp_path):
         wait.until(lambda b: el(By.ID, "error").is_displayed())
         assert el(By.ID, "error").text.startswith("audio:"), el(By.ID, "error").text
         browser.save_screenshot(str(shots / "5-error.png"))
+    finally:
+        browser.quit()
+
+
+# every host name but 127.0.0.1 fails to resolve: the browser is offline, as on an air-gapped server
+OFFLINE = "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"
+# ReDoc's sidebar credit ("API docs by Redocly") always asks its CDN for this logo, an <img> it drops on error
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_swagger_and_redoc_work_offline_in_a_real_browser(server):
+    """/docs and /redoc with the network cut off: their scripts and styles come from this server
+    (FastAPIOffline), so Swagger UI lists every operation, its Authorize dialog takes the bearer token
+    and "Try it out" gets a 401 without it and a 200 with it; ReDoc lists every operation by summary."""
+    from urllib.parse import urlsplit
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    spec = requests.get(f"{server}/openapi.json", timeout=10).json()  # no token needed for the schema
+    operations = [op for ops in spec["paths"].values() for op in ops.values()]
+    (scheme_name, scheme), = spec["components"]["securitySchemes"].items()
+    assert scheme["scheme"] == "bearer"
+
+    def off_origin(urls):
+        return [u for u in urls if urlsplit(u).scheme in ("http", "https", "ws", "wss")
+                and f"{urlsplit(u).scheme}://{urlsplit(u).netloc}" != server]
+
+    def requested(browser) -> list[str]:
+        """The URLs the browser asked for since the last call (reading drains Chrome's performance log)."""
+        messages = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
+        return [m["params"]["request"]["url"] for m in messages if m["method"] == "Network.requestWillBeSent"]
+
+    def assets_are_local(browser):
+        assets = browser.execute_script("return [...document.querySelectorAll('script[src], link[href]')]"
+                                        ".map(e => e.src || e.href)")
+        assert assets and off_origin(assets) == [], assets
+
+    browser = chromium(OFFLINE, log_network=True)
+    try:
+        wait = WebDriverWait(browser, 30, poll_frequency=0.05)
+        css = lambda selector, root=browser: root.find_elements(By.CSS_SELECTOR, selector)  # noqa: E731
+
+        # Swagger UI: one block per operation
+        browser.get(f"{server}/docs")
+        assets_are_local(browser)
+        wait.until(lambda b: css(".opblock"))
+        assert len(css(".opblock")) == len(operations)
+
+        # "Try it out" on GET /v1/model, first without the token
+        op, = css('.opblock-get:has(.opblock-summary-path[data-path="/v1/model"])')
+        op.find_element(By.CSS_SELECTOR, ".opblock-summary-control").click()
+        wait.until(lambda b: css(".try-out__btn", op))[0].click()
+
+        def execute() -> str:
+            for old in css(".btn-clear", op):  # drop the previous response, so the code read is the new one
+                old.click()
+            wait.until(lambda b: css(".execute", op))[0].click()
+            code = wait.until(lambda b: css(".live-responses-table tbody .response-col_status", op))[0]
+            return code.text.strip()
+
+        assert execute() == "401"
+
+        # Authorize: the dialog shows the bearer scheme; the token goes in, then Close
+        css(".btn.authorize")[0].click()
+        dialog = wait.until(lambda b: css(".dialog-ux .modal-ux"))[0]
+        title = dialog.find_element(By.CSS_SELECTOR, ".auth-container h4").text
+        assert scheme_name in title and "Bearer" in title, title
+        dialog.find_element(By.CSS_SELECTOR, "input").send_keys(TOKEN)
+        dialog.find_element(By.CSS_SELECTOR, "button.modal-btn.authorize").click()
+        wait.until(lambda b: "Authorized" in dialog.text)
+        dialog.find_element(By.CSS_SELECTOR, "button.btn-done").click()
+        wait.until(lambda b: not css(".dialog-ux"))
+        # now the same call carries the token: 200, and the curl line shows the header Swagger sent
+        assert execute() == "200"
+        assert f"Authorization: Bearer {TOKEN}" in css(".curl-command", op)[0].text
+        docs_urls = requested(browser)
+        assert f"{server}/v1/model" in docs_urls
+        assert off_origin(docs_urls) == []
+
+        # ReDoc: every operation listed, by summary
+        browser.get(f"{server}/redoc")
+        assets_are_local(browser)
+        wait.until(lambda b: b.execute_script("return document.body.innerText.includes(arguments[0])",
+                                              operations[0]["summary"]))
+        text = browser.find_element(By.TAG_NAME, "body").text
+        assert [op["summary"] for op in operations if op["summary"] not in text] == []
+        assert scheme_name in text  # each secured operation names its authorization
+        assert off_origin(requested(browser)) in ([], [REDOC_LOGO])  # the credit's logo, nothing else
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and e["source"] != "network"]
+        assert errors == []  # no script error on either page
     finally:
         browser.quit()
 
@@ -410,7 +521,7 @@ def kill_the_ingress() -> str:
 def test_jobs_outlive_an_ingress_restart(server):
     """The job table is a database: after the Ingress replica dies and Serve restarts it, a finished job
     is still listed and its video downloads byte for byte; the job that was running is failed with the
-    reason, and new renders work."""
+    reason, its render stops (nobody is left to collect it), and new renders work."""
     finished = post(server, png_bytes(), wav_bytes(0.6))
     assert wait_done(server, finished.json()["id"])[0]["status"] == "done"
     fid = finished.json()["id"]
@@ -422,6 +533,12 @@ def test_jobs_outlive_an_ingress_restart(server):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     old = kill_the_ingress()
+    from ray import serve
+
+    renderer, stopped = serve.get_deployment_handle("Renderer", app_name="letstalk"), time.monotonic() + 30
+    while renderer.renders_running.remote().result(timeout_s=30) > 0:  # the orphan render (~80 s) stops
+        assert time.monotonic() < stopped, "the render of the dead Ingress still runs"
+        time.sleep(0.5)
     deadline = time.monotonic() + 120
     while True:  # the new replica answers
         try:
