@@ -170,7 +170,11 @@ def this_actor() -> tuple[str, str] | None:
         return None
     context = ray.get_runtime_context()
     name = context.get_actor_name() if context.get_actor_id() else None
-    return (name, context.namespace) if name else None
+    if not name:
+        return None
+    # the actor's own namespace (Serve's replicas live in "serve"), not the job's (context.namespace)
+    spaces = [a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name]
+    return (name, spaces[0]) if len(spaces) == 1 else None
 
 
 def actor_alive(actor: tuple[str, str]) -> bool:

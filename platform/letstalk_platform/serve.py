@@ -49,12 +49,13 @@ from letstalk.diffusion import Sampler
 from letstalk.inputs import InputSpec, LimitExceeded, PreparedInputs, prepare, prepare_portrait
 from letstalk.portrait import PortraitCrop
 
-from .jobstore import JobStore
+from .jobstore import ACTIVE, JobStore
 from .runtime import actor_alive, local_target, node_id, this_actor
 from .render import Cancel, RenderCancelled, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, one_line
 
 TOKEN_ENV = "LETSTALK_API_TOKEN"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+CONTROL_CALLS = 2  # Renderer calls that are not renders (info, renders_running) it answers while rendering
 CALLER_CHECK_S = 2.0  # how often a render checks that the Ingress that asked for it still exists
 RESTART_REASON = "the server restarted while this job was queued or running; submit it again"
 
@@ -80,6 +81,10 @@ class AppArgs(BaseModel):
     work_dir: str | None = Field(None, description="the job table (jobs.db) and the finished videos: they outlive "
                                  "a restart (default: TMP/letstalk-serve)")
     jobs_db: str | None = Field(None, description="SQLAlchemy URL of the job table (default: sqlite:///WORK_DIR/jobs.db)")
+    ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP) replicas sharing the job table; the render "
+                                  "slots are split between them, and WORK_DIR must be one folder for all of them")
+    heartbeat_s: float = Field(5.0, gt=0, description="how often an Ingress replica records that its jobs live; a job "
+                               "whose replica is gone (or silent 3 beats) is failed")
     defaults: RenderDefaults = RenderDefaults()
     inference: dict = Field(default_factory=lambda: InferenceOptions().to_dict(), description=(
         "speed switches (letstalk.accel.InferenceOptions): dtype fp32|bf16|fp16, sdpa_backend "
@@ -100,7 +105,7 @@ class AppArgs(BaseModel):
 # ---------------------------------------------------------------------------------- Renderer
 
 
-@serve.deployment(name="Renderer", max_ongoing_requests=2, max_queued_requests=1000)
+@serve.deployment(name="Renderer", max_ongoing_requests=2 + CONTROL_CALLS, max_queued_requests=1000)
 class Renderer:
     """Wraps RenderWorker: `render` (one call, for batch) and `render_stream` (progress events)."""
 
@@ -170,20 +175,25 @@ class Renderer:
         job = loop.run_in_executor(self.pool, lambda: self.worker.render(inputs, None, options, out=out,
                                                                          progress=progress, cancelled=cancel))
         job.add_done_callback(lambda _: setattr(self, "running", self.running - 1))
+
+        async def watch_caller() -> None:  # apart from the loop below: a yield to a dead reader may block
+            while caller is not None and not job.done():
+                await asyncio.sleep(CALLER_CHECK_S)
+                if not await loop.run_in_executor(None, actor_alive, caller):
+                    print(f"Renderer: the requester {caller[0]} is gone; stopping its render", flush=True)
+                    cancel.set()  # the render ends at its next denoising step
+                    return
+
+        watcher = asyncio.ensure_future(watch_caller())
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({getter, job}, timeout=CALLER_CHECK_S,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     yield getter.result()
                     continue
                 getter.cancel()
-                if job in done:
-                    break
-                if caller is not None and not cancel() and not await loop.run_in_executor(None, actor_alive, caller):
-                    print(f"Renderer: the requester {caller[0]} is gone; stopping its render", flush=True)
-                    cancel.set()  # the render ends at its next denoising step; the loop then sees `job` done
+                break
             try:
                 out = job.result()
             except (ValueError, ValidationError) as e:
@@ -196,6 +206,8 @@ class Renderer:
         except (asyncio.CancelledError, GeneratorExit):
             cancel.set()
             raise
+        finally:
+            watcher.cancel()
 
 
 # ---------------------------------------------------------------------------------- Ingress
@@ -218,6 +230,7 @@ class RenderJob:
         self.started: float | None = None  # the first progress event: the ETA's clock
         self.version = 0  # bumped on every change; event streams wait on `changed`
         self.changed = asyncio.Event()
+        self.snapshot: dict | None = None  # read back from the table: its state as stored (ETA included)
 
     @classmethod
     def from_state(cls, state: dict) -> "RenderJob":
@@ -228,7 +241,13 @@ class RenderJob:
         job.clips_done, job.fraction = p["clips_done"], p["fraction"]
         job.created, job.finished = state["created"], state["finished"]
         job.rendered_with, job.seconds = state["rendered_with"], state["seconds"]
+        job.snapshot = state
         return job
+
+    def fail(self, reason: str) -> "RenderJob":
+        self.status, self.error, self.finished = "failed", reason, time.time()
+        self.snapshot = None
+        return self
 
     def touch(self) -> None:
         """Record a change: wake every event stream waiting on this job."""
@@ -238,7 +257,7 @@ class RenderJob:
 
     @property
     def active(self) -> bool:
-        return self.status in ("queued", "running")
+        return self.status in ACTIVE
 
     def eta_s(self) -> float | None:
         """Seconds left at the rate so far (None before the first clip's progress, 0 once finished)."""
@@ -249,6 +268,8 @@ class RenderJob:
         return round((time.time() - self.started) * (1 - self.fraction) / self.fraction, 1)
 
     def public(self) -> dict:
+        if self.snapshot is not None:
+            return self.snapshot
         return {"id": self.id, "status": self.status,
                 "progress": {"clips_done": self.clips_done, "clips_total": self.clips_total,
                              "fraction": self.fraction, "eta_s": self.eta_s()},
@@ -356,6 +377,16 @@ WEB = Path(__file__).parent / "web"  # the page at / : plain HTML, CSS and JavaS
 api.mount("/web", StaticFiles(directory=WEB), name="web")
 
 
+@api.middleware("http")
+async def _docs_stay_local(request: Request, call_next):
+    """/docs and /redoc fetch nothing from other hosts: ReDoc's credit line would load its logo from
+    cdn.redoc.ly on every visit (a lookup that leaks from an air-gapped server); images come from here."""
+    response = await call_next(request)
+    if request.url.path in ("/docs", "/redoc"):
+        response.headers["Content-Security-Policy"] = "img-src 'self' data:"
+    return response
+
+
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
@@ -387,23 +418,24 @@ class Ingress:
         self.videos = root / "videos"
         self.videos.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.args.jobs_db or f"sqlite:///{(root / 'jobs.db').resolve()}")
-        # renders that were queued or running died with the replica that ran them: their uploads are
-        # gone (never stored), so they are reported failed rather than re-queued
-        lost = self.store.fail_unfinished(RESTART_REASON)
-        if lost:
-            print(f"Ingress: {len(lost)} unfinished job(s) marked failed: {RESTART_REASON}", flush=True)
+        self.actor = this_actor()  # (name, namespace) in Ray: renders and the other replicas check that it lives
+        self.owner = self.actor[0] if self.actor else f"local-{uuid.uuid4().hex}"  # this replica, in the table
         self.jobs: dict[str, RenderJob] = {}  # this replica's jobs (live progress); the table has them all
         self._reserved = 0  # slots held by requests still reading and decoding their uploads
         replicas = self.args.max_replicas or self.args.num_replicas
-        self.capacity = replicas * self.args.max_jobs_per_replica + self.args.max_queued_jobs
+        total = replicas * self.args.max_jobs_per_replica + self.args.max_queued_jobs
+        self.capacity = max(1, total // self.args.ingress_replicas)  # this replica's share of the slots
+        self._heart: asyncio.Task | None = None
+        self._swept = 0.0
+        self._sweep_orphans()  # the jobs of a replica that died before this one started
         self.max_upload = int(self.args.max_upload_mb * 1024 * 1024)
         self.node = node_id()  # a Renderer on this node writes the videos straight into self.videos
-        self.actor = this_actor()  # renders check that it lives (runtime.actor_alive)
         self._model_info: dict | None = None
 
     # ------------------------------------------------------------------ helpers
 
     def _auth(self, request: Request) -> None:
+        self._ensure_heartbeat()  # every route passes here, on the event loop
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
@@ -431,6 +463,39 @@ class Ingress:
         """The TTL sweep: finished jobs older than job_ttl_s go, with their videos."""
         for job_id in self.store.finished_before(time.time() - self.args.job_ttl_s):
             self._forget(job_id)
+
+    def _sweep_orphans(self) -> None:
+        """Fail the unfinished jobs whose Ingress replica is gone: its actor no longer exists, or it has
+        not beaten for 3 heartbeats. Their renders died with it (the Renderer stops a render whose
+        caller is gone) and their uploads were never stored, so they are failed, not re-queued."""
+        dead = [o for o in self.store.unfinished_owners() if o != self.owner and self.actor is not None
+                and not o.startswith("local-") and not actor_alive((o, self.actor[1]))]
+        lost = self.store.fail_orphans(3 * self.args.heartbeat_s,
+                                       lambda state: RenderJob.from_state(state).fail(RESTART_REASON).public(),
+                                       dead, alive=self.owner)
+        if lost:
+            print(f"Ingress: {len(lost)} unfinished job(s) of a lost replica marked failed: {RESTART_REASON}",
+                  flush=True)
+        self._swept = time.monotonic()
+
+    def _ensure_heartbeat(self) -> None:
+        if self._heart is None or self._heart.done():
+            self._heart = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        """Every heartbeat_s: this replica's unfinished jobs' progress and heartbeat into the table, the
+        cancels other replicas asked for, and the orphan sweep."""
+        while True:
+            try:
+                states = [j.public() for j in self.jobs.values() if j.active]
+                for job_id in await run_in_threadpool(self.store.beat, self.owner, states):
+                    job = self.jobs.get(job_id)
+                    if job is not None and job.task is not None:
+                        job.task.cancel()
+                await run_in_threadpool(self._sweep_orphans)
+            except Exception as e:  # a database hiccup: try again next beat
+                print(f"Ingress: heartbeat failed: {one_line(e)}", flush=True)
+            await asyncio.sleep(self.args.heartbeat_s)
 
     def _forget(self, job_id: str) -> None:
         (self.videos / f"{job_id}.mp4").unlink(missing_ok=True)
@@ -478,7 +543,7 @@ class Ingress:
                 if kind == "progress":
                     if job.status == "queued":
                         job.status, job.started = "running", time.time()
-                        self.store.save(job.public())
+                        self.store.save(job.public(), self.owner)
                     job.clips_done, job.clips_total = event["clips_done"], event["clips_total"]
                     job.fraction = event["fraction"]
                 elif kind == "failed":
@@ -503,12 +568,16 @@ class Ingress:
             if job.status in ("queued", "running"):
                 job.status, job.error = "failed", job.error or "the render ended without a result"
             job.finished = time.time()
-            self.store.save(job.public())
+            self.store.save(job.public(), self.owner)
             job.touch()
 
     async def _events(self, job: RenderJob, keepalive_s: float = 15.0):
         """Server-Sent Events for one job: its state now, then every change, the last one final
         (done, failed, cancelled); a comment line every `keepalive_s` keeps proxies from closing it."""
+        if job.id not in self.jobs:  # finished, or another replica's: follow the table
+            async for event in self._table_events(job.public(), keepalive_s):
+                yield event
+            return
         seen = -1
         while True:
             if job.version != seen:
@@ -521,6 +590,21 @@ class Ingress:
                 await asyncio.wait_for(waiter.wait(), keepalive_s)
             except asyncio.TimeoutError:
                 yield ": keep-alive\n\n"
+
+    async def _table_events(self, state: dict, keepalive_s: float):
+        """_events for a job this replica does not run: its row, re-read every half heartbeat."""
+        last, quiet = None, time.monotonic()
+        while state is not None:
+            if state != last:
+                last, quiet = state, time.monotonic()
+                yield f"event: {state['status']}\ndata: {json.dumps(state)}\n\n"
+                if state["status"] not in ACTIVE:
+                    return
+            elif time.monotonic() - quiet > keepalive_s:
+                quiet = time.monotonic()
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(min(1.0, self.args.heartbeat_s / 2))
+            state = await run_in_threadpool(self.store.get, state["id"])
 
     # ------------------------------------------------------------------ routes
 
@@ -535,6 +619,7 @@ class Ingress:
 
     @api.get("/healthz", summary="Liveness (no token needed)", response_model=Health)
     async def healthz(self) -> dict:
+        self._ensure_heartbeat()
         return {"status": "ok", "active_jobs": self._active(), "capacity": self.capacity}
 
     @api.get("/v1/model", summary="The model being served, its defaults and the request limits",
@@ -581,7 +666,7 @@ class Ingress:
             job = RenderJob(uuid.uuid4().hex, options.model_dump(exclude_none=True), inputs.num_clips,
                             inputs.duration_s)
             self.jobs[job.id] = job  # the job holds the slot from here: no await before the release below
-            self.store.save(job.public())
+            self.store.save(job.public(), self.owner)
             job.task = asyncio.create_task(self._run(job, inputs))
         finally:  # a 4xx, an error, or the client gone (cancelled) all give the slot back
             self._reserved -= 1
@@ -656,6 +741,14 @@ class Ingress:
             except asyncio.CancelledError:
                 pass
             return job.public()
+        if job.active:  # another replica runs it: ask through the table, its next heartbeat cancels it
+            await run_in_threadpool(self.store.request_cancel, job.id)
+            deadline = time.monotonic() + 3 * self.args.heartbeat_s
+            state = job.public()
+            while state["status"] in ACTIVE and time.monotonic() < deadline:
+                await asyncio.sleep(min(0.5, self.args.heartbeat_s / 4))
+                state = await run_in_threadpool(self.store.get, job.id) or state
+            return state  # cancelled, or (a silent owner) still running: its row will say, and the sweep fails it
         self._forget(job.id)
         return {"id": job.id, "status": "deleted"}
 
@@ -667,7 +760,9 @@ def build_app(args: AppArgs) -> serve.Application:
     """The Serve application: Ingress -> Renderer, configured from typed args."""
     args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
     renderer_options: dict[str, Any] = {
-        "max_ongoing_requests": args.max_jobs_per_replica,
+        # room for CONTROL_CALLS beside the renders: a restarted Ingress's `info` must not wait for a
+        # render to end; renders beyond max_jobs_per_replica wait for one of the replica's render threads
+        "max_ongoing_requests": args.max_jobs_per_replica + CONTROL_CALLS,
         "user_config": args.defaults.model_dump(),
         "ray_actor_options": {"num_cpus": args.renderer_cpus, "num_gpus": 1 if args.use_gpu else 0},
     }
@@ -680,5 +775,5 @@ def build_app(args: AppArgs) -> serve.Application:
     renderer = Renderer.options(**renderer_options).bind(
         args.model, args.mlflow_uri, args.max_audio_seconds, args.max_image_pixels, args.max_jobs_per_replica,
         args.inference)
-    return Ingress.bind(renderer, args.model_dump(mode="json") | {"token": args.token.get_secret_value()
+    return Ingress.options(num_replicas=args.ingress_replicas).bind(renderer, args.model_dump(mode="json") | {"token": args.token.get_secret_value()
                                                                    if args.token else None})

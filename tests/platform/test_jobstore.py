@@ -26,15 +26,61 @@ def test_rows_survive_a_new_connection_page_and_expire(tmp_path):
     assert store.page(10, 0)[1] == 4
 
 
-def test_unfinished_jobs_are_failed_with_the_reason(tmp_path):
+def failed(st: dict) -> dict:
+    return st | {"status": "failed", "error": "lost", "finished": 999.0}
+
+
+def test_only_the_jobs_of_lost_replicas_are_failed(tmp_path):
+    """A job fails when its replica is dead (by name) or silent past the staleness limit, or has no
+    owner at all (a row from before owners); a live replica's jobs and finished jobs are kept."""
+    import time
+
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
-    store.save(state(1, "queued", finished=None))
-    store.save(state(2, "running", finished=None))
-    store.save(state(3, "done"))
-    assert sorted(store.fail_unfinished("restarted")) == [f"{1:032x}", f"{2:032x}"]
-    for i in (1, 2):
-        s = store.get(f"{i:032x}")
-        assert s["status"] == "failed" and s["error"] == "restarted" and s["finished"] is not None
-        assert s["progress"]["eta_s"] == 0.0
-    assert store.get(f"{3:032x}")["status"] == "done" and store.get(f"{3:032x}")["error"] is None
-    assert store.fail_unfinished("again") == []
+    store.save(state(1, "running", finished=None), owner="alive")
+    store.save(state(2, "queued", finished=None), owner="silent")
+    store.save(state(3, "running", finished=None), owner="crashed")
+    store.save(state(4, "running", finished=None))  # no owner: a row written before heartbeats
+    store.save(state(5, "done"), owner="crashed")
+    store.save(state(6, "running", finished=None), owner="me")
+    assert sorted(store.unfinished_owners()) == ["alive", "crashed", "me", "silent"]
+    time.sleep(0.3)
+    store.beat("alive", [state(1, "running", finished=None) | {"progress": {"clips_done": 2}}])
+    lost = store.fail_orphans(0.2, failed, dead=["crashed"], alive="me")  # "me" is stale too, but it asks
+    assert sorted(lost) == [f"{i:032x}" for i in (2, 3, 4)]
+    assert [store.get(f"{i:032x}")["status"] for i in range(1, 7)] == [
+        "running", "failed", "failed", "failed", "done", "running"]
+    assert store.get(f"{1:032x}")["progress"] == {"clips_done": 2}  # the beat wrote the owner's progress
+    assert store.fail_orphans(60, failed, alive="me") == []
+    time.sleep(0.3)  # "alive" stops beating: past the limit, its job goes too; "me" still never
+    assert store.fail_orphans(0.2, failed, alive="me") == [f"{1:032x}"]
+
+
+def test_a_cancel_asked_elsewhere_reaches_the_owner_beat(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.save(state(1, "running", finished=None), owner="a")
+    store.save(state(2, "running", finished=None), owner="a")
+    store.save(state(3, "done"), owner="a")
+    assert store.request_cancel(f"{1:032x}") and not store.request_cancel(f"{3:032x}")
+    assert not store.request_cancel("f" * 32)
+    both = [state(1, "running", finished=None), state(2, "running", finished=None)]
+    assert store.beat("a", both) == [f"{1:032x}"]
+    assert store.beat("b", both) == [f"{1:032x}"]  # the ids it asked about; another owner's beat writes nothing
+    assert store.get(f"{2:032x}")["progress"]["clips_done"] == 1
+
+
+def test_a_table_from_before_heartbeats_gains_the_columns(tmp_path):
+    """An older jobs.db (no owner/heartbeat/cancel columns) opens, keeps its rows and takes new ones."""
+    import json
+    import sqlite3
+
+    path = tmp_path / "jobs.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE render_jobs (id VARCHAR(32) PRIMARY KEY, status VARCHAR(16) NOT NULL, "
+                   "created FLOAT NOT NULL, finished FLOAT, state TEXT NOT NULL)")
+        db.execute("INSERT INTO render_jobs VALUES (?, 'running', 1.0, NULL, ?)",
+                   (f"{1:032x}", json.dumps(state(1, "running", finished=None))))
+    store = JobStore(f"sqlite:///{path}")
+    assert store.get(f"{1:032x}")["status"] == "running"
+    assert store.fail_orphans(60, failed) == [f"{1:032x}"]  # no heartbeat: its replica is long gone
+    store.save(state(2, "queued", finished=None), owner="new")
+    assert store.unfinished_owners() == ["new"]
