@@ -2,9 +2,10 @@
 
     python bench/serve.py [--bundle DIR] [--seconds 2] [--steps 25] [--repeats 3] [--batch-clips]
 
-Prints (1) the end-to-end HTTP render time (upload, validation, Serve hop, render, mp4 back)
-over the time of rendering the same input straight to an mp4 with the pipeline in this process
-(overhead ratio), (2) throughput with 4 concurrent requests over 1 at a time (same server), (3) how
+Prints (1) the end-to-end HTTP render time (upload, validation, Serve hop, render, the end heard
+on the event stream, the mp4 downloaded) over the time of rendering the same input straight to an
+mp4 with the pipeline in this process (overhead ratio), and the same for a client that polls the
+status route every --poll seconds instead, (2) throughput with 4 concurrent requests over 1 at a time (same server), (3) how
 soon the Server-Sent Events stream answers and reports `running`, and (4) status polls per second
 from one client while a render runs.
 Without --bundle a random tiny bundle is used (the model's quality does not matter here).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import socket
 import statistics
@@ -45,7 +47,15 @@ def inputs(seconds: float) -> tuple[bytes, bytes]:
     return img.getvalue(), wav.getvalue()
 
 
-def http_render(url: str, portrait: bytes, audio: bytes, steps: int) -> float:
+def http_render(url: str, portrait: bytes, audio: bytes, steps: int, poll_s: float | None = None) -> float:
+    """One render as a client sees it; the end is heard over the event stream (what the web page does)
+    or, with `poll_s`, by polling the status route every `poll_s` seconds."""
+    return timed_http_render(url, portrait, audio, steps, poll_s)[0]
+
+
+def timed_http_render(url: str, portrait: bytes, audio: bytes, steps: int,
+                      poll_s: float | None = None) -> tuple[float, dict]:
+    """http_render's seconds, and the job's own `seconds` (the Ingress's prepare, the replica's render)."""
     t0 = time.perf_counter()
     auth = {"Authorization": f"Bearer {TOKEN}"}
     r = requests.post(f"{url}/v1/renders", headers=auth, timeout=600,
@@ -53,17 +63,24 @@ def http_render(url: str, portrait: bytes, audio: bytes, steps: int) -> float:
                       data={"steps": steps, "sampler": "ddim"})
     r.raise_for_status()
     job = r.json()["id"]
-    while True:
-        st = requests.get(f"{url}/v1/renders/{job}", headers=auth, timeout=60).json()
-        if st["status"] == "done":
-            break
-        if st["status"] not in ("queued", "running"):
-            raise RuntimeError(st)
-        time.sleep(0.02)
+    if poll_s is None:
+        with requests.get(f"{url}/v1/renders/{job}/events", headers=auth, stream=True, timeout=600) as events:
+            data = [line[6:] for line in events.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+        st = json.loads(data[-1])
+        if st["status"] != "done":
+            raise RuntimeError(f"job {job} ended {st['status']}: {st['error']}")
+    else:
+        while True:
+            st = requests.get(f"{url}/v1/renders/{job}", headers=auth, timeout=60).json()
+            if st["status"] == "done":
+                break
+            if st["status"] not in ("queued", "running"):
+                raise RuntimeError(st)
+            time.sleep(poll_s)
     video = requests.get(f"{url}/v1/renders/{job}/video", headers=auth, timeout=60)
     video.raise_for_status()
     assert len(video.content) > 1000
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, st["seconds"]
 
 
 def main() -> None:
@@ -73,6 +90,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--concurrent", type=int, default=4)
+    p.add_argument("--poll", type=float, default=0.02, help="status-polling interval for the polling client (s)")
     p.add_argument("--batch-clips", action="store_true", help="merge the replica's concurrent renders' steps")
     args = p.parse_args()
 
@@ -112,17 +130,27 @@ def main() -> None:
     http_render(url, portrait, audio, args.steps)  # warm-up (first request loads lazily)
     direct()
 
-    direct_t, http_t = [], []
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both
+    direct_t, http_t, polled_t, work_t = [], [], [], []
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits all three
         direct_t.append(direct())
-        http_t.append(http_render(url, portrait, audio, args.steps))
-    d, h = statistics.median(direct_t), statistics.median(http_t)
+        elapsed, seconds = timed_http_render(url, portrait, audio, args.steps)
+        http_t.append(elapsed)
+        work_t.append(seconds["prepare"] + seconds["worker_total"])  # what direct() does, timed inside the server
+        polled_t.append(http_render(url, portrait, audio, args.steps, poll_s=args.poll))
+    d, h, polled = (statistics.median(x) for x in (direct_t, http_t, polled_t))
+    added = [e - w for e, w in zip(http_t, work_t)]  # same request, same moment: immune to the machine's drift
+    served = statistics.median([e / w for e, w in zip(http_t, work_t)])
     frames = round(args.seconds * 25)
     print(f"input: {args.seconds:g} s audio -> {frames} frames, DDIM-{args.steps}, {os.cpu_count()} CPUs, "
           f"bundle {Path(bundle).name}, {threads} torch thread(s) in both, batch_clips {args.batch_clips}")
     print(f"direct pipeline render_to_file: median {d:.3f} s  {[round(x, 3) for x in direct_t]}")
-    print(f"HTTP end to end:                median {h:.3f} s  {[round(x, 3) for x in http_t]}")
-    print(f"overhead ratio HTTP / direct:   {h / d:.2f}  (+{h - d:.3f} s per request)")
+    print(f"HTTP end to end (event stream): median {h:.3f} s  {[round(x, 3) for x in http_t]}")
+    print(f"HTTP, polling every {args.poll * 1000:g} ms:   median {polled:.3f} s  {[round(x, 3) for x in polled_t]}")
+    print(f"overhead ratio HTTP / direct:   {h / d:.2f}  (+{h - d:.3f} s per request); "
+          f"polling every {args.poll * 1000:g} ms: {polled / d:.2f} (the polls take CPU from the render)")
+    print(f"what serving adds, per request (end to end minus the same request's decode+crop and render "
+          f"inside the server): median +{statistics.median(added):.3f} s {[round(x, 3) for x in added]}, "
+          f"ratio {served:.3f}")
 
     n = args.concurrent
     t0 = time.perf_counter()

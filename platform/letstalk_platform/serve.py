@@ -553,7 +553,7 @@ class Ingress:
                         part = path.with_name(f".{path.name}.part")
                         await run_in_threadpool(part.write_bytes, event["video"])
                         part.rename(path)
-                    job.clips_done, job.fraction, job.seconds = job.clips_total, 1.0, event["seconds"]
+                    job.clips_done, job.fraction, job.seconds = job.clips_total, 1.0, job.seconds | event["seconds"]
                     job.rendered_with = event["options"]
                     job.status = "done"
                 job.touch()
@@ -662,9 +662,11 @@ class Ingress:
             image_bytes = await self._read(portrait, "portrait")
             audio_bytes = await self._read(audio, "audio")
             info = await self._info()
+            t0 = time.perf_counter()
             inputs = await run_in_threadpool(self._prepare, info, image_bytes, audio_bytes)
             job = RenderJob(uuid.uuid4().hex, options.model_dump(exclude_none=True), inputs.num_clips,
                             inputs.duration_s)
+            job.seconds = {"prepare": round(time.perf_counter() - t0, 4)}  # decode and crop, here in the Ingress
             self.jobs[job.id] = job  # the job holds the slot from here: no await before the release below
             self.store.save(job.public(), self.owner)
             job.task = asyncio.create_task(self._run(job, inputs))
