@@ -25,7 +25,9 @@ from letstalk_platform.serve import TOKEN_ENV, AppArgs, build_app
 FLAGS = {"--model": "model", "--mlflow-uri": "mlflow_uri", "--use-gpu": "use_gpu", "--replicas": "num_replicas",
          "--max-replicas": "max_replicas", "--jobs-per-replica": "max_jobs_per_replica",
          "--max-upload-mb": "max_upload_mb", "--max-audio-seconds": "max_audio_seconds",
-         "--steps": "defaults.steps", "--sampler": "defaults.sampler", "--guidance": "defaults.guidance"}
+         "--steps": "defaults.steps", "--sampler": "defaults.sampler", "--guidance": "defaults.guidance",
+         "--work-dir": "work_dir", "--jobs-db": "jobs_db", "--storage": "storage",
+         "--ingress-replicas": "ingress_replicas"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
         mlflow_uri = app_args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
         bundle = resolve_bundle(app_args.model, mlflow_uri)  # fail fast here, not inside a replica
+        if app_args.storage:
+            from letstalk_platform.storage import VideoStore
+
+            VideoStore(app_args.storage)  # unreachable or malformed: one line now, not a replica crash loop
         if not app_args.model.startswith("models:/"):
             app_args = app_args.model_copy(update={"model": str(bundle.resolve())})
     except ValueError as e:

@@ -98,3 +98,19 @@ def live_pipeline(seed: int = 0, device: str = "cpu"):
         for p in pipe.transformer.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     return pipe.to(device)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 endpoint; yields a VideoStore URI maker (credentials in the URI: any are accepted)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto (the dev extra) runs the local S3 server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+
+    def uri(prefix: str) -> str:
+        return (f"s3://test:secret@letstalk-videos/{prefix}?endpoint_override={host}:{port}&scheme=http"
+                f"&region=us-east-1&allow_bucket_creation=true")
+
+    yield uri
+    server.stop()

@@ -40,7 +40,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,6 +50,7 @@ from letstalk.inputs import InputSpec, LimitExceeded, PreparedInputs, prepare, p
 from letstalk.portrait import PortraitCrop
 
 from .jobstore import ACTIVE, JobStore
+from .storage import VideoStore
 from .runtime import actor_alive, local_target, node_id, this_actor
 from .render import Cancel, RenderCancelled, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, one_line
 
@@ -81,6 +82,9 @@ class AppArgs(BaseModel):
     work_dir: str | None = Field(None, description="the job table (jobs.db) and the finished videos: they outlive "
                                  "a restart (default: TMP/letstalk-serve)")
     jobs_db: str | None = Field(None, description="SQLAlchemy URL of the job table (default: sqlite:///WORK_DIR/jobs.db)")
+    storage: str | None = Field(None, description="where finished videos go: a folder (default WORK_DIR/videos) or a "
+                                "pyarrow filesystem URI, e.g. s3://bucket/prefix?region=eu-west-1 (credentials from "
+                                "the environment), which Renderers on any node upload to")
     ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP) replicas sharing the job table; the render "
                                   "slots are split between them, and WORK_DIR must be one folder for all of them")
     heartbeat_s: float = Field(5.0, gt=0, description="how often an Ingress replica records that its jobs live; a job "
@@ -120,6 +124,7 @@ class Renderer:
                                    inference=inference)
         self.pool = torch_thread_pool(threads, "render")  # each render thread gets the replica's torch threads
         self.running = 0
+        self.stores: dict[str, VideoStore] = {}  # upload targets (render_stream's `upload`), opened once
 
     def reconfigure(self, config: dict) -> None:
         """user_config: {steps, sampler, guidance} defaults, applied to requests that omit them."""
@@ -153,14 +158,17 @@ class Renderer:
             self.running -= 1
 
     async def render_stream(self, inputs: PreparedInputs, options: dict | None = None, out: str | None = None,
-                            out_node: str | None = None, caller: tuple[str, str] | None = None):
+                            out_node: str | None = None, caller: tuple[str, str] | None = None,
+                            upload: tuple[str, str] | None = None):
         """Yields {"event": "progress", ...} while rendering, then one "done" or "failed" event.
         `caller` (runtime.this_actor() of the requester): when that actor dies (an Ingress crash), the
-        render stops within CALLER_CHECK_S instead of holding this replica's slot for nobody."""
+        render stops within CALLER_CHECK_S instead of holding this replica's slot for nobody.
+        `upload` (a VideoStore URI, the job id): the mp4 goes straight there, from this node."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = Cancel()
-        out = local_target(out, out_node)
+        scratch = tempfile.TemporaryDirectory(prefix="letstalk-upload-") if upload else None
+        out = str(Path(scratch.name) / "video.mp4") if scratch else local_target(out, out_node)
         last = [-1, 0.0]
 
         def progress(clips_done: int, clips_total: int, fraction: float) -> None:
@@ -202,12 +210,22 @@ class Renderer:
             except RenderCancelled:
                 yield {"event": "failed", "error": "stopped: the server that asked for this render is gone"}
                 return
+            if upload:
+                await loop.run_in_executor(None, self._store(upload[0]).put_file, upload[1], out["video_path"])
+                out = out | {"video_path": None}
             yield out | {"event": "done"}
         except (asyncio.CancelledError, GeneratorExit):
             cancel.set()
             raise
         finally:
             watcher.cancel()
+            if scratch:
+                scratch.cleanup()
+
+    def _store(self, uri: str) -> VideoStore:
+        if uri not in self.stores:
+            self.stores[uri] = VideoStore(uri)
+        return self.stores[uri]
 
 
 # ---------------------------------------------------------------------------------- Ingress
@@ -415,8 +433,7 @@ class Ingress:
         self._token = token.encode()
         self.renderer = renderer
         root = Path(self.args.work_dir or os.path.join(tempfile.gettempdir(), "letstalk-serve"))
-        self.videos = root / "videos"
-        self.videos.mkdir(parents=True, exist_ok=True)
+        self.videos = VideoStore(self.args.storage or root / "videos")
         self.store = JobStore(self.args.jobs_db or f"sqlite:///{(root / 'jobs.db').resolve()}")
         self.actor = this_actor()  # (name, namespace) in Ray: renders and the other replicas check that it lives
         self.owner = self.actor[0] if self.actor else f"local-{uuid.uuid4().hex}"  # this replica, in the table
@@ -451,9 +468,6 @@ class Ingress:
         if job is None:
             raise ApiError(404, f"no render job {job_id[:64]!r}")
         return job
-
-    def _video_path(self, job: RenderJob) -> Path:
-        return self.videos / f"{job.id}.mp4"  # job ids are our own 32-hex-digit names
 
     def _active(self) -> int:
         """Slots in use: queued and running jobs, and the requests that reserved a slot before reading."""
@@ -498,7 +512,7 @@ class Ingress:
             await asyncio.sleep(self.args.heartbeat_s)
 
     def _forget(self, job_id: str) -> None:
-        (self.videos / f"{job_id}.mp4").unlink(missing_ok=True)
+        self.videos.delete(job_id)
         self.store.delete(job_id)
         self.jobs.pop(job_id, None)
 
@@ -535,9 +549,10 @@ class Ingress:
     async def _run(self, job: RenderJob, inputs: PreparedInputs) -> None:
         stream = None
         try:
-            path = self._video_path(job)
-            stream = self.renderer.options(stream=True).render_stream.remote(inputs, job.options, str(path),
-                                                                                self.node, self.actor)
+            path = self.videos.local_path(job.id)  # None: an object store, the Renderer uploads to it
+            upload = None if path else (self.videos.uri, job.id)
+            stream = self.renderer.options(stream=True).render_stream.remote(
+                inputs, job.options, str(path) if path else None, self.node, self.actor, upload)
             async for event in stream:
                 kind = event["event"]
                 if kind == "progress":
@@ -549,10 +564,8 @@ class Ingress:
                 elif kind == "failed":
                     job.status, job.error = "failed", event["error"]
                 elif kind == "done":
-                    if event["video"] is not None:  # a replica on another node: its bytes, written here
-                        part = path.with_name(f".{path.name}.part")
-                        await run_in_threadpool(part.write_bytes, event["video"])
-                        part.rename(path)
+                    if event["video"] is not None:  # a replica on another node: its bytes, stored here
+                        await run_in_threadpool(self.videos.put_bytes, job.id, event["video"])
                     job.clips_done, job.fraction, job.seconds = job.clips_total, 1.0, job.seconds | event["seconds"]
                     job.rendered_with = event["options"]
                     job.status = "done"
@@ -729,7 +742,15 @@ class Ingress:
         job = self._job(job_id)
         if job.status != "done":
             raise ApiError(409, f"job {job.id} is {job.status}" + (f": {job.error}" if job.error else ""))
-        return FileResponse(self._video_path(job), media_type="video/mp4", filename=f"{job.id}.mp4")
+        path = self.videos.local_path(job.id)
+        if path is not None:
+            return FileResponse(path, media_type="video/mp4", filename=f"{job.id}.mp4")
+        size = await run_in_threadpool(self.videos.size, job.id)
+        if size is None:
+            raise ApiError(404, f"the video of job {job.id} is gone from the storage")
+        return StreamingResponse(iterate_in_threadpool(self.videos.chunks(job.id)), media_type="video/mp4",
+                                 headers={"Content-Length": str(size),
+                                          "Content-Disposition": f'attachment; filename="{job.id}.mp4"'})
 
     @api.delete("/v1/renders/{job_id}", summary="Cancel a queued or running render; delete a finished one",
                 response_model=JobState | Deleted, dependencies=SECURED, responses=errors(401, 404))

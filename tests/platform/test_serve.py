@@ -817,3 +817,31 @@ def test_two_ingress_replicas_share_the_job_table(server, app_args):
     finally:
         store.close()
 
+
+
+@pytest.mark.slow
+def test_videos_on_s3(server, app_args, s3_server):
+    """`storage` an S3 URI (a real local S3 server): the Renderer uploads the mp4 to the bucket itself,
+    nothing is kept on the Ingress's disk, the API streams the object back byte for byte, and a DELETE
+    removes the object."""
+    from ray import serve
+
+    from letstalk_platform.serve import build_app
+    from letstalk_platform.storage import VideoStore
+
+    uri = s3_server("serve-test/videos")
+    serve.run(build_app(app_args.model_copy(update={"storage": uri})), name="letstalk", route_prefix="/")
+    wait_until(lambda: len(ingress_replicas()) == 1, 120, "the redeployed Ingress")
+    job = post(server, png_bytes(), wav_bytes(0.6))
+    assert job.status_code == 202, job.text
+    jid = job.json()["id"]
+    final, _ = wait_done(server, jid, timeout=120)
+    assert final["status"] == "done", final
+    stored = b"".join(VideoStore(uri).chunks(jid))
+    r = requests.get(f"{server}/v1/renders/{jid}/video", headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+    assert r.content == stored and int(r.headers["content-length"]) == len(stored) > 1000
+    assert f'filename="{jid}.mp4"' in r.headers["content-disposition"]
+    assert not list(Path(app_args.work_dir).rglob(f"*{jid}*"))  # no local copy anywhere in the work dir
+    assert requests.delete(f"{server}/v1/renders/{jid}", headers=AUTH, timeout=10).json()["status"] == "deleted"
+    assert VideoStore(uri).size(jid) is None
