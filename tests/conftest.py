@@ -114,3 +114,38 @@ def s3_server():
 
     yield uri
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1 (Debian's postgresql binaries: initdb, pg_ctl; run as
+    the `postgres` user when the tests run as root, which initdb refuses), as a SQLAlchemy URL."""
+    import glob
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    pytest.importorskip("psycopg", reason="psycopg (the dev extra) is the PostgreSQL driver")
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
+    if not found[-1]:
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql)")
+    bin_dir = os.path.dirname(found[-1])
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    import tempfile
+    from pathlib import Path
+
+    data = Path(tempfile.mkdtemp(prefix="letstalk-postgres-"))  # not under pytest's tmp: its root is 0700
+    if as_user:
+        shutil.chown(data, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = dict(check=True, capture_output=True, timeout=120)
+    subprocess.run([*as_user, f"{bin_dir}/initdb", "-D", str(data / "db"), "-U", "letstalk", "--auth=trust"], **run)
+    subprocess.run([*as_user, f"{bin_dir}/pg_ctl", "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start"], **run)
+    yield f"postgresql+psycopg://letstalk@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_user, f"{bin_dir}/pg_ctl", "-D", str(data / "db"), "-m", "immediate", "stop"],
+                   capture_output=True, timeout=60)
+    shutil.rmtree(data, ignore_errors=True)

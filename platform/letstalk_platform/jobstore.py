@@ -27,7 +27,7 @@ JOBS = Table(
     Column("created", Float, nullable=False, index=True),
     Column("finished", Float, nullable=True, index=True),
     Column("state", Text, nullable=False),  # JSON: the job's public state
-    Column("owner", String(64), nullable=True),  # the Ingress replica that runs it
+    Column("owner", String(255), nullable=True),  # the Ingress replica that runs it
     Column("heartbeat", Float, nullable=True),  # the owner's last sign of life (unfinished jobs)
     Column("cancel", Boolean, nullable=False, default=False),  # a DELETE seen by another replica
 )
@@ -44,7 +44,7 @@ class JobStore:
         with self.engine.begin() as db:  # a table from before owners and heartbeats: add the columns
             for column in ("owner", "heartbeat", "cancel"):
                 if column not in have:
-                    kind = {"owner": "VARCHAR(64)", "heartbeat": "FLOAT", "cancel": "BOOLEAN NOT NULL DEFAULT 0"}
+                    kind = {"owner": "VARCHAR(255)", "heartbeat": "FLOAT", "cancel": "BOOLEAN NOT NULL DEFAULT FALSE"}
                     db.execute(text(f"ALTER TABLE render_jobs ADD COLUMN {column} {kind[column]}"))
 
     def save(self, state: dict[str, Any], owner: str | None = None) -> None:

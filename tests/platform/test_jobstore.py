@@ -1,6 +1,29 @@
-"""The render API's job table (letstalk_platform.jobstore) on a real SQLite file."""
+"""The render API's job table (letstalk_platform.jobstore) on a real SQLite file and on a real
+PostgreSQL server (the database several Ingress replicas on several nodes would share)."""
+
+import itertools
+
+import pytest
 
 from letstalk_platform.jobstore import JobStore
+
+_fresh = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    """A fresh, empty job table's URL: a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    from sqlalchemy import create_engine, text
+
+    server = request.getfixturevalue("postgres_url")
+    name = f"jobs_{next(_fresh)}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as db:
+        db.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return server.rsplit("/", 1)[0] + f"/{name}"
 
 
 def state(i: int, status: str = "done", created: float = 100.0, finished: float | None = 200.0) -> dict:
@@ -9,8 +32,8 @@ def state(i: int, status: str = "done", created: float = 100.0, finished: float 
             "video": None, "options": {}, "audio_seconds": 1.0, "rendered_with": None, "seconds": {}}
 
 
-def test_rows_survive_a_new_connection_page_and_expire(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_rows_survive_a_new_connection_page_and_expire(db_url):
+    url = db_url
     store = JobStore(url)
     for i in range(5):
         store.save(state(i, created=100.0 + i, finished=200.0 + i))
@@ -30,12 +53,12 @@ def failed(st: dict) -> dict:
     return st | {"status": "failed", "error": "lost", "finished": 999.0}
 
 
-def test_only_the_jobs_of_lost_replicas_are_failed(tmp_path):
+def test_only_the_jobs_of_lost_replicas_are_failed(db_url):
     """A job fails when its replica is dead (by name) or silent past the staleness limit, or has no
     owner at all (a row from before owners); a live replica's jobs and finished jobs are kept."""
     import time
 
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store = JobStore(db_url)
     store.save(state(1, "running", finished=None), owner="alive")
     store.save(state(2, "queued", finished=None), owner="silent")
     store.save(state(3, "running", finished=None), owner="crashed")
@@ -55,8 +78,8 @@ def test_only_the_jobs_of_lost_replicas_are_failed(tmp_path):
     assert store.fail_orphans(0.2, failed, alive="me") == [f"{1:032x}"]
 
 
-def test_a_cancel_asked_elsewhere_reaches_the_owner_beat(tmp_path):
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+def test_a_cancel_asked_elsewhere_reaches_the_owner_beat(db_url):
+    store = JobStore(db_url)
     store.save(state(1, "running", finished=None), owner="a")
     store.save(state(2, "running", finished=None), owner="a")
     store.save(state(3, "done"), owner="a")
