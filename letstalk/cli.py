@@ -1,7 +1,7 @@
 """`letstalk` command line.
 
-    letstalk render PORTRAIT AUDIO -o OUT.mp4 [--model DIR] [--steps N] [--sampler ddpm|ddim|dpm]
-                    [--guidance G] [--seed S]
+    letstalk render PORTRAIT AUDIO -o OUT.mp4 [--model DIR|models:/NAME@ALIAS] [--steps N]
+                    [--sampler ddpm|ddim|dpm] [--guidance G] [--seed S]
     letstalk init-tiny DIR        save a random-initialised tiny bundle (no model hub needed)
     letstalk demo [--out out/demo] render a drawn portrait + speech-like audio with a tiny bundle
     letstalk make-dataset OUT --videos N --seconds S --seed K   procedural talking faces (mp4 + JSON)
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import PRESETS
-from .diffusion import SAMPLERS, GaussianDiffusion
+from .diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, GaussianDiffusion
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "demo"  # the learned demo model (a checkout)
 
 
 def latents_to_strip(latents: torch.Tensor, scale: int = 8) -> Image.Image:
@@ -94,8 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shipped = Path(__file__).resolve().parents[1] / "models" / "demo"  # the learned demo model (a checkout)
-    bundle = Path(args.model) if args.model else shipped if (shipped / "pipeline.json").is_file() \
+    bundle = Path(args.model) if args.model else SHIPPED if (SHIPPED / "pipeline.json").is_file() \
         else out / "tiny-bundle"
     if not (bundle / "pipeline.json").exists():
         LetsTalkPipeline.init_tiny(seed=0).save_pretrained(bundle)
@@ -129,6 +131,24 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_model(model: str | os.PathLike | None, mlflow_uri: str | None = None) -> Path:
+    """`--model`: a bundle folder, models:/NAME@ALIAS from an MLflow registry (through the platform,
+    when installed), or nothing: the shipped demo model."""
+    if model is None:
+        if (SHIPPED / "pipeline.json").is_file():
+            return SHIPPED
+        raise ValueError("no --model given and this install has no shipped demo model; pass --model DIR (a bundle: "
+                         "`letstalk init-tiny DIR` writes a random one) or --model models:/NAME@ALIAS")
+    if str(model).startswith("models:/"):
+        try:
+            from letstalk_platform.tracking import resolve_bundle  # the model library itself never imports mlflow
+        except ImportError:
+            raise ValueError(f"{model}: registry models need the platform extra "
+                             "(pip install 'letstalk[platform]')") from None
+        return resolve_bundle(str(model), mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    return Path(model)
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from .pipeline import LetsTalkPipeline
 
@@ -138,7 +158,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise ValueError(f"output folder {str(out.parent)!r} does not exist")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device)
+    bundle = resolve_model(args.model, getattr(args, "mlflow_uri", None))
+    pipe = LetsTalkPipeline.from_pretrained(bundle, device=device)
+    if bundle.resolve() == SHIPPED.resolve():
+        size = pipe.image_size
+        print(f"model: models/demo, trained on drawn faces at {size}x{size} px: a real photo will not look "
+              f"real (README: bring your own weights or train one)", file=sys.stderr)
     bar = StepBar(f"rendering ({args.sampler} × {args.steps})")
     try:
         result = pipe.render_to_file(args.portrait, args.audio, out, steps=args.steps, sampler=args.sampler,
@@ -152,51 +177,66 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """--help states every default (where the help text does not already say it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or action.required:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="letstalk", description="LetsTalk talking-video diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
+    shown = {"formatter_class": ShowDefaults}
 
-    p = sub.add_parser("render", help="portrait image + speech audio -> talking video (mp4)")
+    p = sub.add_parser("render", help="portrait image + speech audio -> talking video (mp4)", **shown)
     p.add_argument("portrait", help="portrait image (png, jpg, ...)")
     p.add_argument("audio", help="speech audio (wav, mp3, ogg, m4a, or a video with sound)")
     p.add_argument("-o", "--out", required=True, help="output .mp4")
-    p.add_argument("--model", default="models/tiny", help="bundle directory (see `letstalk init-tiny`)")
-    p.add_argument("--steps", type=int, default=250, help="denoising steps per clip (paper: 250 DDPM)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm")
+    p.add_argument("--model", default=None, help="a bundle folder, or models:/NAME@ALIAS from an MLflow registry "
+                   "(--mlflow-uri or $MLFLOW_TRACKING_URI); default: the shipped demo model, models/demo")
+    p.add_argument("--mlflow-uri", default=None, help="registry for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps per clip (paper: 250 DDPM)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER,
+                   help="ddpm: the paper's ancestral sampler (use 250 steps); ddim, dpm: fast")
     p.add_argument("--guidance", type=float, default=1.0, help="audio classifier-free guidance (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed and inputs give the same video")
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("init-tiny", help="save a random-initialised tiny bundle")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("init-tiny", help="save a random-initialised tiny bundle", **shown)
+    p.add_argument("dir", help="the bundle folder to write")
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=cmd_init_tiny)
 
-    p = sub.add_parser("demo", help="render a drawn portrait and speech-like audio with the shipped demo model")
-    p.add_argument("--out", default="out/quick-demo")
+    p = sub.add_parser("demo", help="render a drawn portrait and speech-like audio with the shipped demo model", **shown)
+    p.add_argument("--out", default="out/quick-demo", help="folder for the portrait, audio, video, contact sheet")
     p.add_argument("--model", default=None,
                    help="bundle directory (default: models/demo of this checkout, else a new random tiny bundle)")
-    p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seconds", type=float, default=4.0, help="length of the speech-like audio")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps per clip")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER, help="the sampler")
+    p.add_argument("--guidance", type=float, default=1.0, help="audio classifier-free guidance (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="portrait, audio and noise seed")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("make-dataset", help="write procedural talking-face videos (mp4 + JSON ground truth)")
+    p = sub.add_parser("make-dataset", help="write procedural talking-face videos (mp4 + JSON ground truth)", **shown)
     p.add_argument("out", help="output folder (talk_0000.mp4 + talk_0000.json, ...)")
     p.add_argument("--videos", type=int, default=8, help="number of videos, one identity each")
     p.add_argument("--seconds", type=float, default=8.0, help="length of each video")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="identities, speech and motion seed")
     p.add_argument("--size", type=int, default=256, help="frame side in pixels (multiple of 8, >= 64)")
     p.set_defaults(func=cmd_make_dataset)
 
-    p = sub.add_parser("sample", help="sample a random-initialised model, save frames as a PNG strip")
-    p.add_argument("--preset", choices=list(PRESETS), default="tiny")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/sample.png")
+    p = sub.add_parser("sample", help="sample a random-initialised model, save frames as a PNG strip", **shown)
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model size")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER, help="the sampler")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0, help="weights and noise seed")
+    p.add_argument("--out", default="out/sample.png", help="the PNG strip to write")
     p.set_defaults(func=cmd_sample)
     return parser
 

@@ -25,6 +25,7 @@ from letstalk import metrics
 from letstalk.artifacts import InputRecord, ShardManifest
 from letstalk.clips import ClipSpec
 from letstalk.faces import FaceSettings
+from letstalk.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 from letstalk.media import iter_video_frames, load_video_frames
 from letstalk.pipeline import LetsTalkPipeline
 from letstalk.synthetic import make_dataset
@@ -48,8 +49,8 @@ class DemoConfig(BaseModel):
     train_steps: int | None = Field(None, ge=1, description="override the train config's steps")
     num_workers: int | None = Field(None, ge=1)
     batch_videos: int = Field(3, ge=1, description="held-out videos rendered by the batch job")
-    steps: int = Field(25, ge=1, description="sampler steps for the renders and the evaluation")
-    sampler: str = "ddim"
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="sampler steps for the renders and the evaluation")
+    sampler: str = DEFAULT_SAMPLER
     eval_videos: int = Field(6, ge=2)
     compare: list[str] = Field(default_factory=lambda: ["models/demo"],
                                description="other bundles scored in the same table (skipped if missing)")

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from letstalk import metrics
 from letstalk.artifacts import ShardManifest
-from letstalk.diffusion import Sampler
+from letstalk.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, Sampler
 from letstalk.clips import ClipSpec, decode_video
 from letstalk.faces import FaceSettings, MediaPipeFaces
 from letstalk.media import MediaError, ffmpeg_exe, probe
@@ -89,8 +89,8 @@ class EvalConfig(BaseModel):
     mlflow_uri: str | None = Field(None, description="tracking store; default $MLFLOW_TRACKING_URI, else "
                                                      "sqlite:///OUT/mlflow.db, else ~/.cache/letstalk/eval/mlflow.db")
     experiment: str = "letstalk-eval"
-    steps: int = Field(25, ge=1, le=1000)
-    sampler: Sampler = "ddim"
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=1000)
+    sampler: Sampler = DEFAULT_SAMPLER
     guidance: float = Field(1.0, ge=0)
     seed: int = Field(0, ge=0)
     frames: int = Field(16, ge=2, description="frames per eval video (the paper: its first 16-frame clip)")

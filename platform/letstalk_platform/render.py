@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from letstalk.accel import InferenceOptions
-from letstalk.diffusion import Sampler
+from letstalk.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, Sampler
 from letstalk.inputs import PreparedInputs, prepare
 from letstalk.pipeline import LetsTalkPipeline
 
@@ -38,8 +38,8 @@ class RenderDefaults(BaseModel):
     """Settings a request may leave out; the Serve deployment's user_config (changeable live)."""
 
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(25, ge=1, le=1000, description="denoising steps")
-    sampler: Sampler = "ddim"
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=1000, description="denoising steps")
+    sampler: Sampler = DEFAULT_SAMPLER
     guidance: float = Field(1.0, ge=0.0, le=20.0, description="audio classifier-free guidance scale")
 
 

@@ -45,3 +45,65 @@ def test_cli_from_a_shell(tmp_path, portrait):
         assert not bad.exists()
     missing_model = run_cli("render", portrait, wav, "-o", bad, "--model", tmp_path / "nope")
     assert missing_model.returncode == 2 and "not a LetsTalk bundle" in missing_model.stderr
+
+
+def test_help_states_every_default():
+    """`letstalk SUB --help` says each option's default (render: the DDIM-25 the API and batch use)."""
+    from letstalk.cli import build_parser
+    from letstalk.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)]
+    assert set(sub.choices) >= {"render", "init-tiny", "demo", "make-dataset", "sample"}
+    for name, command in sub.choices.items():
+        text = " ".join(run_cli(name, "--help").stdout.split())
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+                assert f"default: {action.default})" in text, (name, action.option_strings)
+    render = sub.choices["render"]
+    assert render.get_default("steps") == DEFAULT_STEPS == 25 and render.get_default("sampler") == DEFAULT_SAMPLER
+
+
+@pytest.mark.slow
+def test_render_with_no_model_uses_the_demo_model_from_anywhere(tmp_path, portrait):
+    """No --model, run from a folder outside the checkout: the shipped demo model at DDIM-25, and a
+    note on stderr that it animates drawn faces only."""
+    from letstalk.cli import SHIPPED
+
+    if not (SHIPPED / "pipeline.json").is_file():
+        pytest.skip(f"no shipped demo model at {SHIPPED}")
+    sf.write(tmp_path / "speech.wav", speech_like_audio(0.4, seed=0), SR)
+    run = subprocess.run([sys.executable, "-m", "letstalk.cli", "render", "portrait.png", "speech.wav", "-o", "t.mp4"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "t.mp4").exists() and "ddim × 25" in run.stderr
+    assert "models/demo, trained on drawn faces" in run.stderr and "will not look real" in run.stderr
+
+
+@pytest.mark.slow
+def test_render_a_registry_model_from_a_fresh_shell(tmp_path, portrait):
+    """`--model models:/NAME@ALIAS` with only MLFLOW_TRACKING_URI set: the CLI resolves it through the
+    platform's registry code; an unknown alias is one line, exit 2."""
+    import os
+
+    from letstalk.pipeline import LetsTalkPipeline
+    from letstalk_platform.tracking import register_bundle, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bundle = LetsTalkPipeline.init_tiny(seed=3).save_pretrained(tmp_path / "tiny")
+    register_bundle(uri, start_run(uri, "cli-test", "tiny", {}), bundle, "cli-tiny", "production")
+    sf.write(tmp_path / "speech.wav", speech_like_audio(0.4, seed=0), SR)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW")} | {
+        "MLFLOW_TRACKING_URI": uri, "HOME": str(tmp_path / "home")}  # the download cache under a fresh home
+    out = tmp_path / "t.mp4"
+    ok = subprocess.run([sys.executable, "-m", "letstalk.cli", "render", str(portrait), "speech.wav", "-o", str(out),
+                         "--model", "models:/cli-tiny@production", "--steps", "2"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert out.exists() and "10 frames" in ok.stdout and "models/demo" not in ok.stderr
+    assert list((tmp_path / "home" / ".cache" / "letstalk" / "models").glob("cli-tiny-v1-*/pipeline.json"))
+    bad = subprocess.run([sys.executable, "-m", "letstalk.cli", "render", str(portrait), "speech.wav", "-o",
+                          str(tmp_path / "u.mp4"), "--model", "models:/cli-tiny@nosuch"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("letstalk: error")]
+    assert bad.returncode == 2 and len(errors) == 1 and "cli-tiny@nosuch" in errors[0] and "Traceback" not in bad.stderr
