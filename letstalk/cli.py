@@ -164,10 +164,16 @@ def cmd_render(args: argparse.Namespace) -> int:
         size = pipe.image_size
         print(f"model: models/demo, trained on drawn faces at {size}x{size} px: a real photo will not look "
               f"real (README: bring your own weights or train one)", file=sys.stderr)
+    paste = getattr(args, "paste_back", False)
+    if paste is None:  # auto: on when the photo is larger than the model's crop
+        from .portrait import load_image
+
+        paste = max(load_image(args.portrait).shape[:2]) > pipe.image_size
     bar = StepBar(f"rendering ({args.sampler} × {args.steps})")
     try:
         result = pipe.render_to_file(args.portrait, args.audio, out, steps=args.steps, sampler=args.sampler,
-                                     guidance=args.guidance, seed=args.seed, progress=bar)
+                                     guidance=args.guidance, seed=args.seed, progress=bar, paste_back=paste,
+                                     max_side=getattr(args, "max_side", 1920))
     finally:
         bar.close()
     if not result.face_found:
@@ -205,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddpm: the paper's ancestral sampler (use 250 steps); ddim, dpm: fast")
     p.add_argument("--guidance", type=float, default=1.0, help="audio classifier-free guidance (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="the same seed and inputs give the same video")
+    p.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=None,
+                   help="composite the generated face into the full portrait (its size, feathered seam, matched "
+                        "colour); default: on when the portrait is larger than the model's crop")
+    p.add_argument("--max-side", type=int, default=1920, help="with paste-back: the video's longer side at most")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("init-tiny", help="save a random-initialised tiny bundle", **shown)

@@ -40,7 +40,8 @@ from .batching import ClipBatcher
 from .diffusion import SAMPLERS, ClipTarget, GaussianDiffusion
 from .inputs import InputSpec, PreparedInputs, prepare, prepare_audio
 from .media import write_video
-from .portrait import PortraitCrop, crop_portrait
+from .paste import PasteBack
+from .portrait import PortraitCrop, crop_portrait, load_image
 from .transformer import LetsTalkTransformer
 from .vae import Codec, LatentCodec, SpaceToDepthCodec, tiny_codec
 
@@ -368,14 +369,20 @@ class LetsTalkPipeline:
         seconds["total"] = time.perf_counter() - t0
         return RenderResult(len(frames), self.settings.fps, inputs.face_found, seconds, frames, inputs.audio)
 
-    def render_to_file(self, portrait, audio, out: str | os.PathLike, **kwargs) -> RenderResult:
+    def render_to_file(self, portrait, audio, out: str | os.PathLike, *, paste_back: bool = False,
+                       max_side: int = 1920, **kwargs) -> RenderResult:
         """Render straight into an mp4 (H.264 + AAC), streaming clips to ffmpeg as they finish.
         `portrait` and `audio` as for `prepare` (PreparedInputs and None, or the two inputs).
+        `paste_back`: the video has the portrait's size (longer side at most `max_side`), the generated
+        face composited into it (letstalk.paste.PasteBack); needs the portrait itself, not PreparedInputs.
 
         The file appears at `out` only when complete.
         """
         t0 = time.perf_counter()
+        if paste_back and isinstance(portrait, PreparedInputs):
+            raise ValueError("paste-back needs the portrait image itself, not PreparedInputs")
         inputs = self.prepare(portrait, audio)
+        paste = PasteBack(load_image(portrait), inputs.crop.box, max_side=max_side) if paste_back else None
         seconds: dict[str, float] = {"inputs": time.perf_counter() - t0}
         count = 0
 
@@ -383,7 +390,7 @@ class LetsTalkPipeline:
             nonlocal count
             for clip in self.iter_clips(inputs, seconds=seconds, **kwargs):
                 count += len(clip)
-                yield from clip
+                yield from (map(paste, clip) if paste else clip)
 
         write_video(out, frames(), fps=self.settings.fps, audio=inputs.audio, sample_rate=self.settings.sample_rate)
         seconds["total"] = time.perf_counter() - t0

@@ -107,3 +107,25 @@ def test_render_a_registry_model_from_a_fresh_shell(tmp_path, portrait):
                          capture_output=True, text=True)
     errors = [line for line in bad.stderr.splitlines() if line.startswith("letstalk: error")]
     assert bad.returncode == 2 and len(errors) == 1 and "cli-tiny@nosuch" in errors[0] and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_render_pastes_the_face_back_into_the_photo(tmp_path, portrait):
+    """A portrait larger than the model's crop: by default the video has the portrait's size (the face
+    composited back); --no-paste-back gives the crop alone; --max-side caps the size."""
+    from letstalk.media import probe
+
+    bundle = tmp_path / "bundle"
+    assert run_cli("init-tiny", bundle).returncode == 0
+    sf.write(tmp_path / "speech.wav", speech_like_audio(0.4, seed=0), SR)
+    sizes = {}
+    for name, extra in (("auto", []), ("off", ["--no-paste-back"]), ("capped", ["--max-side", "60"])):
+        out = tmp_path / f"{name}.mp4"
+        run = run_cli("render", portrait, tmp_path / "speech.wav", "-o", out, "--model", bundle, "--steps", "1", *extra)
+        assert run.returncode == 0, run.stderr
+        info = probe(out)
+        sizes[name] = (info.width, info.height)
+    from letstalk.pipeline import LetsTalkPipeline
+
+    crop = LetsTalkPipeline.from_pretrained(bundle).image_size
+    assert sizes == {"auto": (90, 120), "off": (crop, crop), "capped": (44, 60)}  # 90 x 120 portrait
