@@ -164,15 +164,11 @@ def cmd_render(args: argparse.Namespace) -> int:
         size = pipe.image_size
         print(f"model: models/demo, trained on drawn faces at {size}x{size} px: a real photo will not look "
               f"real (README: bring your own weights or train one)", file=sys.stderr)
-    paste = getattr(args, "paste_back", False)
-    if paste is None:  # auto: on when the photo is larger than the model's crop
-        from .portrait import load_image
-
-        paste = max(load_image(args.portrait).shape[:2]) > pipe.image_size
     bar = StepBar(f"rendering ({args.sampler} × {args.steps})")
     try:
         result = pipe.render_to_file(args.portrait, args.audio, out, steps=args.steps, sampler=args.sampler,
-                                     guidance=args.guidance, seed=args.seed, progress=bar, paste_back=paste,
+                                     guidance=args.guidance, seed=args.seed, progress=bar,
+                                     paste_back=getattr(args, "paste_back", False),
                                      max_side=getattr(args, "max_side", 1920))
     finally:
         bar.close()

@@ -369,20 +369,26 @@ class LetsTalkPipeline:
         seconds["total"] = time.perf_counter() - t0
         return RenderResult(len(frames), self.settings.fps, inputs.face_found, seconds, frames, inputs.audio)
 
-    def render_to_file(self, portrait, audio, out: str | os.PathLike, *, paste_back: bool = False,
+    def render_to_file(self, portrait, audio, out: str | os.PathLike, *, paste_back: bool | None = False,
                        max_side: int = 1920, **kwargs) -> RenderResult:
         """Render straight into an mp4 (H.264 + AAC), streaming clips to ffmpeg as they finish.
         `portrait` and `audio` as for `prepare` (PreparedInputs and None, or the two inputs).
         `paste_back`: the video has the portrait's size (longer side at most `max_side`), the generated
-        face composited into it (letstalk.paste.PasteBack); needs the portrait itself, not PreparedInputs.
+        face composited into it (letstalk.paste.PasteBack); None: so when the portrait is larger than the
+        model's crop. Needs the portrait itself, not PreparedInputs.
 
         The file appears at `out` only when complete.
         """
         t0 = time.perf_counter()
-        if paste_back and isinstance(portrait, PreparedInputs):
-            raise ValueError("paste-back needs the portrait image itself, not PreparedInputs")
+        paste = None
+        if paste_back is not False:
+            if isinstance(portrait, PreparedInputs):
+                raise ValueError("paste-back needs the portrait image itself, not PreparedInputs")
+            # decoded once here: prepare takes the array as it is
+            portrait = load_image(portrait, max_pixels=self.input_spec().max_image_pixels)
         inputs = self.prepare(portrait, audio)
-        paste = PasteBack(load_image(portrait), inputs.crop.box, max_side=max_side) if paste_back else None
+        if paste_back or (paste_back is None and max(portrait.shape[:2]) > self.image_size):
+            paste = PasteBack(portrait, inputs.crop.box, max_side=max_side)
         seconds: dict[str, float] = {"inputs": time.perf_counter() - t0}
         count = 0
 

@@ -443,7 +443,6 @@ class Ingress:
         total = replicas * self.args.max_jobs_per_replica + self.args.max_queued_jobs
         self.capacity = max(1, total // self.args.ingress_replicas)  # this replica's share of the slots
         self._heart: asyncio.Task | None = None
-        self._swept = 0.0
         self._sweep_orphans()  # the jobs of a replica that died before this one started
         self.max_upload = int(self.args.max_upload_mb * 1024 * 1024)
         self.node = node_id()  # a Renderer on this node writes the videos straight into self.videos
@@ -482,15 +481,15 @@ class Ingress:
         """Fail the unfinished jobs whose Ingress replica is gone: its actor no longer exists, or it has
         not beaten for 3 heartbeats. Their renders died with it (the Renderer stops a render whose
         caller is gone) and their uploads were never stored, so they are failed, not re-queued."""
-        dead = [o for o in self.store.unfinished_owners() if o != self.owner and self.actor is not None
-                and not o.startswith("local-") and not actor_alive((o, self.actor[1]))]
+        dead = [] if self.actor is None else [  # outside Ray only the heartbeat tells
+            o for o in self.store.unfinished_owners()
+            if o != self.owner and not o.startswith("local-") and not actor_alive((o, self.actor[1]))]
         lost = self.store.fail_orphans(3 * self.args.heartbeat_s,
                                        lambda state: RenderJob.from_state(state).fail(RESTART_REASON).public(),
                                        dead, alive=self.owner)
         if lost:
             print(f"Ingress: {len(lost)} unfinished job(s) of a lost replica marked failed: {RESTART_REASON}",
                   flush=True)
-        self._swept = time.monotonic()
 
     def _ensure_heartbeat(self) -> None:
         if self._heart is None or self._heart.done():

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -52,25 +51,21 @@ class VideoStore:
 
     def put_file(self, job_id: str, src: str | os.PathLike) -> None:
         """Copy a finished local file in (then the caller may delete it)."""
-        if self.local is not None:
-            dest = self.local_path(job_id)
-            part = dest.with_name(f".{dest.name}.part")
-            shutil.copyfile(src, part)
-            part.rename(dest)
-            return
-        with open(src, "rb") as f, self.fs.open_output_stream(self._key(job_id)) as out:
-            while chunk := f.read(CHUNK):
-                out.write(chunk)
+        with open(src, "rb") as f:
+            self._put(job_id, iter(lambda: f.read(CHUNK), b""))
 
     def put_bytes(self, job_id: str, data: bytes) -> None:
-        if self.local is not None:
-            dest = self.local_path(job_id)
-            part = dest.with_name(f".{dest.name}.part")
-            part.write_bytes(data)
-            part.rename(dest)
-            return
-        with self.fs.open_output_stream(self._key(job_id)) as out:
-            out.write(data)
+        self._put(job_id, [data])
+
+    def _put(self, job_id: str, chunks: Iterable[bytes]) -> None:
+        """A folder: a hidden .part file renamed when whole; an object store: one PUT (atomic itself)."""
+        key = self._key(job_id)
+        part = f"{key.rsplit('/', 1)[0]}/.{key.rsplit('/', 1)[1]}.part" if self.local is not None else key
+        with self.fs.open_output_stream(part) as out:
+            for chunk in chunks:
+                out.write(chunk)
+        if part != key:
+            self.fs.move(part, key)
 
     def size(self, job_id: str) -> int | None:
         info = self.fs.get_file_info(self._key(job_id))
