@@ -25,7 +25,8 @@ from letstalk_platform.serve import TOKEN_ENV, AppArgs, build_app
 
 FLAGS = {"--manifest": "manifest", "--out": "out", "--model": "model", "--mlflow-uri": "mlflow_uri", "--app": "app",
          "--standalone": "standalone", "--concurrency": "concurrency", "--use-gpu": "use_gpu", "--cpus": "cpus",
-         "--steps": "steps", "--sampler": "sampler", "--guidance": "guidance", "--progress": "progress"}
+         "--steps": "steps", "--sampler": "sampler", "--guidance": "guidance", "--paste-back": "paste_back",
+         "--max-side": "max_side", "--progress": "progress"}
 
 
 def running_app(name: str) -> bool:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         given = {k: v for k, v in vars(args).items() if k in FLAGS.values() or k.startswith("inference.")}
         cfg = load_config(BatchConfig, args.config, given)
         app, out, manifest = cfg.app, Path(cfg.out), Path(cfg.manifest)
-        items = plan_items(read_manifest(manifest), manifest.resolve().parent)
+        items = plan_items(read_manifest(manifest), manifest.resolve().parent, cfg.row_options())
         defaults = cfg.defaults()
         mlflow_uri = cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
         model = cfg.model

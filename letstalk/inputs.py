@@ -10,10 +10,15 @@ Every entry point prepares a request's inputs exactly once, at its edge, and han
 counts frames and clips once; the pipeline adds the reference latent (one codec encode) the first
 time it renders them. Problems are one-line ValueErrors naming "portrait" or "audio"; a request
 over a configured limit raises LimitExceeded (a ValueError), which the HTTP API answers with 413.
+
+The decoded photo stays with the inputs (`PreparedInputs.photo`) for paste-back; `for_renderer`
+decides paste-back and keeps only what a renderer elsewhere needs of the photo (none, or the photo
+scaled to the video's size), so it is neither decoded again nor shipped larger than the video.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .media import LimitExceeded, load_audio
+from .paste import fit_photo
 from .portrait import PortraitCrop, crop_portrait, load_image
 
 __all__ = ["InputSpec", "LimitExceeded", "PreparedInputs", "clip_count", "decode_bytes", "prepare", "prepare_audio"]
@@ -58,6 +64,9 @@ class PreparedInputs:
     num_frames: int
     num_clips: int
     reference: Any = None  # the crop's codec latent (1, C, h, w); filled by LetsTalkPipeline.prepare
+    # the decoded portrait (H, W, 3) uint8 the crop was cut from (crop.box is in its pixels), for
+    # paste-back; None: not carried (for_renderer drops it when the render will not paste back)
+    photo: np.ndarray | None = None
 
     @property
     def duration_s(self) -> float:
@@ -66,6 +75,25 @@ class PreparedInputs:
     @property
     def face_found(self) -> bool:
         return self.crop.face_found
+
+    def pastes_back(self, paste_back: bool | None) -> bool:
+        """Whether a render of these inputs pastes the face back into the photo: `paste_back`, or for
+        None (auto) whether there is a photo larger than the model's crop."""
+        if paste_back is not None:
+            return paste_back
+        return self.photo is not None and max(self.photo.shape[:2]) > self.crop.image.shape[0]
+
+    def for_renderer(self, paste_back: bool | None, max_side: int) -> "PreparedInputs":
+        """A copy to hand to a renderer in another process, with the paste-back decided: no photo
+        when the render will not paste back (auto: the photo is no larger than the crop), else the
+        photo at the video's size (letstalk.paste.fit_photo, longer side at most `max_side`) and
+        crop.box scaled with it. `photo is not None` on the copy says which."""
+        if not self.pastes_back(paste_back):
+            return dataclasses.replace(self, photo=None)
+        if self.photo is None:
+            raise ValueError("paste-back needs the portrait image; these inputs were prepared without it")
+        photo, box = fit_photo(self.photo, self.crop.box, max_side)
+        return dataclasses.replace(self, photo=photo, crop=dataclasses.replace(self.crop, box=box))
 
 
 def decode_bytes(data: bytes, what: str, load: Callable[[str], Any]) -> Any:
@@ -126,5 +154,6 @@ def prepare(portrait: Any, audio: Any, spec: InputSpec) -> PreparedInputs:
     if frames < 1:
         raise ValueError(f"audio: {wave.size / spec.sample_rate * 1000:.0f} ms is too short to give a single "
                          "video frame")
-    crop = prepare_portrait(portrait, spec)
-    return PreparedInputs(crop, wave, spec.sample_rate, frames, clip_count(frames, spec.clip_frames))
+    photo = _image(portrait, spec)
+    crop = crop_portrait(photo, size=spec.image_size)
+    return PreparedInputs(crop, wave, spec.sample_rate, frames, clip_count(frames, spec.clip_frames), photo=photo)

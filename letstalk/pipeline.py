@@ -40,8 +40,8 @@ from .batching import ClipBatcher
 from .diffusion import SAMPLERS, ClipTarget, GaussianDiffusion
 from .inputs import InputSpec, PreparedInputs, prepare, prepare_audio
 from .media import write_video
-from .paste import PasteBack
-from .portrait import PortraitCrop, crop_portrait, load_image
+from .paste import DEFAULT_MAX_SIDE, PasteBack
+from .portrait import PortraitCrop, crop_portrait
 from .transformer import LetsTalkTransformer
 from .vae import Codec, LatentCodec, SpaceToDepthCodec, tiny_codec
 
@@ -370,25 +370,22 @@ class LetsTalkPipeline:
         return RenderResult(len(frames), self.settings.fps, inputs.face_found, seconds, frames, inputs.audio)
 
     def render_to_file(self, portrait, audio, out: str | os.PathLike, *, paste_back: bool | None = False,
-                       max_side: int = 1920, **kwargs) -> RenderResult:
+                       max_side: int = DEFAULT_MAX_SIDE, **kwargs) -> RenderResult:
         """Render straight into an mp4 (H.264 + AAC), streaming clips to ffmpeg as they finish.
         `portrait` and `audio` as for `prepare` (PreparedInputs and None, or the two inputs).
         `paste_back`: the video has the portrait's size (longer side at most `max_side`), the generated
         face composited into it (letstalk.paste.PasteBack); None: so when the portrait is larger than the
-        model's crop. Needs the portrait itself, not PreparedInputs.
+        model's crop (PreparedInputs.pastes_back). PreparedInputs must carry the photo for it.
 
         The file appears at `out` only when complete.
         """
         t0 = time.perf_counter()
+        inputs = self.prepare(portrait, audio)  # keeps the decoded photo: it is not decoded again below
         paste = None
-        if paste_back is not False:
-            if isinstance(portrait, PreparedInputs):
-                raise ValueError("paste-back needs the portrait image itself, not PreparedInputs")
-            # decoded once here: prepare takes the array as it is
-            portrait = load_image(portrait, max_pixels=self.input_spec().max_image_pixels)
-        inputs = self.prepare(portrait, audio)
-        if paste_back or (paste_back is None and max(portrait.shape[:2]) > self.image_size):
-            paste = PasteBack(portrait, inputs.crop.box, max_side=max_side)
+        if inputs.pastes_back(paste_back):
+            if inputs.photo is None:
+                raise ValueError("paste-back needs the portrait image; these PreparedInputs carry no photo")
+            paste = PasteBack(inputs.photo, inputs.crop.box, max_side=max_side)
         seconds: dict[str, float] = {"inputs": time.perf_counter() - t0}
         count = 0
 

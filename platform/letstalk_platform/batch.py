@@ -8,10 +8,11 @@ Two ways to run the same RenderWorker:
 
 Each row: `id` (optional; a plain name, the output file is OUT/<id>.mp4), `portrait`, `audio`
 (paths, relative ones resolved against the manifest's folder), and optional `steps`, `sampler`,
-`guidance`, `seed`. A row whose mp4 exists is not rendered again (re-runs resume; its record says
-status "done", reused true); a bad row is recorded with status "failed" and its reason and never
-stops the others; files appear only when complete. The mp4 is written by the renderer straight
-into OUT when OUT is on its machine; a renderer on another node sends the bytes back.
+`guidance`, `seed`, `paste_back` (true/false; empty: the job's, by default auto) and `max_side`. A
+row whose mp4 exists is not rendered again (re-runs resume; its record says status "done", reused
+true); a bad row is recorded with status "failed" and its reason and never stops the others; files
+appear only when complete. The mp4 is written by the renderer straight into OUT when OUT is on its
+machine; a renderer on another node sends the bytes back.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from tqdm import tqdm
 
 from letstalk.accel import InferenceOptions
 from letstalk.diffusion import Sampler
+from letstalk.paste import DEFAULT_MAX_SIDE
 
-from .render import APP_NAME, RenderDefaults, RenderOptions, RenderWorker, check_name, one_line
+from .render import APP_NAME, MAX_SIDE, MIN_SIDE, RenderDefaults, RenderOptions, RenderWorker, check_name, one_line
 from .runtime import local_target, node_id
 
-OPTION_COLUMNS = ("steps", "sampler", "guidance", "seed")
+OPTION_COLUMNS = ("steps", "sampler", "guidance", "seed", "paste_back", "max_side")
 RESULT_FIELDS = ("row", "id", "portrait", "audio", "status", "reused", "error", "output", "frames", "clips",
-                 "duration_s", "steps", "sampler", "dtype", "seconds_total", "seconds_denoise", "seconds_decode",
-                 "finished_at")
+                 "duration_s", "steps", "sampler", "paste_back", "max_side", "dtype", "seconds_total",
+                 "seconds_denoise", "seconds_decode", "finished_at")
 
 
 class BatchConfig(BaseModel):
@@ -50,7 +52,7 @@ class BatchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     manifest: str = Field(description=".csv, .jsonl or .parquet with columns portrait, audio "
-                          "[, id, steps, sampler, guidance, seed]")
+                          "[, id, steps, sampler, guidance, seed, paste_back, max_side]")
     out: str = Field(description="output folder: <id>.mp4 per row and results.parquet")
     model: str | None = Field(None, description="bundle folder or models:/<name>@<alias> (needed unless the app runs)")
     mlflow_uri: str | None = Field(None, description="registry for models:/ URIs (None: $MLFLOW_TRACKING_URI)")
@@ -63,6 +65,12 @@ class BatchConfig(BaseModel):
     steps: int | None = Field(None, description="for rows without their own (None: the renderer's default)")
     sampler: Sampler | None = Field(None, description="for rows without their own")
     guidance: float | None = Field(None, description="for rows without their own")
+    paste_back: bool | None = Field(None, description="for rows without their own: paste the face back into the "
+                                    "portrait (the video has its size); --no-paste-back: the square face crop; "
+                                    "None: auto, on when the portrait is larger than the model's crop")
+    max_side: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description=(
+        f"for rows without their own: with paste-back, the video's longer side at most ({MIN_SIDE}..{MAX_SIDE}; "
+        f"None: {DEFAULT_MAX_SIDE})"))
     progress: bool = Field(True, description="a progress bar")
     inference: dict = Field(default_factory=lambda: InferenceOptions().to_dict(),
                             description="speed switches of the renderers this job starts (letstalk.accel)")
@@ -76,6 +84,12 @@ class BatchConfig(BaseModel):
         """The render defaults for rows that leave them out (the renderer's own where None here)."""
         given = {"steps": self.steps, "sampler": self.sampler, "guidance": self.guidance}
         return RenderDefaults.model_validate({k: v for k, v in given.items() if v is not None})
+
+    def row_options(self) -> dict:
+        """Job-wide options that rows without their own take (given to each row: a renderer that runs
+        already keeps its own defaults, but these reach it)."""
+        given = {"paste_back": self.paste_back, "max_side": self.max_side}
+        return {k: v for k, v in given.items() if v is not None}
 
 
 @dataclass
@@ -125,8 +139,9 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def plan_items(rows: list[dict], base: Path) -> list[Item]:
-    """Validate each row on its own: ids, paths, options; a bad row gets an error, not an exception."""
+def plan_items(rows: list[dict], base: Path, options: dict | None = None) -> list[Item]:
+    """Validate each row on its own: ids, paths, options; a bad row gets an error, not an exception.
+    `options`: the job's, for rows without their own (BatchConfig.row_options)."""
     items, seen = [], set()
     for i, row in enumerate(rows):
         portrait, audio = row.get("portrait"), row.get("audio")
@@ -147,7 +162,7 @@ def plan_items(rows: list[dict], base: Path) -> list[Item]:
                 if not p.is_file():
                     raise ValueError(f"{name} file {value!r} not found")
                 setattr(item, name, str(p.resolve()))
-            opts = {k: row[k] for k in OPTION_COLUMNS if k in row and not _is_missing(row[k])}
+            opts = (options or {}) | {k: row[k] for k in OPTION_COLUMNS if k in row and not _is_missing(row[k])}
             item.options = RenderOptions.model_validate(opts).model_dump(exclude_none=True)
         except ValidationError as e:
             item.error = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
@@ -170,7 +185,8 @@ def _record(item: Item, status: str, out: Path | None = None, result: dict | Non
     return {"row": item.row, "id": item.id, "portrait": item.portrait, "audio": item.audio, "status": status,
             "reused": reused, "error": error, "output": str(out) if out else None, "frames": result.get("frames"),
             "clips": result.get("clips"), "duration_s": result.get("duration_s"), "steps": options.get("steps"),
-            "sampler": options.get("sampler"), "dtype": options.get("dtype"),
+            "sampler": options.get("sampler"), "paste_back": options.get("paste_back"),
+            "max_side": options.get("max_side"), "dtype": options.get("dtype"),
             "seconds_total": seconds.get("worker_total"), "seconds_denoise": seconds.get("denoise"),
             "seconds_decode": seconds.get("decode"), "finished_at": None if reused else time.time()}
 
@@ -181,7 +197,8 @@ def write_results(records: list[dict], out_dir: Path) -> Path:
                         ("audio", pa.string()), ("status", pa.string()), ("reused", pa.bool_()), ("error", pa.string()),
                         ("output", pa.string()), ("frames", pa.int64()), ("clips", pa.int64()),
                         ("duration_s", pa.float64()), ("steps", pa.int64()), ("sampler", pa.string()),
-                        ("dtype", pa.string()), ("seconds_total", pa.float64()),
+                        ("paste_back", pa.bool_()), ("max_side", pa.int64()), ("dtype", pa.string()),
+                        ("seconds_total", pa.float64()),
                         ("seconds_denoise", pa.float64()), ("seconds_decode", pa.float64()),
                         ("finished_at", pa.float64())])
     path = out_dir / "results.parquet"

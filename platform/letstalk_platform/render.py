@@ -26,12 +26,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from letstalk.accel import InferenceOptions
 from letstalk.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, Sampler
 from letstalk.inputs import PreparedInputs, prepare
+from letstalk.paste import DEFAULT_MAX_SIDE
 from letstalk.pipeline import LetsTalkPipeline
 
 from .runtime import flag_kwargs
 
 APP_NAME = "letstalk"  # the Serve application's default name (jobs/serve.py, jobs/render_batch.py)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MIN_SIDE, MAX_SIDE = 16, 4096  # the bounds of a request's max_side: PasteBack's least, and 4K
+PASTE_BACK_HELP = ("paste the generated face back into the portrait: the video has the portrait's size; "
+                   "false: the square face crop at the model's size (default: auto, on when the portrait is "
+                   "larger than the model's crop)")
+MAX_SIDE_HELP = (f"with paste-back, the video's longer side at most, {MIN_SIDE}..{MAX_SIDE} "
+                 f"(default {DEFAULT_MAX_SIDE}); a larger portrait is scaled down")
 
 
 class RenderDefaults(BaseModel):
@@ -51,10 +58,14 @@ class RenderOptions(BaseModel):
     sampler: Sampler | None = None
     guidance: float | None = Field(None, ge=0.0, le=20.0)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    paste_back: bool | None = Field(None, description=PASTE_BACK_HELP)
+    max_side: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description=MAX_SIDE_HELP)
 
     def resolve(self, defaults: RenderDefaults) -> dict:
+        """The pipeline's keyword arguments; paste_back stays None (auto) until the inputs are known."""
         return {"steps": self.steps or defaults.steps, "sampler": self.sampler or defaults.sampler,
-                "guidance": defaults.guidance if self.guidance is None else self.guidance, "seed": self.seed}
+                "guidance": defaults.guidance if self.guidance is None else self.guidance, "seed": self.seed,
+                "paste_back": self.paste_back, "max_side": self.max_side or DEFAULT_MAX_SIDE}
 
 
 SPEED_FLAGS = {  # flag -> letstalk.accel.InferenceOptions field, with what the flag is for
@@ -138,7 +149,8 @@ class RenderWorker:
                progress: Callable[[int, int, float], None] | None = None,
                cancelled: Callable[[], bool] | None = None) -> dict:
         """Render one video. Inputs: PreparedInputs (audio None), or a portrait and an audio as
-        file bytes, arrays or paths (prepared here, once).
+        file bytes, arrays or paths (prepared here, once). With paste-back (options' paste_back, auto
+        by default) the video has the portrait's size: PreparedInputs must then carry the photo.
 
         The mp4 is written to `out` when its folder is on this machine (the caller serves it from
         there); otherwise (no `out`, or a caller on another node) its bytes come back in the result.
@@ -150,6 +162,7 @@ class RenderWorker:
         opts = options if isinstance(options, RenderOptions) else RenderOptions.model_validate(options or {})
         kwargs = opts.resolve(self.defaults)
         inputs = portrait if isinstance(portrait, PreparedInputs) else prepare(portrait, audio, self.spec)
+        kwargs["paste_back"] = inputs.pastes_back(kwargs["paste_back"])  # auto decided: the result says which
         steps = kwargs["steps"]
 
         def on_step(done: int, total: int) -> None:

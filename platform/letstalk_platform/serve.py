@@ -47,12 +47,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from letstalk.accel import InferenceOptions, torch_thread_pool
 from letstalk.diffusion import Sampler
 from letstalk.inputs import InputSpec, LimitExceeded, PreparedInputs, prepare, prepare_portrait
+from letstalk.paste import DEFAULT_MAX_SIDE
 from letstalk.portrait import PortraitCrop
 
 from .jobstore import ACTIVE, JobStore
 from .storage import VideoStore
 from .runtime import actor_alive, local_target, node_id, this_actor
-from .render import Cancel, RenderCancelled, RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, one_line
+from .render import (MAX_SIDE, MAX_SIDE_HELP, MIN_SIDE, PASTE_BACK_HELP, Cancel, RenderCancelled, RenderDefaults,
+                     RenderOptions, RenderWorker, check_renderer_device, one_line)
 
 TOKEN_ENV = "LETSTALK_API_TOKEN"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -355,7 +357,8 @@ _ERRORS = {
     404: "no such render job (or it expired)",
     409: "the video is not ready: the job is queued, running, failed or cancelled",
     413: "over a limit: upload size, audio length or image pixels (GET /v1/model lists them)",
-    422: "a field out of range or missing (steps 1..1000, guidance 0..20, sampler one of the enum)",
+    422: f"a field out of range or missing (steps 1..1000, guidance 0..20, max_side {MIN_SIDE}..{MAX_SIDE}, sampler "
+         "one of the enum)",
     503: "all render slots are busy; the Retry-After header says when to try again",
 }
 
@@ -533,25 +536,31 @@ class Ingress:
             self._model_info = await self.renderer.info.remote()
         return self._model_info
 
-    def _prepare(self, info: dict, image_bytes: bytes, audio_bytes: bytes | None) -> PreparedInputs | PortraitCrop:
+    def _prepare(self, info: dict, image_bytes: bytes, audio_bytes: bytes | None,
+                 options: RenderOptions | None = None) -> PreparedInputs | PortraitCrop:
         """The uploads decoded, cropped and counted here, once: bad input is a 4xx before any
-        renderer time is spent, and the renderer gets them ready to use (no audio: the crop only)."""
+        renderer time is spent, and the renderer gets them ready to use (no audio: the crop only).
+        Paste-back is decided here (`options`): the inputs carry the photo, at the video's size, only
+        when the render pastes the face back into it (PreparedInputs.for_renderer)."""
+        options = options or RenderOptions()
         try:
             if audio_bytes is None:
                 return prepare_portrait(image_bytes, input_spec(self.args, info))
-            return prepare(image_bytes, audio_bytes, input_spec(self.args, info))
+            inputs = prepare(image_bytes, audio_bytes, input_spec(self.args, info))
+            return inputs.for_renderer(options.paste_back, options.max_side or DEFAULT_MAX_SIDE)
         except LimitExceeded as e:
             raise ApiError(413, one_line(e)) from None
         except ValueError as e:
             raise ApiError(400, one_line(e)) from None
 
-    async def _run(self, job: RenderJob, inputs: PreparedInputs) -> None:
+    async def _run(self, job: RenderJob, inputs: PreparedInputs, options: dict) -> None:
+        """`options`: the job's, with what the Ingress decided (paste_back) filled in."""
         stream = None
         try:
             path = self.videos.local_path(job.id)  # None: an object store, the Renderer uploads to it
             upload = None if path else (self.videos.uri, job.id)
             stream = self.renderer.options(stream=True).render_stream.remote(
-                inputs, job.options, str(path) if path else None, self.node, self.actor, upload)
+                inputs, options, str(path) if path else None, self.node, self.actor, upload)
             async for event in stream:
                 kind = event["event"]
                 if kind == "progress":
@@ -656,11 +665,14 @@ class Ingress:
                                                     "paper's sampler, ~250 steps (default: the server's)"),
                      guidance: float | None = Form(None, description="audio classifier-free guidance scale, 0..20 "
                                                    "(default: the server's)"),
-                     seed: int = Form(0, description="0..2147483647: the same seed and inputs give the same video"))\
+                     seed: int = Form(0, description="0..2147483647: the same seed and inputs give the same video"),
+                     paste_back: bool | None = Form(None, description=PASTE_BACK_HELP),
+                     max_side: int | None = Form(None, description=MAX_SIDE_HELP))\
             -> JSONResponse:
         self._auth(request)
         try:
-            options = RenderOptions(steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+            options = RenderOptions(steps=steps, sampler=sampler, guidance=guidance, seed=seed, paste_back=paste_back,
+                                    max_side=max_side)
         except ValidationError as e:
             raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
         self._expire()
@@ -675,13 +687,15 @@ class Ingress:
             audio_bytes = await self._read(audio, "audio")
             info = await self._info()
             t0 = time.perf_counter()
-            inputs = await run_in_threadpool(self._prepare, info, image_bytes, audio_bytes)
+            inputs = await run_in_threadpool(self._prepare, info, image_bytes, audio_bytes, options)
             job = RenderJob(uuid.uuid4().hex, options.model_dump(exclude_none=True), inputs.num_clips,
                             inputs.duration_s)
             job.seconds = {"prepare": round(time.perf_counter() - t0, 4)}  # decode and crop, here in the Ingress
             self.jobs[job.id] = job  # the job holds the slot from here: no await before the release below
             self.store.save(job.public(), self.owner)
-            job.task = asyncio.create_task(self._run(job, inputs))
+            # paste-back decided here (_prepare): the photo travels only when the face goes back into it
+            decided = job.options | {"paste_back": inputs.photo is not None}
+            job.task = asyncio.create_task(self._run(job, inputs, decided))
         finally:  # a 4xx, an error, or the client gone (cancelled) all give the slot back
             self._reserved -= 1
         return JSONResponse({"id": job.id, "status": job.status, "frames": inputs.num_frames,

@@ -1,5 +1,7 @@
 """Paste-back (letstalk.paste.PasteBack): the generated face composited into the full portrait."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -84,5 +86,29 @@ def test_render_to_file_pastes_into_the_portrait(tmp_path):
     assert (x1 - x0, y1 - y0) == (120, 120)  # no face: the centre square
     left = frames[:, 8:-8, 4:x0 - 4].astype(int)  # the strip left of the box, away from the edges
     assert np.abs(left - photo[8:-8, 4:x0 - 4]).mean() < 4
-    with pytest.raises(ValueError, match="PreparedInputs"):
-        pipe.render_to_file(pipe.prepare(photo, tmp_path / "a.wav"), None, tmp_path / "u.mp4", paste_back=True)
+    with pytest.raises(ValueError, match="no photo"):  # inputs handed on without the photo cannot paste back
+        pipe.render_to_file(dataclasses.replace(pipe.prepare(photo, tmp_path / "a.wav"), photo=None), None,
+                            tmp_path / "u.mp4", paste_back=True)
+
+
+def test_inputs_for_a_renderer_carry_the_photo_only_to_paste_into():
+    """PreparedInputs.for_renderer (the HTTP ingress): the paste-back decided once, on the photo as
+    uploaded; the photo scaled to the video's size (what PasteBack would make of it, so it scales
+    nothing again) or dropped."""
+    from letstalk.inputs import InputSpec, prepare
+
+    photo = np.random.default_rng(2).integers(0, 256, (300, 401, 3), dtype=np.uint8)
+    inputs = prepare(photo, speech_like_audio(0.2, seed=0), InputSpec(image_size=48))
+    assert np.array_equal(inputs.photo, photo) and inputs.crop.box == (50, 0, 350, 300)  # kept, as decoded
+    assert inputs.pastes_back(None) and not inputs.pastes_back(False)
+    assert inputs.for_renderer(False, 1920).photo is None
+    # max_side 32 is below the model's 48 px: still pasted (the photo, not the scaled copy, decided)
+    small = inputs.for_renderer(None, 32)
+    assert small.photo.shape == (22, 32, 3) and small.crop.box == (4, 0, 28, 22) and small.pastes_back(None) is False
+    direct = PasteBack(photo, inputs.crop.box, max_side=32)
+    again = PasteBack(small.photo, small.crop.box, max_side=32)
+    assert again.photo is small.photo and again.box == direct.box and np.array_equal(again.photo, direct.photo)
+    assert inputs.for_renderer(True, 1920).photo.shape == (300, 400, 3)  # even sides (H.264 4:2:0)
+    tiny = prepare(photo[:40, :40], speech_like_audio(0.2, seed=0), InputSpec(image_size=48))
+    assert tiny.for_renderer(None, 1920).photo is None  # auto: no larger than the crop
+    assert tiny.for_renderer(True, 1920).photo is tiny.photo  # already the video's size: as it is

@@ -65,7 +65,9 @@ def test_serve_args_and_flags_check_the_switches(bundle, monkeypatch, capsys):
 def test_each_input_is_decoded_once_per_request(bundle, tmp_path, monkeypatch):
     """The HTTP path (the ingress prepares the upload, the renderer renders it), the batch path
     (file bytes to the renderer) and the CLI path (files to the pipeline): every decoder, the face
-    detector and the codec's encode run once per request, and the mp4 is written once, in place."""
+    detector and the codec's encode run once per request, and the mp4 is written once, in place.
+    Paste-back (on by default: the 96 px portrait is larger than the 64 px crop) decodes nothing
+    again: the ingress hands the renderer the photo it decoded, already at the video's size."""
     import sys
     from collections import Counter
     from types import SimpleNamespace
@@ -73,7 +75,7 @@ def test_each_input_is_decoded_once_per_request(bundle, tmp_path, monkeypatch):
     from letstalk import media, portrait
     from letstalk.media import load_video_frames
     from letstalk.pipeline import LetsTalkPipeline
-    from letstalk_platform.render import RenderWorker
+    from letstalk_platform.render import RenderOptions, RenderWorker
     from letstalk_platform.serve import AppArgs, ApiError, Ingress
 
     calls = Counter()
@@ -102,21 +104,27 @@ def test_each_input_is_decoded_once_per_request(bundle, tmp_path, monkeypatch):
     once = {"load_image": 1, "load_audio": 1, "detect_face": 1, "crop_portrait": 1, "encode": 1}
 
     ingress = SimpleNamespace(args=AppArgs(model="unused"))
-    prepared = Ingress.func_or_class._prepare(ingress, worker.info(), face.read_bytes(), speech.read_bytes())
-    result = worker.render(prepared, None, {"steps": 2}, out=tmp_path / "http.mp4")
+    prepared = Ingress.func_or_class._prepare(ingress, worker.info(), face.read_bytes(), speech.read_bytes(),
+                                              RenderOptions(max_side=80))
+    assert prepared.photo.shape == (80, 80, 3)  # scaled to the video's size in the ingress, not in the renderer
+    result = worker.render(prepared, None, {"steps": 2, "paste_back": True}, out=tmp_path / "http.mp4")
     assert dict(calls) == once and prepared.num_clips == result["clips"] == 2
     assert result["video"] is None and result["video_path"] == str(tmp_path / "http.mp4")
-    assert load_video_frames(tmp_path / "http.mp4").shape[0] == result["frames"] == 12
+    assert load_video_frames(tmp_path / "http.mp4").shape == (12, 80, 80, 3) and result["frames"] == 12
+    unpasted = Ingress.func_or_class._prepare(ingress, worker.info(), face.read_bytes(), speech.read_bytes(),
+                                              RenderOptions(paste_back=False))
+    assert unpasted.photo is None  # nothing to paste into: the photo does not travel
 
     calls.clear()  # the batch path: file bytes, the mp4's bytes back (no folder on this machine given)
     result = worker.render(face.read_bytes(), speech.read_bytes(), {"steps": 2})
     assert dict(calls) == once and result["video_path"] is None and len(result["video"]) > 1000
+    assert result["options"]["paste_back"] is True  # auto, decided on the portrait: the result says which
 
     calls.clear()  # the CLI path
     pipe = LetsTalkPipeline.from_pretrained(bundle)
     monkeypatch.setattr(pipe.codec, "encode", counted("encode", pipe.codec.encode))
-    pipe.render_to_file(face, speech, tmp_path / "cli.mp4", steps=2, sampler="ddim")
-    assert dict(calls) == once
+    pipe.render_to_file(face, speech, tmp_path / "cli.mp4", steps=2, sampler="ddim", paste_back=None)
+    assert dict(calls) == once and load_video_frames(tmp_path / "cli.mp4").shape == (12, 96, 96, 3)
 
     # limits are a type, not a phrase: over a limit -> 413, anything else unusable -> 400
     small = SimpleNamespace(args=AppArgs(model="unused", max_image_pixels=1000))

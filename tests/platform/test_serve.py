@@ -137,6 +137,10 @@ def test_health_auth_and_openapi(server):
     form = spec["components"]["schemas"][paths["/v1/renders"]["post"]["requestBody"]["content"]
                                          ["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
     assert {"enum": ["ddpm", "ddim", "dpm"], "type": "string"} in form["properties"]["sampler"]["anyOf"]
+    assert {"type": "boolean"} in form["properties"]["paste_back"]["anyOf"]
+    assert {"type": "integer"} in form["properties"]["max_side"]["anyOf"]
+    assert "auto" in form["properties"]["paste_back"]["description"]
+    assert "16..4096" in form["properties"]["max_side"]["description"]
     # /docs and /redoc load their scripts from this server, not a CDN
     import re
 
@@ -152,8 +156,17 @@ def test_health_auth_and_openapi(server):
     assert "'/openapi.json'" in requests.get(f"{server}/docs", timeout=10).text
 
 
+def download(url, job_id, path) -> Path:
+    video = requests.get(f"{url}/v1/renders/{job_id}/video", headers=AUTH, timeout=30)
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    path.write_bytes(video.content)
+    return path
+
+
 def test_render_through_the_api(server, tmp_path):
-    """A 1.5 s clip: 38 frames in 5 clips of 8; progress rises clip by clip; the mp4 matches the audio."""
+    """A 1.5 s clip: 38 frames in 5 clips of 8; progress rises clip by clip; the mp4 matches the audio.
+    Paste-back: by default the video has the portrait's size (96 px, larger than the model's 64 px
+    crop); paste_back=false gives the crop; max_side caps the longer side, keeping the aspect."""
     r = post(server, png_bytes(), wav_bytes(1.5), steps=120, sampler="ddpm", seed=3)
     assert r.status_code == 202, r.text
     body = r.json()
@@ -165,21 +178,29 @@ def test_render_through_the_api(server, tmp_path):
     assert fractions == sorted(fractions)
     running_clips = {s["progress"]["clips_done"] for s in seen if s["status"] == "running"}
     assert len(running_clips) >= 3, f"progress did not move clip by clip: {running_clips}"
-    assert final["rendered_with"] == {"steps": 120, "sampler": "ddpm", "guidance": 1.0, "seed": 3, "dtype": "fp32"}
-    video = requests.get(f"{server}/v1/renders/{body['id']}/video", headers=AUTH, timeout=30)
-    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
-    path = tmp_path / "out.mp4"
-    path.write_bytes(video.content)
+    assert final["rendered_with"] == {"steps": 120, "sampler": "ddpm", "guidance": 1.0, "seed": 3, "paste_back": True,
+                                      "max_side": 1920, "dtype": "fp32"}
+    path = download(server, body["id"], tmp_path / "out.mp4")
     info = probe(path)
     assert info.has_audio and abs(info.duration - 1.5) < 0.1
     frames = load_video_frames(path)
-    assert frames.shape == (38, 64, 64, 3)
-    # defaults from user_config apply to requests that leave options out
-    r = post(server, png_bytes(), wav_bytes(0.4))
+    assert frames.shape == (38, 96, 96, 3)  # the portrait's size: the face pasted back into it
+    # defaults from user_config apply to requests that leave options out; paste_back=false: the crop alone
+    r = post(server, png_bytes(), wav_bytes(0.4), paste_back="false")
     final, _ = wait_done(server, r.json()["id"])
     assert final["rendered_with"]["steps"] == DEFAULT_STEPS and final["rendered_with"]["sampler"] == "ddim"
+    assert final["options"] == {"seed": 0, "paste_back": False} and final["rendered_with"]["paste_back"] is False
+    crop = probe(download(server, r.json()["id"], tmp_path / "crop.mp4"))
+    assert (crop.width, crop.height) == (64, 64)
     assert requests.delete(f"{server}/v1/renders/{r.json()['id']}", headers=AUTH, timeout=10).json()["status"] == "deleted"
     assert requests.get(f"{server}/v1/renders/{r.json()['id']}", headers=AUTH, timeout=10).status_code == 404
+    # a 256 x 192 portrait with max_side 128: 128 x 96 (auto: pasted back, scaled down with its aspect)
+    wide = io.BytesIO()
+    Image.fromarray(draw_portrait(256, seed=5)[32:224]).save(wide, format="PNG")
+    r = post(server, wide.getvalue(), wav_bytes(0.4), max_side=128)
+    final, _ = wait_done(server, r.json()["id"])
+    assert final["status"] == "done" and final["rendered_with"]["max_side"] == 128, final
+    assert load_video_frames(download(server, r.json()["id"], tmp_path / "capped.mp4")).shape == (10, 96, 128, 3)
 
 
 def test_cancel_frees_the_renderer_and_full_means_503(server):
@@ -350,6 +371,7 @@ def test_the_web_page_in_a_real_browser(server, tmp_path):
                    and b.execute_script("return document.getElementById('crop').naturalWidth") == 64)
         el(By.ID, "audio").send_keys(str(tmp_path / "speech.wav"))
         Select(el(By.ID, "quality")).select_by_value("ddim:10")
+        assert el(By.ID, "paste-back").is_selected()  # checked: the API's auto paste-back
         browser.save_screenshot(str(shots / "2-ready.png"))
         el(By.ID, "render").click()
         wait.until(lambda b: el(By.ID, "progress-text").text.startswith("Rendering clip"))
@@ -359,6 +381,9 @@ def test_the_web_page_in_a_real_browser(server, tmp_path):
         duration = wait.until(lambda b: b.execute_script(
             "const v = document.getElementById('video'); return v.readyState >= 1 ? v.duration : null"))
         assert abs(duration - 2.0) <= 0.1, duration
+        # the face pasted back: the video has the 160 px portrait's size, not the 64 px crop's
+        assert browser.execute_script("const v = document.getElementById('video'); return [v.videoWidth, "
+                                      "v.videoHeight]") == [160, 160]
         played = browser.execute_async_script(
             "const done = arguments[arguments.length - 1], v = document.getElementById('video'); v.muted = true;"
             "v.play().then(() => setTimeout(() => done(v.currentTime), 600), (e) => done('error: ' + e));")
@@ -485,6 +510,10 @@ def test_swagger_and_redoc_work_offline_in_a_real_browser(server):
     ("missing_audio", 422, ["audio"]),
     ("zero_steps", 422, ["steps"]),
     ("unknown_sampler", 422, ["sampler"]),
+    ("max_side_too_small", 422, ["max_side", "greater than or equal to 16"]),
+    ("max_side_too_large", 422, ["max_side", "less than or equal to 4096"]),
+    ("max_side_not_a_number", 422, ["max_side", "integer"]),
+    ("paste_back_not_a_bool", 422, ["paste_back", "boolean"]),
     ("path_in_filename", 400, ["path"]),
 ])
 def test_bad_input_gets_a_4xx_reason(server, case, expect, words):
@@ -499,6 +528,10 @@ def test_bad_input_gets_a_4xx_reason(server, case, expect, words):
         "missing_audio": dict(audio=None),
         "zero_steps": dict(steps=0),
         "unknown_sampler": dict(sampler="euler"),
+        "max_side_too_small": dict(max_side=8),
+        "max_side_too_large": dict(max_side=100_000),
+        "max_side_not_a_number": dict(max_side="big"),
+        "paste_back_not_a_bool": dict(paste_back="sometimes"),
         "path_in_filename": dict(names=("../../etc/face.png", "speech.wav")),
     }[case]
     kwargs = {"portrait": face, "audio": speech} | kwargs
@@ -624,37 +657,46 @@ def write_inputs(folder: Path) -> dict[str, Path]:
 
 
 def test_batch_through_the_serve_app(server, tmp_path):
-    """Good rows rendered by the running app's Renderer, bad rows recorded, a re-run renders nothing."""
+    """Good rows rendered by the running app's Renderer, bad rows recorded, a re-run renders nothing.
+    Per-row paste-back: by default the 96 px portrait's size (larger than the 64 px crop), false: the
+    crop, max_side: capped; a row with a bad max_side fails alone."""
     render_batch = load_job("render_batch")
-    inputs = write_inputs(tmp_path / "in")
+    write_inputs(tmp_path / "in")  # face.png, speech.wav, short.wav, notes.png beside the manifest
     manifest = tmp_path / "in" / "rows.csv"
     manifest.write_text(
-        "id,portrait,audio,steps,sampler\n"
-        "alice,face.png,speech.wav,,\n"
-        "bob,face.png,short.wav,10,dpm\n"
-        "carol,face.png,missing.wav,,\n"        # no such file
-        "dave,notes.png,short.wav,,\n"          # not an image: fails inside the renderer
-        "../evil,face.png,short.wav,,\n"        # unsafe id
-        "erin,face.png,short.wav,,euler\n"      # unknown sampler
-        "alice,face.png,short.wav,,\n")         # duplicate id
+        "id,portrait,audio,steps,sampler,paste_back,max_side\n"
+        "alice,face.png,speech.wav,,,,\n"
+        "bob,face.png,short.wav,10,dpm,false,\n"
+        "carol,face.png,missing.wav,,,,\n"        # no such file
+        "dave,notes.png,short.wav,,,,\n"          # not an image: fails inside the renderer
+        "../evil,face.png,short.wav,,,,\n"        # unsafe id
+        "erin,face.png,short.wav,,euler,,\n"      # unknown sampler
+        "alice,face.png,short.wav,,,,\n"          # duplicate id
+        "gina,face.png,short.wav,,,,8\n"          # max_side below 16
+        "frank,face.png,short.wav,,,,48\n")       # capped: 48 px, below even the crop's 64
     out = tmp_path / "out"
     assert render_batch.main(["--manifest", str(manifest), "--out", str(out), "--no-progress"]) == 0
     rows = {r["row"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
-    assert [rows[i]["status"] for i in range(7)] == ["done", "done"] + ["failed"] * 5
-    assert not any(rows[i]["reused"] for i in range(7))
-    errors = [rows[i]["error"] for i in range(2, 7)]
-    for error, word in zip(errors, ["not found", "portrait", "plain name", "sampler", "earlier row"]):
+    statuses = ["done", "done"] + ["failed"] * 6 + ["done"]
+    assert [rows[i]["status"] for i in range(9)] == statuses
+    assert not any(rows[i]["reused"] for i in range(9))
+    errors = [rows[i]["error"] for i in range(2, 8)]
+    for error, word in zip(errors, ["not found", "portrait", "plain name", "sampler", "earlier row", "max_side"]):
         assert word in error, errors
-    assert load_video_frames(out / "alice.mp4").shape[0] == 25
-    assert load_video_frames(out / "bob.mp4").shape[0] == 12 and rows[1]["clips"] == 2
+    assert "\n" not in rows[7]["error"]
+    assert load_video_frames(out / "alice.mp4").shape == (25, 96, 96, 3)  # pasted back: the portrait's size
+    assert load_video_frames(out / "bob.mp4").shape == (12, 64, 64, 3) and rows[1]["clips"] == 2  # the crop
+    assert load_video_frames(out / "frank.mp4").shape == (12, 48, 48, 3)
     assert rows[0]["seconds_total"] > 0 and rows[0]["frames"] == 25
+    assert (rows[0]["paste_back"], rows[0]["max_side"], rows[1]["paste_back"], rows[8]["max_side"]) == \
+        (True, 1920, False, 48)
     assert (rows[1]["steps"], rows[1]["sampler"], rows[1]["dtype"]) == (10, "dpm", "fp32")
-    assert sorted(p.name for p in out.iterdir()) == ["alice.mp4", "bob.mp4", "results.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["alice.mp4", "bob.mp4", "frank.mp4", "results.parquet"]
     mtime = (out / "alice.mp4").stat().st_mtime_ns
     assert render_batch.main(["--manifest", str(manifest), "--out", str(out), "--no-progress"]) == 0
     again = pq.read_table(out / "results.parquet").to_pylist()
-    assert [r["status"] for r in again] == ["done", "done"] + ["failed"] * 5
-    assert [r["reused"] for r in again] == [True, True] + [False] * 5
+    assert [r["status"] for r in again] == statuses
+    assert [r["reused"] for r in again] == [True, True] + [False] * 6 + [True]
     assert (out / "alice.mp4").stat().st_mtime_ns == mtime
 
 
@@ -674,14 +716,16 @@ def test_batch_standalone_on_ray_data_from_the_registry(ray_local, bundle, tmp_p
     out = tmp_path / "out"
     code = render_batch.main(["--manifest", str(manifest), "--out", str(out), "--standalone", "--model",
                               "models:/talk@production", "--mlflow-uri", uri, "--steps", "4", "--cpus", "0.5",
-                              "--dtype", "bf16", "--overlap-decode", "--no-progress"])
+                              "--dtype", "bf16", "--overlap-decode", "--max-side", "80", "--no-progress"])
     assert code == 0
     rows = pq.read_table(out / "results.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["done", "failed"]
     # the speed switches reached the Ray Data actors: the row says what rendered it
     assert (rows[0]["dtype"], rows[0]["steps"], rows[0]["sampler"]) == ("bf16", 4, "ddim")
     assert "audio" in rows[1]["error"]
-    assert load_video_frames(out / "one.mp4").shape == (12, 64, 64, 3)
+    # the job-wide --max-side: the 96 px portrait pasted back (auto), capped at 80
+    assert (rows[0]["paste_back"], rows[0]["max_side"]) == (True, 80)
+    assert load_video_frames(out / "one.mp4").shape == (12, 80, 80, 3)
 
 
 def test_batch_starts_and_removes_its_own_app(server, bundle, tmp_path):
@@ -697,9 +741,10 @@ def test_batch_starts_and_removes_its_own_app(server, bundle, tmp_path):
     assert render_batch.main(args) == 2  # no such app and no --model: a clear error, nothing started
     assert render_batch.main(args + ["--model", str(bundle), "--dtype", "fp16"]) == 2  # fp16 needs a GPU
     assert render_batch.main(args + ["--model", str(bundle), "--max-batch", "0"]) == 2
+    assert render_batch.main(args + ["--model", str(bundle), "--max-side", "5"]) == 2  # below 16
     assert not out.exists() and "batch-only" not in serve.status().applications
-    assert render_batch.main(args + ["--model", str(bundle), "--cpus", "0", "--steps", "3"]) == 0
-    assert (out / "row00000.mp4").is_file()
+    assert render_batch.main(args + ["--model", str(bundle), "--cpus", "0", "--steps", "3", "--no-paste-back"]) == 0
+    assert load_video_frames(out / "row00000.mp4").shape == (12, 64, 64, 3)  # the job-wide flag: the crop only
     assert "batch-only" not in serve.status().applications
 
 

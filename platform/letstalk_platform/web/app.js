@@ -172,6 +172,7 @@ async function render(event) {
     form.append("steps", steps);
   }
   form.append("seed", $("seed").value || "0");
+  if (!$("paste-back").checked) form.append("paste_back", "false");  // checked: the server's auto
   $("render").disabled = true;
   $("job").hidden = true;  // the last render's progress and video go until this one is accepted
   $("video").hidden = true;
