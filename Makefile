@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) jobs/demo.py --out out/demo
 
-# seconds: the shipped learned model (models/demo) renders a drawn portrait + speech-like audio
+# seconds: the shipped learned model (letstalk/models/demo) renders a drawn portrait + speech-like audio
 quick-demo: install
 	$(PY) -m letstalk.cli demo --out out/quick-demo
 

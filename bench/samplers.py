@@ -1,6 +1,6 @@
 """Sampler quality vs cost on a trained model: DDIM / DPM-Solver++ at 10-50 steps vs DDPM-250.
 
-    python bench/samplers.py --model models/demo --data out/demo/shards [--videos 4] [--frames 100]
+    python bench/samplers.py --model letstalk/models/demo --data out/demo/shards [--videos 4] [--frames 100]
 
 Renders the held-out videos of the shard folder's eval split with each setting (the evaluate job's
 protocol: first frame as the portrait, the video's own audio) and prints, per setting, lip sync
@@ -24,7 +24,7 @@ SETTINGS = [("ddpm", 250), ("ddim", 50), ("ddim", 25), ("ddim", 10), ("dpm", 25)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="models/demo")
+    p.add_argument("--model", default="letstalk/models/demo")
     p.add_argument("--data", required=True, help="shard folder whose eval split holds held-out identities")
     p.add_argument("--videos", type=int, default=4)
     p.add_argument("--frames", type=int, default=100)

@@ -42,16 +42,17 @@ A800_BF16_PEAK = 312e12  # dense bf16 FLOP/s (A100/A800 class)
 
 
 def make_shards(root: Path, preset: str) -> Path:
-    """6 drawn talking videos tokenized with the bundle the preset trains on (models/demo's
+    """6 drawn talking videos tokenized with the bundle the preset trains on (letstalk/models/demo's
     space-to-depth codec for `demo`, a random tiny bundle otherwise)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import talking_video
 
+    from letstalk.cli import SHIPPED
     from letstalk.pipeline import LetsTalkPipeline
     from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
 
     if preset == "demo":
-        bundle = Path(__file__).resolve().parents[1] / "models" / "demo"
+        bundle = SHIPPED
     else:
         bundle = LetsTalkPipeline.init_tiny().save_pretrained(root / "bundle")
     raw = root / "raw"

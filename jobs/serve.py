@@ -2,8 +2,8 @@
 
     export LETSTALK_API_TOKEN=$(python -c "import secrets; print(secrets.token_urlsafe(32))")
     python jobs/serve.py --model models:/letstalk@production --mlflow-uri sqlite:///mlflow.db
-    python jobs/serve.py --model models/demo --port 8000          # a local bundle folder
-    python jobs/serve.py --model models/demo --use-gpu --dtype bf16 --compile regional \
+    python jobs/serve.py --model letstalk/models/demo --port 8000          # a local bundle folder
+    python jobs/serve.py --model letstalk/models/demo --use-gpu --dtype bf16 --compile regional \
         --overlap-decode --batch-clips --max-batch 4 --jobs-per-replica 4   # speed switches (docs/serving.md)
 
 API docs at http://127.0.0.1:8000/docs. The proxy binds 127.0.0.1 unless --host says otherwise;

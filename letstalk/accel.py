@@ -25,7 +25,10 @@ entered, no thread started, and the frames are bit-identical.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -203,6 +206,82 @@ def compile_transformer(transformer: nn.Module, mode: CompileMode, backend: str 
 
 
 # ------------------------------------------------------------------------------------ threads
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, cut to the cgroup's CPU quota (a container
+    limited to 2 CPUs on a 64-core host sees os.cpu_count() = 64, and torch's default thread count
+    follows the host)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),  # cgroup v2: "quota period" or "max ..."
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):  # cgroup v1
+        try:
+            if parse is not None:
+                quota, period = parse(open(path).read())
+            else:
+                quota, period = open(path).read().strip(), open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().strip()
+        except (OSError, ValueError):
+            continue
+        if quota not in ("max", "-1") and int(period) > 0:
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+        break
+    return max(1, cpus)
+
+
+def idle_cpus(sample_s: float = 0.25) -> float | None:
+    """How many of this process's CPUs sat idle over the next `sample_s` seconds (/proc/stat), or None
+    where that cannot be read (not Linux)."""
+    try:
+        mine = os.sched_getaffinity(0)
+    except AttributeError:
+        return None
+
+    def times() -> dict[int, tuple[int, int]]:  # cpu -> (idle + iowait, total) jiffies
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *values = line.split()
+                    ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+                    out[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))
+        return out
+
+    try:
+        before = times()
+        time.sleep(sample_s)
+        after = times()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = 0.0
+    for cpu in mine & before.keys() & after.keys():
+        total = after[cpu][1] - before[cpu][1]
+        idle += (after[cpu][0] - before[cpu][0]) / total if total > 0 else 1.0
+    return idle
+
+
+def auto_threads() -> int:
+    """The torch thread count for a render: the usable CPUs that are idle now, at least 1.
+
+    More threads than idle cores is slow on CPU: each parallel region waits for its slowest thread,
+    and a thread that shares its core with another process is the slowest. Measured (bench/threads.py,
+    2 cores, the demo model, 2 s of audio): with one core busy, 2 threads took 2.1× as long as 1
+    (20.2 s vs 9.5 s); on the idle machine 2 threads took 0.63× as long as 1, and 4 or 8 threads
+    1.6-2.0× as long as 2."""
+    usable = usable_cpus()
+    idle = idle_cpus()
+    return usable if idle is None else max(1, min(usable, round(idle)))
+
+
+def set_threads(threads: int | None = None) -> int:
+    """torch's intra-op threads: `threads`, or auto_threads(); returns the count set."""
+    n = auto_threads() if threads is None else threads
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n
 
 
 def torch_thread_pool(max_workers: int, thread_name_prefix: str = "") -> ThreadPoolExecutor:

@@ -2,6 +2,8 @@
 
     letstalk render PORTRAIT AUDIO -o OUT.mp4 [--model DIR|models:/NAME@ALIAS] [--steps N]
                     [--sampler ddpm|ddim|dpm] [--guidance G] [--seed S]
+    letstalk bundle OUT --vae PATH --audio-encoder PATH (--transformer PATH | --preset B)
+                                  a bundle from local weights (SD VAE, wav2vec2, a trained transformer)
     letstalk init-tiny DIR        save a random-initialised tiny bundle (no model hub needed)
     letstalk demo [--out out/demo] render a drawn portrait + speech-like audio with a tiny bundle
     letstalk make-dataset OUT --videos N --seconds S --seed K   procedural talking faces (mp4 + JSON)
@@ -20,10 +22,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .accel import set_threads, usable_cpus
 from .config import PRESETS
 from .diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, GaussianDiffusion
+from .paste import DEFAULT_MAX_SIDE
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "demo"  # the learned demo model (a checkout)
+# the learned demo model: package data (pyproject.toml), so a wheel install has it as well as a checkout
+SHIPPED = Path(__file__).resolve().parent / "models" / "demo"
 
 
 def latents_to_strip(latents: torch.Tensor, scale: int = 8) -> Image.Image:
@@ -131,6 +136,16 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from .bundle import assemble
+
+    report = assemble(args.out, vae=args.vae, audio_encoder=args.audio_encoder, transformer=args.transformer,
+                      preset=args.preset, image_size=args.image_size, vae_scaling_factor=args.vae_scaling_factor,
+                      overwrite=args.overwrite, fps=args.fps, sample_rate=args.sample_rate)
+    print("\n".join(report.lines()))
+    return 0
+
+
 def resolve_model(model: str | os.PathLike | None, mlflow_uri: str | None = None) -> Path:
     """`--model`: a bundle folder, models:/NAME@ALIAS from an MLflow registry (through the platform,
     when installed), or nothing: the shipped demo model."""
@@ -158,18 +173,22 @@ def cmd_render(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise ValueError(f"output folder {str(out.parent)!r} does not exist")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = set_threads(getattr(args, "threads", None))
+    if getattr(args, "threads", None) is None and threads < usable_cpus():
+        print(f"letstalk: {usable_cpus() - threads} of {usable_cpus()} CPUs are busy: rendering on {threads} "
+              f"thread{'s' if threads > 1 else ''} (--threads to choose)", file=sys.stderr)
     bundle = resolve_model(args.model, getattr(args, "mlflow_uri", None))
     pipe = LetsTalkPipeline.from_pretrained(bundle, device=device)
     if bundle.resolve() == SHIPPED.resolve():
         size = pipe.image_size
-        print(f"model: models/demo, trained on drawn faces at {size}x{size} px: a real photo will not look "
-              f"real (README: bring your own weights or train one)", file=sys.stderr)
+        print(f"model: the demo model ({SHIPPED}), trained on drawn faces at {size}x{size} px: a real photo "
+              f"will not look real (README: bring your own weights or train one)", file=sys.stderr)
     bar = StepBar(f"rendering ({args.sampler} × {args.steps})")
     try:
         result = pipe.render_to_file(args.portrait, args.audio, out, steps=args.steps, sampler=args.sampler,
                                      guidance=args.guidance, seed=args.seed, progress=bar,
                                      paste_back=getattr(args, "paste_back", False),
-                                     max_side=getattr(args, "max_side", 1920))
+                                     max_side=getattr(args, "max_side", DEFAULT_MAX_SIDE))
     finally:
         bar.close()
     if not result.face_found:
@@ -200,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", help="speech audio (wav, mp3, ogg, m4a, or a video with sound)")
     p.add_argument("-o", "--out", required=True, help="output .mp4")
     p.add_argument("--model", default=None, help="a bundle folder, or models:/NAME@ALIAS from an MLflow registry "
-                   "(--mlflow-uri or $MLFLOW_TRACKING_URI); default: the shipped demo model, models/demo")
+                   "(--mlflow-uri or $MLFLOW_TRACKING_URI); default: the demo model shipped in the package, "
+                   "letstalk/models/demo")
     p.add_argument("--mlflow-uri", default=None, help="registry for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps per clip (paper: 250 DDPM)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER,
@@ -210,8 +230,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=None,
                    help="composite the generated face into the full portrait (its size, feathered seam, matched "
                         "colour); default: on when the portrait is larger than the model's crop")
-    p.add_argument("--max-side", type=int, default=1920, help="with paste-back: the video's longer side at most")
+    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="with paste-back: the video's longer side at most")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; default: the CPUs this process may use (affinity mask, cgroup quota) "
+                        "that are idle at start (with one of 2 cores busy, 2 threads measured 2.1x slower than 1)")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("bundle", help="assemble a bundle from local weights: a VAE, a wav2vec2 folder and a trained "
+                       "transformer (or a preset with fresh weights, to preprocess and train)", **shown)
+    p.add_argument("out", help="the bundle folder to write (must not exist)")
+    p.add_argument("--vae", required=True, help="a diffusers AutoencoderKL folder (or a pipeline folder with vae/), "
+                   "or the original single-file SD VAE (.safetensors, .ckpt), e.g. vae-ft-mse-840000-ema-pruned")
+    p.add_argument("--vae-scaling-factor", type=float, default=None,
+                   help="latent scale; default: the folder's config.json, else 0.18215 (SD 1.x/2.x) for a single file")
+    p.add_argument("--audio-encoder", required=True, help="a transformers wav2vec2 folder, e.g. wav2vec2-base-960h")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--transformer", default=None,
+                       help="a LetsTalkTransformer folder, a training checkpoint folder, or a bundle")
+    which.add_argument("--preset", choices=list(PRESETS), default=None,
+                       help="a new transformer of this size, fresh weights, inputs sized from the VAE and audio encoder")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="frame side in pixels; default: the transformer's, or 256 with --preset")
+    p.add_argument("--fps", type=int, default=None, help="video frame rate; default: the transformer's bundle, else 25")
+    p.add_argument("--sample-rate", type=int, default=None,
+                   help="audio sample rate; default: the transformer's bundle, else 16000")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_bundle)
 
     p = sub.add_parser("init-tiny", help="save a random-initialised tiny bundle", **shown)
     p.add_argument("dir", help="the bundle folder to write")
@@ -221,12 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="render a drawn portrait and speech-like audio with the shipped demo model", **shown)
     p.add_argument("--out", default="out/quick-demo", help="folder for the portrait, audio, video, contact sheet")
     p.add_argument("--model", default=None,
-                   help="bundle directory (default: models/demo of this checkout, else a new random tiny bundle)")
+                   help="bundle directory (default: the shipped demo model, letstalk/models/demo; if absent, "
+                        "a new random tiny bundle)")
     p.add_argument("--seconds", type=float, default=4.0, help="length of the speech-like audio")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps per clip")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER, help="the sampler")
     p.add_argument("--guidance", type=float, default=1.0, help="audio classifier-free guidance (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="portrait, audio and noise seed")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; default: the CPUs this process may use (affinity mask, cgroup quota) "
+                        "that are idle at start (with one of 2 cores busy, 2 threads measured 2.1x slower than 1)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("make-dataset", help="write procedural talking-face videos (mp4 + JSON ground truth)", **shown)

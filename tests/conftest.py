@@ -149,3 +149,28 @@ def postgres_url():
     subprocess.run([*as_user, f"{bin_dir}/pg_ctl", "-D", str(data / "db"), "-m", "immediate", "stop"],
                    capture_output=True, timeout=60)
     shutil.rmtree(data, ignore_errors=True)
+
+
+def ldm_state_dict(vae) -> dict:
+    """A diffusers AutoencoderKL's weights under the original LDM names (the layout of
+    vae-ft-mse-840000-ema-pruned.safetensors): the inverse of diffusers' conversion, written here
+    so that a wrong name or shape in it makes diffusers' loader fail the tests."""
+    import re
+
+    n = len(vae.config.block_out_channels)
+    out = {}
+    for key, value in vae.state_dict().items():
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", key)
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+                   lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.", k)  # LDM counts up blocks from the bottom
+        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample.", k)
+        k = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", k)
+        k = k.replace(".mid_block.attentions.0.", ".mid.attn_1.").replace("conv_shortcut", "nin_shortcut")
+        k = k.replace(".conv_norm_out.", ".norm_out.")
+        if ".attn_1." in k:  # LDM's attention is 1x1 convolutions
+            k = (k.replace(".group_norm.", ".norm.").replace(".to_q.", ".q.").replace(".to_k.", ".k.")
+                 .replace(".to_v.", ".v.").replace(".to_out.0.", ".proj_out."))
+            value = value[:, :, None, None] if value.ndim == 2 else value
+        out[k] = value.contiguous().clone()
+    return out

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from letstalk import metrics
 from letstalk.artifacts import InputRecord, ShardManifest
+from letstalk.cli import SHIPPED  # the shipped demo model (package data)
 from letstalk.clips import ClipSpec
 from letstalk.faces import FaceSettings
 from letstalk.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
@@ -52,7 +53,7 @@ class DemoConfig(BaseModel):
     steps: int = Field(DEFAULT_STEPS, ge=1, description="sampler steps for the renders and the evaluation")
     sampler: str = DEFAULT_SAMPLER
     eval_videos: int = Field(6, ge=2)
-    compare: list[str] = Field(default_factory=lambda: ["models/demo"],
+    compare: list[str] = Field(default_factory=lambda: [str(SHIPPED)],
                                description="other bundles scored in the same table (skipped if missing)")
     fresh: bool = False
 

@@ -77,7 +77,7 @@ def test_render_with_no_model_uses_the_demo_model_from_anywhere(tmp_path, portra
                          cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "t.mp4").exists() and "ddim × 25" in run.stderr
-    assert "models/demo, trained on drawn faces" in run.stderr and "will not look real" in run.stderr
+    assert f"the demo model ({SHIPPED}), trained on drawn faces" in run.stderr and "will not look real" in run.stderr
 
 
 @pytest.mark.slow
@@ -100,7 +100,7 @@ def test_render_a_registry_model_from_a_fresh_shell(tmp_path, portrait):
                          "--model", "models:/cli-tiny@production", "--steps", "2"], cwd=tmp_path, env=env,
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert out.exists() and "10 frames" in ok.stdout and "models/demo" not in ok.stderr
+    assert out.exists() and "10 frames" in ok.stdout and "the demo model" not in ok.stderr
     assert list((tmp_path / "home" / ".cache" / "letstalk" / "models").glob("cli-tiny-v1-*/pipeline.json"))
     bad = subprocess.run([sys.executable, "-m", "letstalk.cli", "render", str(portrait), "speech.wav", "-o",
                           str(tmp_path / "u.mp4"), "--model", "models:/cli-tiny@nosuch"], cwd=tmp_path, env=env,

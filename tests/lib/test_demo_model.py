@@ -1,21 +1,19 @@
 """The learned demo model's pieces: space-to-depth codec, `demo` preset and bundle, x0 clipping,
-the training knobs (LR schedule, EMA warmup), and the shipped models/demo bundle."""
+the training knobs (LR schedule, EMA warmup), and the shipped letstalk/models/demo bundle."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from letstalk.cli import SHIPPED
 from letstalk.config import LetsTalkConfig
 from letstalk.diffusion import ClipTarget, GaussianDiffusion
 from letstalk.pipeline import LetsTalkPipeline
 from letstalk.training import EMA
 from letstalk.vae import LatentCodec, SpaceToDepthCodec, codec_downsample, load_codec, tiny_codec
 
-ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "models" / "demo"
 
 
 def test_space_to_depth_codec_is_lossless_and_saves(tmp_path):
@@ -93,16 +91,16 @@ def test_lr_schedule_and_ema_warmup():
     assert ema.current_decay() == 0.999
 
 
-@pytest.mark.skipif(not (SHIPPED / "pipeline.json").is_file(), reason="models/demo not built yet")
+@pytest.mark.skipif(not (SHIPPED / "pipeline.json").is_file(), reason="letstalk/models/demo not built yet")
 def test_shipped_demo_model_loads_and_fits_the_budget():
     size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
-    assert size <= 20 * 2**20, f"models/demo is {size / 2**20:.1f} MiB"
+    assert size <= 20 * 2**20, f"letstalk/models/demo is {size / 2**20:.1f} MiB"
     pipe = LetsTalkPipeline.from_pretrained(SHIPPED)
     assert isinstance(pipe.codec, SpaceToDepthCodec) and pipe.image_size == 48
     assert pipe.transformer.cfg == LetsTalkConfig.from_name("demo")
 
 
-@pytest.mark.skipif(not (SHIPPED / "pipeline.json").is_file(), reason="models/demo not built yet")
+@pytest.mark.skipif(not (SHIPPED / "pipeline.json").is_file(), reason="letstalk/models/demo not built yet")
 def test_shipped_demo_model_moves_the_mouth_with_the_audio():
     """The learned part, on identities it never saw (new random draws): rendered from the first frame
     and the video's own audio, the mouth follows the audio (the issue's bar: sync >= 0.5 and >= 0.3

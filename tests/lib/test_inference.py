@@ -348,3 +348,30 @@ def test_regional_compile_on_gpu(face, wave):
     pipe.set_inference(compile="regional", dtype="bf16")
     got = pipe.render(face, wave, **RENDER).frames
     assert np.abs(got.astype(int) - ref.astype(int)).mean() < 1.0
+
+
+def test_the_thread_count_leaves_busy_cores_alone():
+    """Default threads = usable CPUs that are idle now: a process spinning on all but one of them
+    leaves one thread (bench/threads.py: 2 threads beside a busy core took 2.1× as long as 1)."""
+    import subprocess
+    import sys
+    import time
+
+    from letstalk.accel import auto_threads, set_threads, usable_cpus
+
+    usable = usable_cpus()
+    if usable < 2:
+        pytest.skip("one usable CPU: the count cannot go down")
+    before = torch.get_num_threads()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable - 1)]
+    try:
+        time.sleep(0.5)
+        assert auto_threads() == 1
+        assert set_threads() == 1 and torch.get_num_threads() == 1
+        assert set_threads(2) == 2 and torch.get_num_threads() == 2  # asked for: given
+    finally:
+        for hog in hogs:
+            hog.kill()
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        set_threads(0)

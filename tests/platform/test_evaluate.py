@@ -210,7 +210,8 @@ def test_evaluate_on_real_footage(realdata, tmp_path):
         (folder / f"{name}.mp4").symlink_to(realdata / "videos" / f"{name}.mp4")
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--model", str(ROOT / "models" / "demo"),
+    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"),
+                          "--model", str(ROOT / "letstalk" / "models" / "demo"),
                           "--reference-videos", str(folder), "--face-model", str(FACE_MODEL), "--max-seconds", "3",
                           "--steps", "2", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
