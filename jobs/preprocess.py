@@ -18,7 +18,8 @@ from letstalk_platform.preprocess import PreprocessConfig, quality_table, run_pr
 from letstalk_platform.runtime import add_config_flags, init_ray, load_config
 
 
-FLAGS = {"--input": "input", "--output": "output", "--model": "model", "--clip-frames": "clip_frames",
+FLAGS = {"--input": "input", "--output": "output", "--model": "model", "--mlflow-uri": "mlflow_uri",
+         "--clip-frames": "clip_frames",
          "--stride": "stride", "--image-size": "image_size", "--eval-fraction": "eval_fraction",
          "--tokenizers": "tokenizers", "--decoders": "decoders", "--use-gpu": "use_gpu", "--debug-videos": "limit",
          "--face-detector": "faces.detector", "--face-model": "faces.model", "--face-margin": "faces.margin",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ from letstalk.clips import ClipSpec, build_clip_rows, decode_video, load_mouth_t
 from letstalk.faces import FaceSettings
 from letstalk.quality import QualityFilters
 from letstalk.vae import LatentCodec, codec_downsample
+
+from .tracking import MODEL_URI, resolve_bundle
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 
@@ -108,7 +111,9 @@ class PreprocessConfig(BaseModel):
 
     input: str = Field(description="folder of videos, a glob, or a .txt list of paths")
     output: str
-    model: str = Field(description="bundle dir: its vae/ and audio_encoder/ tokenize, its transformer sets sizes")
+    model: str = Field(description="bundle dir or models:/<name>@<alias>: its vae/ and audio_encoder/ tokenize, its "
+                                   "transformer sets sizes")
+    mlflow_uri: str | None = Field(None, description="registry for models:/ URIs (None: $MLFLOW_TRACKING_URI)")
     fps: int = 25
     sample_rate: int = 16000
     image_size: int | None = None
@@ -235,8 +240,9 @@ class DecodeVideo:
 class Tokenizer:
     """Loads the codec and the audio encoder once per actor; per video: encode, cut clips, write the shard."""
 
-    def __init__(self, model: str, spec: ClipSpec, output: str):
+    def __init__(self, model: str, spec: ClipSpec, output: str, mlflow_uri: str | None = None):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = local_bundle(model, mlflow_uri)  # a registry model: downloaded once to this node's cache
         self.codec = LatentCodec.from_pretrained(Path(model) / "vae", device=self.device)
         self.audio = AudioEncoder.from_pretrained(Path(model) / "audio_encoder", window=spec.audio_window,
                                                   device=self.device)
@@ -317,18 +323,27 @@ def _one_line(e: BaseException) -> str:
 # The job
 # ------------------------------------------------------------------------------------------
 
+def local_bundle(model: str, mlflow_uri: str | None = None) -> Path:
+    """`model` as a folder on this node: a registry model is downloaded to the node's cache."""
+    if MODEL_URI.match(model):
+        return resolve_bundle(model, mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    return Path(model)
+
+
 def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:
     """Plan, run the Ray Data pipeline over what is not done yet, write the manifest. Returns it."""
     # absolute paths: actors need not share the driver's working directory, and the manifest is read later
-    cfg = cfg.model_copy(update={k: str(Path(getattr(cfg, k)).resolve()) for k in ("input", "output", "model")})
+    paths = ("input", "output") if MODEL_URI.match(cfg.model) else ("input", "output", "model")
+    cfg = cfg.model_copy(update={k: str(Path(getattr(cfg, k)).resolve()) for k in paths}
+                         | {"mlflow_uri": cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")})
     if cfg.faces.model:  # checked here, on the driver (a cluster YAML names paths of the cluster's nodes)
         if not Path(cfg.faces.model).is_file():
             raise ValueError(f"faces.model {cfg.faces.model}: file not found (a MediaPipe face_landmarker .task file)")
         cfg = cfg.model_copy(update={"faces": cfg.faces.model_copy(update={"model": str(Path(cfg.faces.model).resolve())})})
-    spec = clip_spec(cfg)
+    bundle = local_bundle(cfg.model, cfg.mlflow_uri)
+    spec = clip_spec(cfg.model_copy(update={"model": str(bundle)}))
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    bundle = Path(cfg.model)
     models = {name: dir_fingerprint(bundle / name) for name in ("vae", "audio_encoder")}
     try:  # a manifest of an older version (or none) only lends its finished inputs
         previous_manifest = ShardManifest.load(output)
@@ -365,7 +380,8 @@ def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:
         ds = ds.map(DecodeVideo, fn_constructor_kwargs=decode_args, scheduling_strategy="SPREAD",
                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.decoders))
         ds = ds.map_batches(
-            Tokenizer, fn_constructor_kwargs={"model": cfg.model, "spec": spec, "output": str(output)},
+            Tokenizer, fn_constructor_kwargs={"model": cfg.model, "spec": spec, "output": str(output),
+                                              "mlflow_uri": cfg.mlflow_uri},
             batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizers),
             num_gpus=1 if cfg.use_gpu else 0, scheduling_strategy="SPREAD")
         for row in ds.iter_rows():

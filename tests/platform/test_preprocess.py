@@ -177,6 +177,22 @@ def test_load_clips_ignores_unlisted_files(ray_local, raw, bundle, tmp_path):
         load_clips(tmp_path, "train")
 
 
+def test_a_registry_model_tokenizes_as_its_folder(ray_local, raw, bundle, tmp_path):
+    """`model: models:/NAME@ALIAS`: the driver and each tokenizer actor download the registered bundle
+    to their node's cache; the shards are cut with the same codecs as from the folder."""
+    from letstalk.artifacts import dir_fingerprint
+    from letstalk_platform.tracking import register_bundle, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register_bundle(uri, start_run(uri, "pp-test", "tiny", {}), bundle, "pp-tiny", "production")
+    manifest = run(raw, tmp_path / "shards", "models:/pp-tiny@production", mlflow_uri=uri, limit=2)
+    assert manifest.counts()["done"] == 2
+    assert manifest.models == {name: dir_fingerprint(bundle / name) for name in ("vae", "audio_encoder")}
+    assert Path(manifest.bundle) != bundle and (Path(manifest.bundle) / "pipeline.json").is_file()
+    with pytest.raises(ValueError, match="pp-tiny@nosuch: not in the registry"):
+        run(raw, tmp_path / "other", "models:/pp-tiny@nosuch", mlflow_uri=uri)
+
+
 def test_old_manifests_and_changed_codecs(ray_local, bundle, tmp_path):
     """A version-1 manifest: readers stop with the re-run command, and the re-run reuses its shards.
     Codecs that changed since tokenizing: shards are redone, and a bundle is never exported with them."""
