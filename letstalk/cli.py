@@ -188,7 +188,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         result = pipe.render_to_file(args.portrait, args.audio, out, steps=args.steps, sampler=args.sampler,
                                      guidance=args.guidance, seed=args.seed, progress=bar,
                                      paste_back=getattr(args, "paste_back", False),
-                                     max_side=getattr(args, "max_side", DEFAULT_MAX_SIDE))
+                                     max_side=getattr(args, "max_side", DEFAULT_MAX_SIDE),
+                                     stream=getattr(args, "stream", False))
     finally:
         bar.close()
     if not result.face_found:
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composite the generated face into the full portrait (its size, feathered seam, matched "
                         "colour); default: on when the portrait is larger than the model's crop")
     p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="with paste-back: the video's longer side at most")
+    p.add_argument("--stream", action="store_true",
+                   help="write OUT as a fragmented mp4 that grows clip by clip, playable while it renders "
+                        "(default: OUT appears only when complete)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; default: the CPUs this process may use (affinity mask, cgroup quota) "
                         "that are idle at start (with one of 2 cores busy, 2 threads measured 2.1x slower than 1)")

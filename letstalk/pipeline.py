@@ -370,14 +370,15 @@ class LetsTalkPipeline:
         return RenderResult(len(frames), self.settings.fps, inputs.face_found, seconds, frames, inputs.audio)
 
     def render_to_file(self, portrait, audio, out: str | os.PathLike, *, paste_back: bool | None = False,
-                       max_side: int = DEFAULT_MAX_SIDE, **kwargs) -> RenderResult:
+                       max_side: int = DEFAULT_MAX_SIDE, stream: bool = False, **kwargs) -> RenderResult:
         """Render straight into an mp4 (H.264 + AAC), streaming clips to ffmpeg as they finish.
         `portrait` and `audio` as for `prepare` (PreparedInputs and None, or the two inputs).
         `paste_back`: the video has the portrait's size (longer side at most `max_side`), the generated
         face composited into it (letstalk.paste.PasteBack); None: so when the portrait is larger than the
         model's crop (PreparedInputs.pastes_back). PreparedInputs must carry the photo for it.
 
-        The file appears at `out` only when complete.
+        The file appears at `out` only when complete; with `stream`, `out` is a fragmented mp4 that
+        grows as the clips are rendered (a player can start on it; removed if the render fails).
         """
         t0 = time.perf_counter()
         inputs = self.prepare(portrait, audio)  # keeps the decoded photo: it is not decoded again below
@@ -395,7 +396,8 @@ class LetsTalkPipeline:
                 count += len(clip)
                 yield from (map(paste, clip) if paste else clip)
 
-        write_video(out, frames(), fps=self.settings.fps, audio=inputs.audio, sample_rate=self.settings.sample_rate)
+        write_video(out, frames(), fps=self.settings.fps, audio=inputs.audio, sample_rate=self.settings.sample_rate,
+                    stream=stream)
         seconds["total"] = time.perf_counter() - t0
         seconds["mux"] = max(0.0, seconds["total"] - sum(seconds.get(k, 0.0) for k in ("inputs", "audio", "denoise", "decode")))
         return RenderResult(count, self.settings.fps, inputs.face_found, seconds)

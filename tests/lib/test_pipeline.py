@@ -107,6 +107,45 @@ def test_render_to_mp4_matches_the_audio_duration(pipe, portrait, tmp_path):
     assert {"audio", "denoise", "decode", "mux"} <= result.seconds.keys()
 
 
+def test_a_streamed_render_is_playable_while_it_renders(pipe, portrait, tmp_path):
+    """`stream=True`: a fragmented mp4 at `out` that a decoder reads while later clips are still being
+    denoised (all of clip k but at most its last frame by the time clip k + 1 is done); complete and
+    the same length at the end. Without `stream`, nothing is at `out` until the end."""
+    import re
+    import subprocess
+    import time
+
+    from letstalk.media import ffmpeg_exe
+
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech_like(1.5), 16000)
+
+    def decodable(path) -> int:
+        run = subprocess.run([ffmpeg_exe(), "-v", "error", "-stats", "-i", str(path), "-map", "0:v", "-f", "null", "-"],
+                             capture_output=True, text=True)
+        counts = re.findall(r"frame=\s*(\d+)", run.stderr)
+        return int(counts[-1]) if run.returncode == 0 and counts else 0
+
+    for stream in (True, False):
+        out = tmp_path / f"stream-{stream}.mp4"
+        seen: list[tuple[int, int]] = []  # (clips finished, frames decodable then)
+
+        def progress(done, total, out=out, seen=seen, wait=5 if stream else 0):
+            if done % 2 == 0 and done < total:  # a clip (2 steps) has just been denoised
+                want = 8 * (done // 2 - 1) - 1  # the clips before it, less the frame ffmpeg holds back
+                deadline = time.monotonic() + wait
+                while (n := decodable(out) if out.exists() else 0) < want and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                seen.append((done // 2, n))
+
+        result = pipe.render_to_file(portrait, wav, out, steps=2, sampler="ddim", progress=progress, stream=stream)
+        assert result.num_frames == len(load_video_frames(out)) == round(1.5 * 25) and probe(out).has_audio
+        if stream:
+            assert [n for k, n in seen[1:]] and all(n >= 8 * (k - 1) - 1 for k, n in seen), seen
+        else:
+            assert all(n == 0 for _, n in seen), seen
+
+
 def test_motion_frames_link_the_clips():
     """Clip 2 sees clip 1 only through its last latents (motion frames)."""
     pipe = LetsTalkPipeline.init_tiny(seed=0)
