@@ -216,19 +216,32 @@ def usable_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),  # cgroup v2: "quota period" or "max ..."
-                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):  # cgroup v1
-        try:
-            if parse is not None:
-                quota, period = parse(open(path).read())
-            else:
-                quota, period = open(path).read().strip(), open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().strip()
-        except (OSError, ValueError):
-            continue
-        if quota not in ("max", "-1") and int(period) > 0:
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-        break
-    return max(1, cpus)
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """The cgroup's CPU quota rounded up to whole CPUs (v2 cpu.max "quota period", v1 cfs_quota_us and
+    cfs_period_us), or None: no quota, or no cgroup file."""
+    v2 = _read("/sys/fs/cgroup/cpu.max")
+    if v2 is not None:
+        quota, _, period = v2.partition(" ")
+    else:
+        quota, period = _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+    try:
+        if quota in (None, "max", "-1") or int(period) <= 0:
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (TypeError, ValueError):
+        return None
 
 
 def idle_cpus(sample_s: float = 0.25) -> float | None:

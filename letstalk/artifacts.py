@@ -59,6 +59,34 @@ def dir_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two model folders hold the same model: the same files, JSON equal but for "_"-keys
+    (diffusers' version and source path), safetensors with equal tensors, other files byte for byte.
+    A bundle re-saved by export (training, distillation) has the codecs of its shards, but not their
+    bytes: dir_fingerprint tells them apart, this does not."""
+    import json
+
+    from safetensors.torch import load_file
+
+    ra, rb = Path(a), Path(b)
+    files = sorted(p.relative_to(ra) for p in ra.rglob("*") if p.is_file())
+    if files != sorted(p.relative_to(rb) for p in rb.rglob("*") if p.is_file()):
+        return False
+    for rel in files:
+        fa, fb = ra / rel, rb / rel
+        if rel.suffix == ".json":
+            strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")} if isinstance(d, dict) else d  # noqa: E731
+            if strip(json.loads(fa.read_text())) != strip(json.loads(fb.read_text())):
+                return False
+        elif rel.suffix == ".safetensors":
+            ta, tb = load_file(fa), load_file(fb)
+            if ta.keys() != tb.keys() or not all(ta[k].dtype == tb[k].dtype and ta[k].equal(tb[k]) for k in ta):
+                return False
+        elif fa.read_bytes() != fb.read_bytes():
+            return False
+    return True
+
+
 # ------------------------------------------------------------------------------------------
 # Shard manifest
 # ------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def resolve_model(model: str | os.PathLike | None, mlflow_uri: str | None = None
         except ImportError:
             raise ValueError(f"{model}: registry models need the platform extra "
                              "(pip install 'letstalk[platform]')") from None
-        return resolve_bundle(str(model), mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        return resolve_bundle(str(model), mlflow_uri)
     return Path(model)
 
 
@@ -174,8 +174,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise ValueError(f"output folder {str(out.parent)!r} does not exist")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = set_threads(getattr(args, "threads", None))
-    if getattr(args, "threads", None) is None and threads < usable_cpus():
-        print(f"letstalk: {usable_cpus() - threads} of {usable_cpus()} CPUs are busy: rendering on {threads} "
+    cpus = usable_cpus()
+    if getattr(args, "threads", None) is None and threads < cpus:
+        print(f"letstalk: {cpus - threads} of {cpus} CPUs are busy: rendering on {threads} "
               f"thread{'s' if threads > 1 else ''} (--threads to choose)", file=sys.stderr)
     bundle = resolve_model(args.model, getattr(args, "mlflow_uri", None))
     pipe = LetsTalkPipeline.from_pretrained(bundle, device=device)
@@ -183,9 +184,10 @@ def cmd_render(args: argparse.Namespace) -> int:
         size = pipe.image_size
         print(f"model: the demo model ({SHIPPED}), trained on drawn faces at {size}x{size} px: a real photo "
               f"will not look real (README: bring your own weights or train one)", file=sys.stderr)
-    bar = StepBar(f"rendering ({args.sampler} × {args.steps})")
+    sampler, steps = pipe.sampling(args.sampler, args.steps)  # unless told: the model's own (pipeline.json)
+    bar = StepBar(f"rendering ({sampler} × {steps})")
     try:
-        result = pipe.render_to_file(args.portrait, args.audio, out, steps=args.steps, sampler=args.sampler,
+        result = pipe.render_to_file(args.portrait, args.audio, out, steps=steps, sampler=sampler,
                                      guidance=args.guidance, seed=args.seed, progress=bar,
                                      paste_back=getattr(args, "paste_back", False),
                                      max_side=getattr(args, "max_side", DEFAULT_MAX_SIDE),
@@ -197,6 +199,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"wrote {out}: {result.num_frames} frames at {result.fps} fps ({parts})")
     return 0
+
+
+# the default of --steps/--sampler: LetsTalkPipeline.sampling
+OWN = f"default: the model's own (its pipeline.json: a distilled student's few steps), else {DEFAULT_SAMPLER} {DEFAULT_STEPS}"
 
 
 class ShowDefaults(argparse.HelpFormatter):
@@ -223,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--mlflow-uri or $MLFLOW_TRACKING_URI); default: the demo model shipped in the package, "
                    "letstalk/models/demo")
     p.add_argument("--mlflow-uri", default=None, help="registry for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps per clip (paper: 250 DDPM)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER,
-                   help="ddpm: the paper's ancestral sampler (use 250 steps); ddim, dpm: fast")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per clip (paper: 250 DDPM); " + OWN)
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="ddpm: the paper's ancestral sampler (use 250 steps); ddim, dpm: fast; " + OWN)
     p.add_argument("--guidance", type=float, default=1.0, help="audio classifier-free guidance (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="the same seed and inputs give the same video")
     p.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=None,
@@ -272,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle directory (default: the shipped demo model, letstalk/models/demo; if absent, "
                         "a new random tiny bundle)")
     p.add_argument("--seconds", type=float, default=4.0, help="length of the speech-like audio")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps per clip")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER, help="the sampler")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per clip; " + OWN)
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="the sampler; " + OWN)
     p.add_argument("--guidance", type=float, default=1.0, help="audio classifier-free guidance (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="portrait, audio and noise seed")
     p.add_argument("--threads", type=int, default=None,

@@ -231,6 +231,65 @@ class GaussianDiffusion:
         nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
+    # ------------------------------------------------------------------ few-step distillation
+
+    def alpha_sigma(self, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(ᾱ_t), sqrt(1-ᾱ_t)) shaped to broadcast against `like`; t = -1 is the clean end (ᾱ = 1,
+        as DDIM's last step with set_alpha_to_one)."""
+        t = torch.as_tensor(t, device=like.device).long().reshape(-1).expand(like.shape[0])
+        bar = torch.from_numpy(np.append(self.alphas_cumprod, 1.0)).to(like.device)[t].float()  # index -1: 1.0
+        bar = bar.view(-1, *([1] * (like.ndim - 1)))
+        return bar.sqrt(), (1 - bar).clamp(min=0).sqrt()
+
+    def pred_x0(self, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """The clean sample the network's prediction (self.prediction, the first C channels) implies at x_t."""
+        a, s = self.alpha_sigma(t, xt)
+        if self.prediction == "sample":
+            return pred
+        if self.prediction == "v_prediction":
+            return a * xt - s * pred
+        return (xt - s * pred) / a
+
+    def ddim_step(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int, s: torch.Tensor | int,
+                  clip_range: float | None = None) -> torch.Tensor:
+        """One deterministic DDIM (η = 0) step from x_t to x_s (s < t; s = -1: the clean end) given the
+        predicted x0, clipped to ±clip_range with ε re-derived from the clipped x0 — the update
+        `sample(sampler="ddim")` makes through diffusers (tests/lib/test_diffusion.py checks it)."""
+        if clip_range is not None:
+            x0 = x0.clamp(-clip_range, clip_range)
+        a_t, s_t = self.alpha_sigma(t, xt)
+        a_s, s_s = self.alpha_sigma(s, xt)
+        eps = (xt - a_t * x0) / s_t
+        return a_s * x0 + s_s * eps
+
+    def student_timesteps(self, steps: int) -> list[int]:
+        """The `steps`-step grid a sampler runs (trailing spacing, as make_scheduler), then -1 (clean)."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
+        grid = np.round(np.arange(self.num_timesteps, 0, -self.num_timesteps / steps)).astype(np.int64) - 1
+        return [int(t) for t in grid] + [-1]
+
+    @torch.no_grad()
+    def teacher_x0_target(self, teacher_fn: ModelFn, xt: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                          substeps: int, clip_range: float | None = None) -> torch.Tensor:
+        """Progressive-distillation target (Salimans & Ho 2022), generalised to `substeps` teacher
+        steps: the teacher runs `substeps` DDIM steps from x_t to x_s (evenly spaced timesteps, per
+        sample); the target is the x0 with which ONE DDIM step from x_t lands exactly on the
+        teacher's x_s. At s = -1 (the clean end) that is the teacher's own sample. (B,) t and s."""
+        if substeps < 1:
+            raise ValueError(f"substeps must be >= 1, got {substeps}")
+        x = xt
+        path = torch.stack([torch.round(t.double() + (s.double() - t.double()) * i / substeps).long()
+                            for i in range(substeps + 1)])  # (substeps + 1, B)
+        for i in range(substeps):
+            out = teacher_fn(x, path[i]).float()
+            pred, _ = self.split_output(out, x)
+            x = self.ddim_step(self.pred_x0(pred, x, path[i]), x, path[i], path[i + 1], clip_range)
+        a_t, s_t = self.alpha_sigma(t, xt)
+        a_s, s_s = self.alpha_sigma(s, xt)
+        ratio = s_s / s_t
+        return (x - ratio * xt) / (a_s - ratio * a_t)
+
     # ------------------------------------------------------------------ sampling
 
     def scheduler_config(self) -> dict:

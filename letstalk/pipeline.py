@@ -37,7 +37,7 @@ import torch
 from .accel import InferenceOptions, autocast, check_sdpa_backend, compile_transformer, overlapped, sdpa_backend
 from .audio import AudioEncoder, LogMelEncoder, tiny_audio_encoder
 from .batching import ClipBatcher
-from .diffusion import SAMPLERS, ClipTarget, GaussianDiffusion
+from .diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ClipTarget, GaussianDiffusion
 from .inputs import InputSpec, PreparedInputs, prepare, prepare_audio
 from .media import write_video
 from .paste import DEFAULT_MAX_SIDE, PasteBack
@@ -68,6 +68,10 @@ class PipelineSettings:
     residual_scale: float = 1.0
     residual_base: str = "portrait"  # the residual's base: the portrait or the clip's last motion frame (ClipTarget)
     prediction: str = "epsilon"  # what the network predicts: "epsilon", "v_prediction" or "sample" (x0; GaussianDiffusion)
+    # how this model renders when a request does not say (`sampling`): a distilled student records the
+    # sampler and step count it was distilled for (jobs/distill.py: ddim, 2); None: DDIM-25
+    sampler: str | None = None
+    steps: int | None = None
 
 
 @dataclass
@@ -103,6 +107,16 @@ class LetsTalkPipeline:
                              f"window {cfg.audio_window}")
         if self.codec.latent_channels != cfg.in_channels:
             raise ValueError(f"codec has {self.codec.latent_channels} latent channels, transformer {cfg.in_channels}")
+
+    def sampling(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
+        """(sampler, steps) for a render: what is given, else this bundle's pipeline.json (a distilled
+        student's few steps), else DDIM-25. The bundle's step count goes only with its own sampler
+        (ddpm asked of a 2-step student renders 25 steps, not 2)."""
+        own = self.settings.sampler or DEFAULT_SAMPLER
+        sampler = sampler or own
+        if steps is None:
+            steps = self.settings.steps if sampler == own and self.settings.steps else DEFAULT_STEPS
+        return sampler, steps
 
     @property
     def image_size(self) -> int:
@@ -251,18 +265,21 @@ class LetsTalkPipeline:
 
     # ------------------------------------------------------------------ rendering
 
-    def iter_clips(self, portrait, audio=None, *, steps: int = 250, sampler: str = "ddpm", guidance: float = 1.0,
+    def iter_clips(self, portrait, audio=None, *, steps: int | None = None, sampler: str | None = None,
+                   guidance: float = 1.0,
                    seed: int = 0, strength: float | None = None, progress: Progress | None = None,
                    seconds: dict[str, float] | None = None) -> Iterator[np.ndarray]:
         """Yield the video clip by clip as uint8 frames (f, H, W, 3).
 
         portrait: PreparedInputs (audio None), image path / array / PIL image, or a reference latent
         (1, C, h, w). audio: audio path or (samples,) float array at the pipeline's sample rate.
+        `steps`, `sampler`: None takes the bundle's (`sampling`).
         `progress(done, total)` counts denoising steps over the whole video; `seconds` (if given)
         accumulates time spent in audio encoding, denoising and VAE decoding. `strength` (default:
         the bundle's pipeline.json) < 1 starts each clip from its last motion frame noised to
         t = strength·T instead of from pure noise.
         """
+        sampler, steps = self.sampling(sampler, steps)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.diffusion.make_scheduler(sampler, steps, self.codec.sample_range)  # validates steps before any work

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .audio import windows_from_context
-from .diffusion import ClipTarget, GaussianDiffusion
+from .diffusion import ClipTarget, GaussianDiffusion, mean_flat
 from .transformer import LetsTalkTransformer
 
 
@@ -99,6 +99,37 @@ def loss_terms(model, diffusion: GaussianDiffusion, inputs: dict[str, torch.Tens
     terms = diffusion.training_losses(
         lambda x, tt: model(x, tt, inputs["portrait"], inputs["audio"], inputs["motion"]), x0, t, weight=weight)
     return {k: v.mean() for k, v in terms.items()}
+
+
+def distill_loss_terms(student, teacher, diffusion: GaussianDiffusion, inputs: dict[str, torch.Tensor],
+                       student_steps: int, substeps: int, guidance: float = 1.0, clip_range: float | None = None,
+                       generator: torch.Generator | None = None, motion_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """One few-step distillation step's losses (batch means): loss, mse.
+
+    Each sample gets a step of the student's `student_steps`-step DDIM grid, t -> s; x_t is its
+    clip noised to t (the first step starts from pure noise, as sampling does); the teacher (audio
+    guidance `guidance` baked in) takes `substeps` DDIM steps from x_t to x_s, and the student learns,
+    in one step, the x0 that lands on the same x_s (`GaussianDiffusion.teacher_x0_target`). The
+    loss is the MSE of the x0 the student implies, weighted as the training loss is (motion_weight).
+    The student's variance channels get no loss: DDIM does not use them.
+    """
+    x0 = inputs["x0"]
+    b = x0.shape[0]
+    grid = diffusion.student_timesteps(student_steps)
+    pick = torch.randint(0, student_steps, (b,), generator=generator, device="cpu")
+    t = torch.tensor(grid[:-1])[pick].to(x0.device)
+    s = torch.tensor(grid[1:])[pick].to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
+    xt = diffusion.q_sample(x0, t, noise)
+    cond = (inputs["portrait"], inputs["audio"], inputs["motion"])
+    target = diffusion.teacher_x0_target(
+        lambda x, tt: teacher.forward_with_guidance(x, tt, *cond, guidance=guidance), xt, t, s, substeps, clip_range)
+    pred, _ = diffusion.split_output(student(xt, t, *cond).float(), xt)
+    err = (diffusion.pred_x0(pred, xt, t) - target) ** 2
+    if motion_weight > 0:
+        err = err * motion_weights(x0, motion_weight)
+    mse = mean_flat(err).mean()
+    return {"loss": mse, "mse": mse}
 
 
 class EMA:

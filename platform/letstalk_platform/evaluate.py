@@ -89,8 +89,9 @@ class EvalConfig(BaseModel):
     mlflow_uri: str | None = Field(None, description="tracking store; default $MLFLOW_TRACKING_URI, else "
                                                      "sqlite:///OUT/mlflow.db, else ~/.cache/letstalk/eval/mlflow.db")
     experiment: str = "letstalk-eval"
-    steps: int = Field(DEFAULT_STEPS, ge=1, le=1000)
-    sampler: Sampler = DEFAULT_SAMPLER
+    steps: int | None = Field(None, ge=1, le=1000, description="None: each model's own (pipeline.json: a distilled "
+                              f"student's few steps), else {DEFAULT_STEPS}")
+    sampler: Sampler | None = Field(None, description=f"None: each model's own, else {DEFAULT_SAMPLER}")
     guidance: float = Field(1.0, ge=0)
     seed: int = Field(0, ge=0)
     frames: int = Field(16, ge=2, description="frames per eval video (the paper: its first 16-frame clip)")
@@ -260,7 +261,7 @@ def render_videos(pipe: LetsTalkPipeline, videos: list[EvalVideo], cfg: EvalConf
         ref = metrics.resize_frames(v.frames[:1], pipe.image_size)
         ref_latent = pipe.codec.encode(ref).to(pipe.device)  # (1, C, h, w)
         clips = pipe.iter_clips(ref_latent, v.audio, steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance,
-                                seed=cfg.seed)
+                                seed=cfg.seed)  # None: the model's own sampler and steps (LetsTalkPipeline.sampling)
         frames = np.concatenate(list(clips))
         if len(frames) != len(v.frames):
             raise ValueError(f"{v.video_id}: the model rendered {len(frames)} frames for {len(v.frames)}")
@@ -419,11 +420,19 @@ def markdown_table(rows: list[dict[str, Any]], protocol: dict[str, Any]) -> str:
     p = protocol
     which = "" if p.get("split", "eval") == "all" else f"{p.get('split', 'eval')} "
     intro = (f"Protocol: first {p['frames']} frames of {p['videos']} {which}videos, {p['size']}×{p['size']} px, "
-             f"{p['sampler']} {p['steps']} steps, guidance {p['guidance']:g}, seed {p['seed']}. "
+             f"{sampling_text(p)}, guidance {p['guidance']:g}, seed {p['seed']}. "
              f"Sync: mean Pearson r of pixel mouth opening vs audio loudness (best lag 0..{p['max_lag']}); "
              "control: the same with another video's audio. Seam: mean frame change across clip boundaries / "
              "median change within clips (1 = seamless).")
     return "\n".join([intro, "", *lines, "", "Notes (– = not computed):", *notes]) + "\n"
+
+
+def sampling_text(p: dict[str, Any]) -> str:
+    """The protocol's sampler and steps in words ("ddim 25 steps", or each model's own)."""
+    if p.get("steps"):
+        return f"{p.get('sampler') or DEFAULT_SAMPLER} {p['steps']} steps"
+    return (f"each model's own sampler and steps (pipeline.json, else {DEFAULT_SAMPLER} {DEFAULT_STEPS}; "
+            "in the model column)")
 
 
 def _cell(row: dict[str, Any], key: str, digits: int) -> str:
@@ -557,7 +566,7 @@ def reference_table(rows: list[dict[str, Any]], protocol: dict[str, Any]) -> str
     p = protocol
     intro = (f"Real footage: the first {p['max_seconds']:g} s (first shot) of {p['videos']} videos from "
              f"{p['source']}, face crops at {p['size']} px and {p['fps']} fps, the first crop as the portrait and "
-             f"the video's own audio; {p['sampler']} {p['steps']} steps, guidance {p['guidance']:g}, seed {p['seed']}. "
+             f"the video's own audio; {sampling_text(p)}, guidance {p['guidance']:g}, seed {p['seed']}. "
              f"Mouths: MediaPipe FaceLandmarker on generated and real crops alike (upscaled to "
              f"{p['mouth_min_side']} px), aperture = inner-lip gap / face height. mouth r: Pearson r of the generated "
              f"aperture with the real video's at the best lag 0..{p['max_lag']} (the generated mouth may trail); "
@@ -616,8 +625,11 @@ def evaluate_models(cfg: EvalConfig, cache: str | os.PathLike | None = None) -> 
         pipe = LetsTalkPipeline.from_pretrained(bundle, device=device)
         label = model_label(model)
         tcfg = pipe.transformer.cfg
+        sampler, steps = pipe.sampling(cfg.sampler, cfg.steps)
+        if cfg.steps is None:  # each model's own step count (a student's 2, a teacher's 25): each row says which
+            label = f"{label} ({sampler} {steps})"
         info = {"model": label, "source": model, "portrait_fusion": tcfg.portrait_fusion,
-                "audio_fusion": tcfg.audio_fusion}
+                "audio_fusion": tcfg.audio_fusion, "sampler": sampler, "steps": steps}
         row = None
         if videos is not None:
             gen = render_videos(pipe, videos, cfg, spec, desc=f"render {label}")
@@ -664,6 +676,7 @@ def evaluate_models(cfg: EvalConfig, cache: str | os.PathLike | None = None) -> 
     for info, row, model_ref_rows in per_model:
         params = {k: info[k] for k in ("portrait_fusion", "audio_fusion")} | {"model": info["source"]}
         params |= {k: v for k, v in protocol.items() if k != "skipped"}
+        params |= {k: info[k] for k in ("sampler", "steps")}  # what this model rendered with
         params |= {f"reference_{k}": v for k, v in ref_protocol.items() if k not in ("skipped", "sampler", "steps",
                                                                                       "guidance", "seed", "max_lag")}
         if not protocol:

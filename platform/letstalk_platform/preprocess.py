@@ -325,9 +325,7 @@ def _one_line(e: BaseException) -> str:
 
 def local_bundle(model: str, mlflow_uri: str | None = None) -> Path:
     """`model` as a folder on this node: a registry model is downloaded to the node's cache."""
-    if MODEL_URI.match(model):
-        return resolve_bundle(model, mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    return Path(model)
+    return resolve_bundle(model, mlflow_uri) if MODEL_URI.match(model) else Path(model)
 
 
 def run_preprocess(cfg: PreprocessConfig) -> ShardManifest:

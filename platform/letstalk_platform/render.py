@@ -39,14 +39,18 @@ PASTE_BACK_HELP = ("paste the generated face back into the portrait: the video h
                    "larger than the model's crop)")
 MAX_SIDE_HELP = (f"with paste-back, the video's longer side at most, {MIN_SIDE}..{MAX_SIDE} "
                  f"(default {DEFAULT_MAX_SIDE}); a larger portrait is scaled down")
+STREAM_HELP = ("write the mp4 as it renders (fragmented: one fragment per frame) and serve it at "
+               "GET /v1/renders/{id}/stream meanwhile, so a player starts before the render ends; the "
+               "finished video is that fragmented mp4")
 
 
 class RenderDefaults(BaseModel):
     """Settings a request may leave out; the Serve deployment's user_config (changeable live)."""
 
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(DEFAULT_STEPS, ge=1, le=1000, description="denoising steps")
-    sampler: Sampler = DEFAULT_SAMPLER
+    steps: int | None = Field(None, ge=1, le=1000, description="denoising steps (None: the model's pipeline.json, "
+                              f"e.g. a distilled student's 2; else {DEFAULT_STEPS})")
+    sampler: Sampler | None = Field(None, description=f"None: the model's pipeline.json, else {DEFAULT_SAMPLER}")
     guidance: float = Field(1.0, ge=0.0, le=20.0, description="audio classifier-free guidance scale")
 
 
@@ -60,12 +64,13 @@ class RenderOptions(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     paste_back: bool | None = Field(None, description=PASTE_BACK_HELP)
     max_side: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description=MAX_SIDE_HELP)
+    stream: bool = Field(False, description=STREAM_HELP)
 
     def resolve(self, defaults: RenderDefaults) -> dict:
         """The pipeline's keyword arguments; paste_back stays None (auto) until the inputs are known."""
         return {"steps": self.steps or defaults.steps, "sampler": self.sampler or defaults.sampler,
                 "guidance": defaults.guidance if self.guidance is None else self.guidance, "seed": self.seed,
-                "paste_back": self.paste_back, "max_side": self.max_side or DEFAULT_MAX_SIDE}
+                "paste_back": self.paste_back, "max_side": self.max_side or DEFAULT_MAX_SIDE, "stream": self.stream}
 
 
 SPEED_FLAGS = {  # flag -> letstalk.accel.InferenceOptions field, with what the flag is for
@@ -154,6 +159,8 @@ class RenderWorker:
 
         The mp4 is written to `out` when its folder is on this machine (the caller serves it from
         there); otherwise (no `out`, or a caller on another node) its bytes come back in the result.
+        With options' `stream`, the mp4 is fragmented and grows at its path as the clips are rendered
+        (a caller that wants its bytes early reads them from there: Renderer.render_stream).
         `progress(clips_done, clips_total, fraction)` is called as denoising advances; when
         `cancelled()` turns true the render stops with RenderCancelled. Returns the result dict
         (status "done") that Serve calls and Ray Data rows carry back.
@@ -163,6 +170,7 @@ class RenderWorker:
         kwargs = opts.resolve(self.defaults)
         inputs = portrait if isinstance(portrait, PreparedInputs) else prepare(portrait, audio, self.spec)
         kwargs["paste_back"] = inputs.pastes_back(kwargs["paste_back"])  # auto decided: the result says which
+        kwargs["sampler"], kwargs["steps"] = self.pipe.sampling(kwargs["sampler"], kwargs["steps"])  # the bundle's
         steps = kwargs["steps"]
 
         def on_step(done: int, total: int) -> None:
@@ -195,7 +203,8 @@ class RenderWorker:
             "transformer": {"hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads,
                             "portrait_fusion": str(cfg.portrait_fusion), "audio_fusion": str(cfg.audio_fusion),
                             "parameters": sum(p.numel() for p in self.pipe.transformer.parameters())},
-            "defaults": self.defaults.model_dump(),
+            "defaults": self.defaults.model_dump() | dict(zip(("sampler", "steps"), self.pipe.sampling(
+                self.defaults.sampler, self.defaults.steps))),
             "inference": self.pipe.inference.to_dict(),
             "max_audio_seconds": self.spec.max_audio_seconds,
             "max_image_pixels": self.spec.max_image_pixels,

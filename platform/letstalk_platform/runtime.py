@@ -45,6 +45,8 @@ def config_field(model: type[BaseModel], key: str):
     *sections, name = key.split(".")
     for section in sections:
         model = model.model_fields[section].annotation
+        # an optional section (`distill: DistillSection | None`): its model
+        model = next((a for a in get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), model)
     return model.model_fields[name]
 
 

@@ -53,13 +53,15 @@ from letstalk.portrait import PortraitCrop
 from .jobstore import ACTIVE, JobStore
 from .storage import VideoStore
 from .runtime import actor_alive, local_target, node_id, this_actor
-from .render import (MAX_SIDE, MAX_SIDE_HELP, MIN_SIDE, PASTE_BACK_HELP, Cancel, RenderCancelled, RenderDefaults,
-                     RenderOptions, RenderWorker, check_renderer_device, one_line)
+from .render import (MAX_SIDE, MAX_SIDE_HELP, MIN_SIDE, PASTE_BACK_HELP, STREAM_HELP, Cancel, RenderCancelled,
+                     RenderDefaults, RenderOptions, RenderWorker, check_renderer_device, one_line)
 
 TOKEN_ENV = "LETSTALK_API_TOKEN"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 CONTROL_CALLS = 2  # Renderer calls that are not renders (info, renders_running) it answers while rendering
 CALLER_CHECK_S = 2.0  # how often a render checks that the Ingress that asked for it still exists
+STREAM_POLL_S = 0.1  # how often a streamed render's growing mp4 is read for new bytes
+STREAM_CHUNK = 1 << 20  # the most bytes in one "bytes" event
 RESTART_REASON = "the server restarted while this job was queued or running; submit it again"
 
 
@@ -119,7 +121,7 @@ class Renderer:
                  max_image_pixels: int = 40_000_000, threads: int = 2, inference: dict | None = None):
         from .tracking import resolve_bundle
 
-        bundle = resolve_bundle(model, mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        bundle = resolve_bundle(model, mlflow_uri)
         self.model = model
         # with inference["batch_clips"], the `threads` renders running at once share merged forward passes
         self.worker = RenderWorker(bundle, max_audio_seconds=max_audio_seconds, max_image_pixels=max_image_pixels,
@@ -165,12 +167,19 @@ class Renderer:
         """Yields {"event": "progress", ...} while rendering, then one "done" or "failed" event.
         `caller` (runtime.this_actor() of the requester): when that actor dies (an Ingress crash), the
         render stops within CALLER_CHECK_S instead of holding this replica's slot for nobody.
-        `upload` (a VideoStore URI, the job id): the mp4 goes straight there, from this node."""
+        `upload` (a VideoStore URI, the job id): the mp4 goes straight there, from this node.
+        With options' `stream`: also {"event": "bytes", "data": ...}, the bytes the growing mp4 gained
+        since the last such event, all of them before "done" (they add up to the finished file)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = Cancel()
-        scratch = tempfile.TemporaryDirectory(prefix="letstalk-upload-") if upload else None
-        out = str(Path(scratch.name) / "video.mp4") if scratch else local_target(out, out_node)
+        stream = bool((options or {}).get("stream"))
+        target = local_target(out, out_node)
+        # a file this replica can read while it grows: a streamed render for a caller on another node
+        # gets one too (the bytes then travel twice, as events and in "done", which stores them as today)
+        scratch = tempfile.TemporaryDirectory(prefix="letstalk-upload-") if upload or (stream and not target) else None
+        out = str(Path(scratch.name) / "video.mp4") if scratch else target
+        growing = Growing(out) if stream else None
         last = [-1, 0.0]
 
         def progress(clips_done: int, clips_total: int, fraction: float) -> None:
@@ -198,12 +207,18 @@ class Renderer:
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                # a streamed render wakes every STREAM_POLL_S as well, to pass on what the file gained
+                done, _ = await asyncio.wait({getter, job}, timeout=STREAM_POLL_S if growing else None,
+                                             return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     yield getter.result()
-                    continue
-                getter.cancel()
-                break
+                else:
+                    getter.cancel()
+                if growing:
+                    for chunk in await loop.run_in_executor(None, growing.read):
+                        yield {"event": "bytes", "data": chunk}
+                if getter not in done and job.done():
+                    break
             try:
                 out = job.result()
             except (ValueError, ValidationError) as e:
@@ -212,15 +227,23 @@ class Renderer:
             except RenderCancelled:
                 yield {"event": "failed", "error": "stopped: the server that asked for this render is gone"}
                 return
+            if growing:  # the file is complete: its last bytes, before "done"
+                for chunk in await loop.run_in_executor(None, growing.read):
+                    yield {"event": "bytes", "data": chunk}
             if upload:
                 await loop.run_in_executor(None, self._store(upload[0]).put_file, upload[1], out["video_path"])
                 out = out | {"video_path": None}
+            elif scratch:  # a streamed render for a caller on another node: the bytes as without stream
+                out = out | {"video": await loop.run_in_executor(None, Path(out["video_path"]).read_bytes),
+                             "video_path": None}
             yield out | {"event": "done"}
         except (asyncio.CancelledError, GeneratorExit):
             cancel.set()
             raise
         finally:
             watcher.cancel()
+            if growing:
+                growing.close()
             if scratch:
                 scratch.cleanup()
 
@@ -228,6 +251,29 @@ class Renderer:
         if uri not in self.stores:
             self.stores[uri] = VideoStore(uri)
         return self.stores[uri]
+
+
+class Growing:
+    """The bytes a file gained since the last `read`: a streamed render's fragmented mp4, which ffmpeg
+    only appends to (its header comes with the first fragment: delay_moov), so what was read stays valid."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self.file = Path(path), None
+
+    def read(self) -> list[bytes]:
+        if self.file is None:
+            try:  # ffmpeg creates it with the first frame; kept open, it can be read to its end if removed
+                self.file = open(self.path, "rb", buffering=0)
+            except FileNotFoundError:
+                return []
+        chunks = []
+        while chunk := self.file.read(STREAM_CHUNK):  # unbuffered: each read asks the file for what is new
+            chunks.append(chunk)
+        return chunks
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 # ---------------------------------------------------------------------------------- Ingress
@@ -251,6 +297,7 @@ class RenderJob:
         self.version = 0  # bumped on every change; event streams wait on `changed`
         self.changed = asyncio.Event()
         self.snapshot: dict | None = None  # read back from the table: its state as stored (ETA included)
+        self.spool: Path | None = None  # a stream=true job's mp4 so far, while this replica runs it
 
     @classmethod
     def from_state(cls, state: dict) -> "RenderJob":
@@ -272,8 +319,17 @@ class RenderJob:
     def touch(self) -> None:
         """Record a change: wake every event stream waiting on this job."""
         self.version += 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the streams waiting on this job without a change of state (the spool grew): the
+        progress events see the same version and send nothing."""
         self.changed.set()
         self.changed = asyncio.Event()
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.options.get("stream"))
 
     @property
     def active(self) -> bool:
@@ -379,6 +435,11 @@ BEARER = HTTPBearer(auto_error=False, description=f"the API token (${TOKEN_ENV} 
 SECURED = [Security(BEARER)]
 
 
+def append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
@@ -450,6 +511,15 @@ class Ingress:
         self.max_upload = int(self.args.max_upload_mb * 1024 * 1024)
         self.node = node_id()  # a Renderer on this node writes the videos straight into self.videos
         self._model_info: dict | None = None
+        # stream=true jobs' bytes as they arrive, for GET /stream: this replica's own (another replica
+        # may be on another node), removed with the replica
+        self._spool = tempfile.TemporaryDirectory(prefix="letstalk-spool-")
+
+    def __del__(self) -> None:
+        """Serve calls it when it stops the replica: the spool folder goes with it (a killed replica's
+        stays behind, empty unless a streamed job was running, in the temporary folder)."""
+        if hasattr(self, "_spool"):
+            self._spool.cleanup()
 
     # ------------------------------------------------------------------ helpers
 
@@ -514,6 +584,7 @@ class Ingress:
             await asyncio.sleep(self.args.heartbeat_s)
 
     def _forget(self, job_id: str) -> None:
+        (Path(self._spool.name) / f"{job_id}.mp4").unlink(missing_ok=True)
         self.videos.delete(job_id)
         self.store.delete(job_id)
         self.jobs.pop(job_id, None)
@@ -563,6 +634,10 @@ class Ingress:
                 inputs, options, str(path) if path else None, self.node, self.actor, upload)
             async for event in stream:
                 kind = event["event"]
+                if kind == "bytes":  # stream=true: the mp4 so far grew; /stream readers wake and send it
+                    await run_in_threadpool(append, job.spool, event["data"])
+                    job.wake()
+                    continue
                 if kind == "progress":
                     if job.status == "queued":
                         job.status, job.started = "running", time.time()
@@ -591,6 +666,8 @@ class Ingress:
             job.finished = time.time()
             self.store.save(job.public(), self.owner)
             job.touch()
+            if job.spool is not None:  # its readers hold it open and read it to the end; new ones get the video
+                job.spool.unlink(missing_ok=True)
 
     async def _events(self, job: RenderJob, keepalive_s: float = 15.0):
         """Server-Sent Events for one job: its state now, then every change, the last one final
@@ -667,12 +744,13 @@ class Ingress:
                                                    "(default: the server's)"),
                      seed: int = Form(0, description="0..2147483647: the same seed and inputs give the same video"),
                      paste_back: bool | None = Form(None, description=PASTE_BACK_HELP),
-                     max_side: int | None = Form(None, description=MAX_SIDE_HELP))\
+                     max_side: int | None = Form(None, description=MAX_SIDE_HELP),
+                     stream: bool = Form(False, description=STREAM_HELP))\
             -> JSONResponse:
         self._auth(request)
         try:
             options = RenderOptions(steps=steps, sampler=sampler, guidance=guidance, seed=seed, paste_back=paste_back,
-                                    max_side=max_side)
+                                    max_side=max_side, stream=stream)
         except ValidationError as e:
             raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
         self._expire()
@@ -692,6 +770,9 @@ class Ingress:
                             inputs.duration_s)
             job.seconds = {"prepare": round(time.perf_counter() - t0, 4)}  # decode and crop, here in the Ingress
             self.jobs[job.id] = job  # the job holds the slot from here: no await before the release below
+            if job.streamed:  # there from the start: /stream can be opened as soon as the id is known
+                job.spool = Path(self._spool.name) / f"{job.id}.mp4"
+                job.spool.touch()
             self.store.save(job.public(), self.owner)
             # paste-back decided here (_prepare): the photo travels only when the face goes back into it
             decided = job.options | {"paste_back": inputs.photo is not None}
@@ -755,6 +836,51 @@ class Ingress:
         job = self._job(job_id)
         if job.status != "done":
             raise ApiError(409, f"job {job.id} is {job.status}" + (f": {job.error}" if job.error else ""))
+        return await self._video(job)
+
+    @api.get("/v1/renders/{job_id}/stream", summary="The mp4 while it renders (a stream=true job), to play at once",
+             response_class=StreamingResponse, dependencies=SECURED, responses=errors(401, 404) | {
+                 409: {"model": ErrorBody, "description": "the job was not started with stream=true, it failed or "
+                                                          "was cancelled, or another Ingress replica runs it"},
+                 200: {"content": {"video/mp4": {}},
+                       "description": "a fragmented mp4 (H.264 + AAC, one fragment per frame), chunked: the bytes "
+                                      "so far, then the rest as it renders; it ends when the job is done, and then "
+                                      "holds the whole video (the same bytes as /video); it ends early if the "
+                                      "job fails or is cancelled. Once done, the finished video"}})
+    async def stream(self, job_id: str, request: Request):
+        self._auth(request)
+        job = self._job(job_id)
+        if not job.streamed:
+            raise ApiError(409, f"job {job.id} was not started with stream=true: GET its /video when done")
+        if job.status == "done":
+            return await self._video(job)
+        if not job.active:
+            raise ApiError(409, f"job {job.id} is {job.status}" + (f": {job.error}" if job.error else ""))
+        if job.spool is None:  # listed in the table, run by another replica: its spool is there
+            raise ApiError(409, f"job {job.id} is rendered by another Ingress replica; GET its /video when done")
+        # opened here, with no await since the checks: the spool is removed only after the job ends
+        spool = open(job.spool, "rb", buffering=0)
+        return StreamingResponse(self._spooled(job, spool), media_type="video/mp4",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def _spooled(self, job: RenderJob, spool):
+        """The spool's bytes so far, then each addition, until the job ends; the job's state is read
+        before the file, so a job seen ended has nothing left to add once the file reads empty."""
+        try:
+            while True:
+                active, waiter = job.active, job.changed
+                chunk = await run_in_threadpool(spool.read, STREAM_CHUNK)
+                if chunk:
+                    yield chunk
+                elif not active:
+                    return
+                else:
+                    await waiter.wait()
+        finally:
+            spool.close()
+
+    async def _video(self, job: RenderJob):
+        """A done job's mp4, from the folder or streamed from the object store."""
         path = self.videos.local_path(job.id)
         if path is not None:
             return FileResponse(path, media_type="video/mp4", filename=f"{job.id}.mp4")

@@ -11,6 +11,8 @@ import hashlib
 import math
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +102,16 @@ def register_bundle(uri: str, run_id: str, bundle_dir: str | os.PathLike, name: 
 
 
 def resolve_bundle(model: str, uri: str | None = None, cache: str | os.PathLike | None = None) -> Path:
-    """A bundle folder, or `models:/<name>@<alias>` from the registry downloaded to a local folder."""
+    """A bundle folder, or `models:/<name>@<alias>` from the registry (`uri`, else $MLFLOW_TRACKING_URI)
+    downloaded to this node's cache. Processes that resolve the same version at once (workers, actors)
+    each download to a temporary folder; the first rename wins."""
     m = MODEL_URI.match(model)
     if m is None:
         path = Path(model)
         if not (path / "pipeline.json").is_file():
             raise ValueError(f"{model!r} is neither a bundle folder (no pipeline.json) nor models:/<name>@<alias>")
         return path
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     client = MlflowClient(uri)
     try:
         version = client.get_model_version_by_alias(m["name"], m["alias"])
@@ -117,11 +122,21 @@ def resolve_bundle(model: str, uri: str | None = None, cache: str | os.PathLike 
     key = hashlib.sha1(f"{uri or mlflow.get_tracking_uri()}|{version.source}".encode()).hexdigest()[:12]
     dst = Path(cache or Path.home() / ".cache" / "letstalk" / "models") / f"{m['name']}-v{version.version}-{key}"
     if not (dst / "pipeline.json").is_file():
-        dst.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst), tracking_uri=uri)
-        inner = dst / "bundle"
-        if inner.is_dir():  # download keeps the artifact folder's name
-            for child in inner.iterdir():
-                child.rename(dst / child.name)
-            inner.rmdir()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp), tracking_uri=uri)
+            inner = tmp / "bundle"  # download keeps the artifact folder's name
+            if inner.is_dir():
+                for child in inner.iterdir():
+                    child.rename(tmp / child.name)
+                inner.rmdir()
+            if dst.is_dir() and not (dst / "pipeline.json").is_file():
+                shutil.rmtree(dst, ignore_errors=True)  # a partial folder (a killed download of an older version)
+            try:
+                tmp.rename(dst)
+            except OSError:  # another process renamed its copy first: the same bytes
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dst

@@ -36,10 +36,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 
-from letstalk.artifacts import CheckpointState, RankState, ShardManifest, ema_file, export_bundle, write_json_atomic
+from letstalk.artifacts import (CheckpointState, RankState, ShardManifest, ema_file, export_bundle, same_model,
+                                write_json_atomic)
 from letstalk.config import PRESETS, AudioFusion, LetsTalkConfig, PortraitFusion
 from letstalk.diffusion import ClipTarget, GaussianDiffusion, Prediction
-from letstalk.training import EMA, Augment, init_from_checkpoint, loss_terms, prepare_batch
+from letstalk.training import EMA, Augment, distill_loss_terms, init_from_checkpoint, loss_terms, prepare_batch
 from letstalk.transformer import LetsTalkTransformer
 from letstalk.vae import LatentCodec
 
@@ -150,6 +151,35 @@ class TargetSection(BaseModel):
         return ClipTarget(self.residual, self.residual_scale, self.residual_base)
 
 
+class DistillSection(BaseModel):
+    """Few-step distillation (jobs/distill.py): a student initialised from the teacher learns, in
+    `student_steps` DDIM steps, the samples the teacher makes in `teacher_steps`
+    (letstalk.training.distill_loss_terms). The teacher fixes the architecture and the target; the
+    student's bundle renders with ddim and `student_steps` unless told otherwise (pipeline.json)."""
+
+    model_config = FORBID
+
+    teacher: str = Field(description="the teacher: a bundle folder or models:/NAME@ALIAS (tracking.mlflow_uri's "
+                         "registry); its codecs must be the ones that made the shards")
+    student_steps: int = Field(2, ge=1, le=50, description="the student's DDIM steps")
+    teacher_steps: int = Field(8, ge=2, le=1000, description="the teacher's DDIM steps the student reproduces: a "
+                               "multiple of student_steps (each student step learns teacher_steps / student_steps "
+                               "teacher steps)")
+    guidance: float = Field(1.0, ge=0, le=20, description="audio guidance the teacher samples with, baked into the "
+                            "student (render the student at guidance 1)")
+
+    @model_validator(mode="after")
+    def _multiple(self) -> "DistillSection":
+        if self.teacher_steps % self.student_steps or self.teacher_steps <= self.student_steps:
+            raise ValueError(f"distill.teacher_steps ({self.teacher_steps}) must be a multiple of student_steps "
+                             f"({self.student_steps}) and larger")
+        return self
+
+    @property
+    def substeps(self) -> int:
+        return self.teacher_steps // self.student_steps
+
+
 class ScalingSection(BaseModel):
     """Ray Train's ScalingConfig and FailureConfig."""
 
@@ -197,6 +227,8 @@ class TrainConfig(BaseModel):
     target: TargetSection = Field(default_factory=TargetSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    distill: DistillSection | None = Field(None, description="distil a teacher into a few-step student "
+                                           "(jobs/distill.py) instead of training from the data alone")
     steps: int = Field(300_000, ge=1)
     time_limit_minutes: float | None = Field(None, gt=0, description="wall-clock budget of this training attempt: "
                                              "the run stops (checkpoint, bundle) at the first log_every step past "
@@ -378,16 +410,18 @@ class Watchdog:
         self._stop.set()
 
 
-def build_engine(cfg: TrainConfig, arch: LetsTalkConfig, device: torch.device, rank: int):
+def build_engine(cfg: TrainConfig, arch: LetsTalkConfig, device: torch.device, rank: int,
+                 init_from: str | None = None):
     """LetsTalkTransformer (the same initial weights on every rank) in a DeepSpeed engine; every
-    parameter, the audio projection included, in the optimizer."""
+    parameter, the audio projection included, in the optimizer. `init_from` (default: model.init_from):
+    the weights rank 0 starts from (DeepSpeed gives them to every rank)."""
     import deepspeed
 
     from .runtime import check_extension_locks
 
     torch.manual_seed(cfg.seed)
     model = LetsTalkTransformer(**arch.to_dict())
-    init_from = cfg.model.init_from
+    init_from = init_from or cfg.model.init_from
     if init_from and rank == 0:
         report = init_from_checkpoint(model, init_from)
         say(f"init from {init_from}: {len(report['loaded'])} tensors loaded, "
@@ -429,6 +463,7 @@ class TrainPlan:
     fps: float
     sample_rate: int
     samples: tuple[SampleClip, ...] = field(default=(), repr=False)
+    clip_range: float | None = None  # the sampler's x0 bound (distillation runs the teacher's sampler)
 
     @property
     def chaos_marker(self) -> Path:
@@ -452,7 +487,13 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     node = ray.get_runtime_context().get_node_id()
 
-    engine = build_engine(cfg, arch, device, rank)
+    teacher, init_from = None, None
+    if cfg.distill is not None:  # every rank holds the frozen teacher; the student starts as its copy
+        teacher_dir = tracking.resolve_bundle(cfg.distill.teacher, cfg.tracking.mlflow_uri)
+        teacher = LetsTalkTransformer.from_pretrained(teacher_dir / "transformer").to(device).eval()
+        teacher.requires_grad_(False)
+        init_from = str(teacher_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    engine = build_engine(cfg, arch, device, rank, init_from)
     generator = seed_everything(cfg.seed, rank)
     ema = EMA(master_weights(engine), cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
     diffusion = GaussianDiffusion(learn_sigma=arch.learn_sigma, prediction=cfg.target.prediction)
@@ -497,7 +538,12 @@ def train_loop(config: dict[str, Any]) -> None:
             batch = {k: torch.from_numpy(arrays[k]).to(device) for k in TRAIN_COLUMNS}
             inputs = prepare_batch(batch, augment, arch.audio_window, generator, target=target)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                terms = loss_terms(engine, diffusion, inputs, generator, motion_weight=cfg.target.motion_weight)
+                if teacher is None:
+                    terms = loss_terms(engine, diffusion, inputs, generator, motion_weight=cfg.target.motion_weight)
+                else:
+                    d = cfg.distill
+                    terms = distill_loss_terms(engine, teacher, diffusion, inputs, d.student_steps, d.substeps,
+                                               d.guidance, plan.clip_range, generator, cfg.target.motion_weight)
             engine.backward(terms["loss"])
             engine.step()
             ema.update(master_weights(engine))
@@ -509,7 +555,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     plan.chaos_marker.write_text(f"killed rank {rank} at step {step}\n")
                     os._exit(1)  # a worker dies without warning; Ray Train restarts from the last checkpoint
 
-            metrics = {"step": step, **{k: float(terms[k].detach()) for k in ("loss", "mse", "vb")}}
+            metrics = {"step": step, **{k: float(terms[k].detach()) for k in ("loss", "mse", "vb") if k in terms}}
             if cfg.time_limit_minutes is not None and step % cfg.log_every == 0:
                 out_of_time = _all_past(time.perf_counter() - t_begin > cfg.time_limit_minutes * 60, device)
                 if out_of_time and rank == 0:
@@ -615,7 +661,7 @@ def _log_samples(ema_state: dict, plan: TrainPlan, log: tracking.RankZeroLogger,
         motion = torch.as_tensor(clip.motion, device=device).float()[None]
         noise = torch.randn((1, *clip.latents.shape), generator=g, device=device)
         latents = diffusion.sample(lambda x, t: model(x, t, ref, audio, motion), noise, sampler="ddim",
-                                   steps=cfg.sample_steps, generator=g,
+                                   steps=cfg.distill.student_steps if cfg.distill else cfg.sample_steps, generator=g,
                                    clip_range=target.sample_range(codec.sample_range))
         latents = target.decode(latents, target.base_latent(ref, motion))
         frames = codec.decode(latents[0])
@@ -644,7 +690,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     manifest = ShardManifest.load(cfg.data.path)
     manifest.check_models()  # the codecs the bundle will ship are the ones that made the shards
     spec = manifest.clip_spec
-    arch = architecture(cfg.model, manifest)  # fails fast on a bad combination, before any worker starts
+    if cfg.distill is not None:  # the teacher fixes the architecture and the target
+        cfg, arch, clip_range = distill_setup(cfg, manifest)
+    else:
+        arch, clip_range = architecture(cfg.model, manifest), None  # fails fast, before any worker starts
 
     run, scaling = cfg.tracking, cfg.scaling
     storage = Path(run.storage)
@@ -656,7 +705,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     log.text(json.dumps({"train": cfg.model_dump(), "arch": arch.to_dict()}, indent=2), "config.json")
 
     plan = TrainPlan(cfg=cfg, arch=arch, run_id=run_id, run_dir=run_dir, data_bundle=Path(manifest.bundle),
-                     fps=spec.fps, sample_rate=spec.sample_rate, samples=_sample_clips(cfg, manifest))
+                     fps=spec.fps, sample_rate=spec.sample_rate, samples=_sample_clips(cfg, manifest),
+                     clip_range=clip_range)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"plan": plan},
@@ -675,8 +725,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         raise RuntimeError(f"training produced no checkpoint ({result.error})")
 
     bundle_dir = run_dir / "bundle"
+    # a student renders with the sampler and steps it was distilled for, unless a request says otherwise
+    sampling = {"sampler": "ddim", "steps": cfg.distill.student_steps} if cfg.distill else {}
     with result.checkpoint.as_directory() as ckpt:
-        export_bundle(ckpt, manifest, bundle_dir)
+        export_bundle(ckpt, manifest, bundle_dir, **sampling)
     summary = {"run_id": run_id, "steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
                "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path, "bundle": str(bundle_dir)}
     if run.register_name:
@@ -694,6 +746,31 @@ def architecture(model: ModelSection, manifest: ShardManifest) -> LetsTalkConfig
     return LetsTalkConfig.from_name(model.preset, **fusions, **manifest.architecture())
 
 
+def distill_setup(cfg: TrainConfig, manifest: ShardManifest) -> tuple[TrainConfig, LetsTalkConfig, float | None]:
+    """The teacher's architecture and target for a distillation run (the config's model and target
+    sections give way, but for motion_weight), after checking that the teacher fits these shards;
+    and the x0 bound its sampler clips to. One-line ValueErrors."""
+    teacher = tracking.resolve_bundle(cfg.distill.teacher, cfg.tracking.mlflow_uri)
+    settings = json.loads((teacher / "pipeline.json").read_text())
+    config = json.loads((teacher / "transformer" / "config.json").read_text())
+    arch = LetsTalkConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    wanted = manifest.architecture()
+    differ = {k: (getattr(arch, k), v) for k, v in wanted.items() if getattr(arch, k) != v}
+    if differ:
+        raise ValueError(f"distill.teacher {cfg.distill.teacher} does not fit these shards: "
+                         + ", ".join(f"{k} {a} (teacher) vs {b} (shards)" for k, (a, b) in differ.items()))
+    manifest.check_models()  # the shards' own bundle is still the one that made them
+    for name in ("vae", "audio_encoder"):
+        if not same_model(teacher / name, Path(manifest.bundle) / name):
+            raise ValueError(f"distill.teacher {cfg.distill.teacher}: its {name} is not the one that tokenized "
+                             f"{cfg.data.path} (preprocess the videos with the teacher's bundle)")
+    target = TargetSection(residual=settings.get("residual", False), residual_scale=settings.get("residual_scale", 1.0),
+                           residual_base=settings.get("residual_base", "portrait"),
+                           prediction=settings.get("prediction", "epsilon"), motion_weight=cfg.target.motion_weight)
+    clip_range = target.to_clip_target().sample_range(LatentCodec.from_pretrained(teacher / "vae").sample_range)
+    return cfg.model_copy(update={"target": target}), arch, clip_range
+
+
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Relative paths (and a relative sqlite URI) resolved against the driver's working directory."""
     def resolve(value: str | None) -> str | None:
@@ -707,6 +784,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         "model": cfg.model.model_copy(update={"init_from": resolve(cfg.model.init_from)}),
         "optim": cfg.optim.model_copy(update={"deepspeed": resolve(cfg.optim.deepspeed)}),
         "tracking": cfg.tracking.model_copy(update={"storage": resolve(cfg.tracking.storage), "mlflow_uri": uri}),
+        "distill": cfg.distill and cfg.distill.model_copy(update={"teacher": cfg.distill.teacher if tracking.MODEL_URI.match(
+            cfg.distill.teacher) else resolve(cfg.distill.teacher)}),
     })
 
 

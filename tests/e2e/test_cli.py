@@ -48,7 +48,8 @@ def test_cli_from_a_shell(tmp_path, portrait):
 
 
 def test_help_states_every_default():
-    """`letstalk SUB --help` says each option's default (render: the DDIM-25 the API and batch use)."""
+    """`letstalk SUB --help` says each option's default (render: the model's own sampler and steps, else
+    the DDIM-25 the API and batch use too)."""
     from letstalk.cli import build_parser
     from letstalk.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
 
@@ -60,8 +61,10 @@ def test_help_states_every_default():
         for action in command._actions:
             if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
                 assert f"default: {action.default})" in text, (name, action.option_strings)
-    render = sub.choices["render"]
-    assert render.get_default("steps") == DEFAULT_STEPS == 25 and render.get_default("sampler") == DEFAULT_SAMPLER
+    # --steps/--sampler: the model's own (a distilled student's pipeline.json), else DDIM-25
+    assert DEFAULT_STEPS == 25 and DEFAULT_SAMPLER == "ddim"
+    render = " ".join(run_cli("render", "--help").stdout.split())
+    assert render.count("else ddim 25") == 2, render
 
 
 @pytest.mark.slow

@@ -144,3 +144,61 @@ def test_bad_sampler_settings(diffusion):
         diffusion.make_scheduler("ddim", 0)
     with pytest.raises(ValueError, match="8 channels"):
         diffusion.training_losses(lambda xt, t: xt, torch.randn(1, 2, 4, 4, 4), torch.tensor([3]))
+
+
+# ------------------------------------------------------------------ few-step distillation
+
+
+def _toy_model(prediction: str):
+    """A fixed nonlinear function of (x_t, t) standing in for a network: 2C output channels."""
+    torch.manual_seed(5)
+    w = torch.randn(3, 3) * 0.5
+
+    def fn(x, t):
+        h = torch.tanh(torch.einsum("ij,bj...->bi...", w, x)) + 0.001 * t.view(-1, 1, 1, 1).float()
+        return torch.cat([h, torch.zeros_like(h)], dim=1)
+    return fn
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_ddim_step_walks_the_same_path_as_the_ddim_sampler(prediction, clip):
+    """Stepping a model with ddim_step over student_timesteps gives diffusers' DDIM sample (clipped
+    x0 and ε re-derived, the last step to ᾱ = 1)."""
+    diff = GaussianDiffusion(prediction=prediction)
+    fn = _toy_model(prediction)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    want = diff.sample(fn, noise, sampler="ddim", steps=8, clip_range=clip)
+    grid = diff.student_timesteps(8)
+    assert grid[0] == 999 and grid[-1] == -1 and len(grid) == 9
+    x = noise
+    for t, s in zip(grid[:-1], grid[1:]):
+        tt = torch.full((2,), t)
+        pred, _ = diff.split_output(fn(x, tt), x)
+        x = diff.ddim_step(diff.pred_x0(pred, x, tt), x, tt, torch.full((2,), s), clip)
+    torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_the_distillation_target_lands_one_step_where_the_teacher_lands_in_several(prediction):
+    """One DDIM step with the target x0 from x_t reaches the teacher's x_s after k steps; with
+    s = -1 the target is the teacher's k-step sample itself (what a 2-step student of an 8-step
+    teacher learns: the 8-step sample in two jumps)."""
+    diff = GaussianDiffusion(prediction=prediction)
+    fn = _toy_model(prediction)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    t, s = torch.tensor([999, 499]), torch.tensor([499, -1])
+    target = diff.teacher_x0_target(fn, x, t, s, substeps=4)
+    one_step = diff.ddim_step(target, x, t, s)
+    # the teacher's own 4 steps, per sample, the long way round
+    for i, (t0, s0) in enumerate(zip(t.tolist(), s.tolist())):
+        xi = x[i:i + 1]
+        for a, b in zip(np.linspace(t0, s0, 5)[:-1], np.linspace(t0, s0, 5)[1:]):
+            ta, tb = torch.tensor([round(a)]), torch.tensor([round(b)])
+            pred, _ = diff.split_output(fn(xi, ta), xi)
+            xi = diff.ddim_step(diff.pred_x0(pred, xi, ta), xi, ta, tb)
+        torch.testing.assert_close(one_step[i:i + 1], xi, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(target[1], one_step[1])  # s = -1: the target is the clean sample
+    # and it is not trivially x_t's own one-step answer: the teacher's extra steps change it
+    pred, _ = diff.split_output(fn(x, t), x)
+    assert (target - diff.pred_x0(pred, x, t)).abs().max() > 1e-3

@@ -198,3 +198,30 @@ def test_render_reports_a_found_face(pipe):
     data = pytest.importorskip("skimage.data")
     result = pipe.render(data.astronaut(), speech_like(0.2), steps=1, sampler="ddim")
     assert result.face_found is True and result.frames.shape == (5, 64, 64, 3)
+
+
+def test_a_bundle_renders_with_its_own_sampler_and_steps_unless_told(bundle, portrait, tmp_path):
+    """A distilled student's pipeline.json says ddim 2: a render that names nothing takes 2 steps per
+    clip (and gives the frames of an explicit ddim-2 render); a named sampler without steps gets
+    DDIM-25's default count, not the student's 2; a bundle without them renders DDIM-25."""
+    import json
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(bundle, student)
+    settings = json.loads((student / "pipeline.json").read_text()) | {"sampler": "ddim", "steps": 2}
+    (student / "pipeline.json").write_text(json.dumps(settings))
+    pipe = LetsTalkPipeline.from_pretrained(student)
+    plain = LetsTalkPipeline.from_pretrained(bundle)
+    wave = speech_like(0.64)  # 16 frames: 2 clips of 8
+
+    def steps_taken(p, **kwargs):
+        seen = []
+        frames = p.render(portrait, wave, seed=0, progress=lambda done, total: seen.append(total), **kwargs).frames
+        return seen[-1], frames
+
+    total, frames = steps_taken(pipe)
+    assert total == 2 * 2 and pipe.sampling() == ("ddim", 2)
+    assert np.array_equal(frames, steps_taken(pipe, sampler="ddim", steps=2)[1])
+    assert steps_taken(pipe, sampler="dpm")[0] == 2 * 25 and steps_taken(pipe, steps=3)[0] == 2 * 3
+    assert steps_taken(plain)[0] == 2 * 25 and plain.sampling() == ("ddim", 25)

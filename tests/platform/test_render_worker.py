@@ -132,3 +132,29 @@ def test_each_input_is_decoded_once_per_request(bundle, tmp_path, monkeypatch):
         with pytest.raises(ApiError) as e:
             Ingress.func_or_class._prepare(args, worker.info(), image, speech.read_bytes())
         assert e.value.status == status and e.value.message.startswith("portrait: ")
+
+
+def test_a_student_bundle_renders_in_its_own_steps_through_the_worker(bundle, tmp_path):
+    """The HTTP API and batch jobs render through RenderWorker: a bundle whose pipeline.json says
+    ddim 2 (jobs/distill.py's student) renders 2 steps per clip when the request and the deployment
+    name none, says so in /v1/model's defaults and in the result; a request's own steps still win."""
+    import json
+    import shutil
+
+    from letstalk_platform.render import RenderDefaults, RenderWorker
+
+    student = tmp_path / "student"
+    shutil.copytree(bundle, student)
+    settings = json.loads((student / "pipeline.json").read_text()) | {"sampler": "ddim", "steps": 2}
+    (student / "pipeline.json").write_text(json.dumps(settings))
+    worker = RenderWorker(student)
+    assert worker.info()["defaults"] | {"guidance": 1.0} == {"steps": 2, "sampler": "ddim", "guidance": 1.0}
+    fractions = []
+    face, speech = draw_portrait(96, seed=2), speech_like_audio(0.3, seed=1)
+    out = worker.render(face, speech, {}, progress=lambda done, total, fraction: fractions.append(fraction))
+    assert out["options"]["steps"] == 2 and out["options"]["sampler"] == "ddim" and len(fractions) == 2
+    assert worker.render(face, speech, {"steps": 3})["options"]["steps"] == 3
+    # a deployment's default (user_config) beats the bundle's; the plain bundle renders DDIM-25
+    worker.defaults = RenderDefaults(steps=4)
+    assert worker.render(face, speech, {})["options"]["steps"] == 4
+    assert RenderWorker(bundle).info()["defaults"]["steps"] == 25

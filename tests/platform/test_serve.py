@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from PIL import Image
 
-from letstalk.media import load_video_frames, probe
+from letstalk.media import MediaError, load_video_frames, probe
 from letstalk.synthetic import draw_portrait, speech_like_audio
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ def test_health_auth_and_openapi(server):
     spec = requests.get(f"{server}/openapi.json", timeout=10).json()
     paths = spec["paths"]
     assert {"/v1/renders", "/v1/renders/{job_id}", "/v1/renders/{job_id}/video", "/v1/renders/{job_id}/events",
-            "/v1/model", "/healthz"} <= set(paths)
+            "/v1/renders/{job_id}/stream", "/v1/model", "/healthz"} <= set(paths)
     # the Authorize button: a bearer scheme, required by every /v1 operation
     schemes = spec["components"]["securitySchemes"]
     assert [s["scheme"] for s in schemes.values()] == ["bearer"]
@@ -132,6 +132,8 @@ def test_health_auth_and_openapi(server):
                 assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     assert {"400", "401", "413", "422", "503"} <= set(paths["/v1/renders"]["post"]["responses"])
     assert "409" in paths["/v1/renders/{job_id}/video"]["get"]["responses"]
+    streamed = paths["/v1/renders/{job_id}/stream"]["get"]["responses"]
+    assert {"200", "401", "404", "409"} <= set(streamed) and "video/mp4" in streamed["200"]["content"]
     ok = paths["/v1/renders/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert ok["$ref"].endswith("/JobState")
     form = spec["components"]["schemas"][paths["/v1/renders"]["post"]["requestBody"]["content"]
@@ -141,6 +143,7 @@ def test_health_auth_and_openapi(server):
     assert {"type": "integer"} in form["properties"]["max_side"]["anyOf"]
     assert "auto" in form["properties"]["paste_back"]["description"]
     assert "16..4096" in form["properties"]["max_side"]["description"]
+    assert form["properties"]["stream"]["type"] == "boolean" and form["properties"]["stream"]["default"] is False
     # /docs and /redoc load their scripts from this server, not a CDN
     import re
 
@@ -179,7 +182,7 @@ def test_render_through_the_api(server, tmp_path):
     running_clips = {s["progress"]["clips_done"] for s in seen if s["status"] == "running"}
     assert len(running_clips) >= 3, f"progress did not move clip by clip: {running_clips}"
     assert final["rendered_with"] == {"steps": 120, "sampler": "ddpm", "guidance": 1.0, "seed": 3, "paste_back": True,
-                                      "max_side": 1920, "dtype": "fp32"}
+                                      "max_side": 1920, "stream": False, "dtype": "fp32"}
     path = download(server, body["id"], tmp_path / "out.mp4")
     info = probe(path)
     assert info.has_audio and abs(info.duration - 1.5) < 0.1
@@ -189,7 +192,8 @@ def test_render_through_the_api(server, tmp_path):
     r = post(server, png_bytes(), wav_bytes(0.4), paste_back="false")
     final, _ = wait_done(server, r.json()["id"])
     assert final["rendered_with"]["steps"] == DEFAULT_STEPS and final["rendered_with"]["sampler"] == "ddim"
-    assert final["options"] == {"seed": 0, "paste_back": False} and final["rendered_with"]["paste_back"] is False
+    assert final["options"] == {"seed": 0, "paste_back": False, "stream": False}
+    assert final["rendered_with"]["paste_back"] is False
     crop = probe(download(server, r.json()["id"], tmp_path / "crop.mp4"))
     assert (crop.width, crop.height) == (64, 64)
     assert requests.delete(f"{server}/v1/renders/{r.json()['id']}", headers=AUTH, timeout=10).json()["status"] == "deleted"
@@ -224,6 +228,106 @@ def test_cancel_frees_the_renderer_and_full_means_503(server):
     final, _ = wait_done(server, r.json()["id"], timeout=40)
     assert final["status"] == "done" and time.monotonic() - t0 < 30
     assert requests.get(f"{server}/v1/renders/{job}/video", headers=AUTH, timeout=10).status_code == 409
+
+
+def decodable_frames(data: bytes, path: Path) -> int:
+    """How many frames the bytes so far of a (growing) mp4 decode to; 0 before the first."""
+    path.write_bytes(data)
+    try:
+        return len(load_video_frames(path))
+    except MediaError:
+        return 0
+
+
+def spooled(job_id: str) -> list[Path]:
+    """The Ingress's spool file of a job (its replica runs on this machine, in its temp folder)."""
+    import tempfile
+
+    return list(Path(tempfile.gettempdir()).glob(f"letstalk-spool-*/{job_id}.mp4"))
+
+
+def test_streaming_a_render_while_it_renders(server, tmp_path):
+    """stream=true: GET /v1/renders/{id}/stream sends the fragmented mp4 as it grows. Bytes that decode
+    to a frame arrive while the job still has clips to render; the whole body is the finished video
+    byte for byte (/video's bytes) and decodes to all its frames; once done, /stream serves that file.
+    401 without the token, 404 for an unknown job, 409 for a job without stream=true, and the stream
+    of a job cancelled while it renders ends then, short."""
+    r = post(server, png_bytes(), wav_bytes(5.0, seed=6), steps=80, sampler="ddim", stream="true")
+    assert r.status_code == 202, r.text
+    job, frames, clips = r.json()["id"], r.json()["frames"], r.json()["clips_total"]
+    assert frames == 125 and clips == 16
+    stream_url, status_url = f"{server}/v1/renders/{job}/stream", f"{server}/v1/renders/{job}"
+    assert requests.get(stream_url, timeout=10).status_code == 401
+    body, first, t0 = b"", None, time.monotonic()
+    with requests.get(stream_url, headers=AUTH, stream=True, timeout=120) as s:
+        assert s.status_code == 200 and s.headers["content-type"] == "video/mp4", s.text
+        assert s.headers.get("transfer-encoding") == "chunked" and "content-length" not in s.headers
+        for chunk in s.iter_content(chunk_size=None):
+            body += chunk
+            if first is None:
+                state = requests.get(status_url, headers=AUTH, timeout=10).json()  # as the chunk arrived
+                if decoded := decodable_frames(body, tmp_path / "partial.mp4"):
+                    first = (time.monotonic() - t0, decoded, state)
+    assert first is not None, "the stream never held a decodable frame"
+    seconds, decoded, state = first
+    print(f"first decodable frame(s) after {seconds:.2f} s: {decoded} of {frames}, job {state['status']} "
+          f"at clip {state['progress']['clips_done']} of {clips}")
+    assert state["status"] == "running" and state["progress"]["clips_done"] < clips - 1, state
+    assert decoded < frames
+    final = requests.get(status_url, headers=AUTH, timeout=10).json()
+    assert final["status"] == "done" and final["options"]["stream"] is True and final["rendered_with"]["stream"]
+    video = requests.get(f"{server}/v1/renders/{job}/video", headers=AUTH, timeout=30).content
+    assert body == video and len(body) > 10_000
+    (tmp_path / "streamed.mp4").write_bytes(body)
+    assert load_video_frames(tmp_path / "streamed.mp4").shape == (frames, 96, 96, 3)
+    assert probe(tmp_path / "streamed.mp4").has_audio
+    again = requests.get(stream_url, headers=AUTH, timeout=30)  # done: the finished file
+    assert again.status_code == 200 and again.content == video
+    assert spooled(job) == []  # the spool goes when the job ends
+    # the errors: no such job; a job without stream=true (one line saying so)
+    assert requests.get(f"{server}/v1/renders/{'0' * 32}/stream", headers=AUTH, timeout=10).status_code == 404
+    plain = post(server, png_bytes(), wav_bytes(0.4)).json()["id"]
+    refused = requests.get(f"{server}/v1/renders/{plain}/stream", headers=AUTH, timeout=10)
+    assert refused.status_code == 409 and "stream=true" in refused.json()["error"], refused.text
+    assert "\n" not in refused.json()["error"]
+    assert wait_done(server, plain)[0]["status"] == "done"
+    assert requests.get(f"{server}/v1/renders/{plain}/stream", headers=AUTH, timeout=10).status_code == 409
+    # cancelled while streaming: the stream ends at the cancel, with what was rendered so far
+    long = post(server, png_bytes(), wav_bytes(12.0), steps=250, sampler="ddpm", stream="true").json()["id"]
+    body, cancelled_at = b"", None
+    with requests.get(f"{server}/v1/renders/{long}/stream", headers=AUTH, stream=True, timeout=60) as s:
+        for chunk in s.iter_content(chunk_size=None):
+            body += chunk
+            if cancelled_at is None and decodable_frames(body, tmp_path / "cut.mp4"):
+                assert requests.delete(f"{server}/v1/renders/{long}", headers=AUTH,
+                                       timeout=30).json()["status"] == "cancelled"
+                cancelled_at = time.monotonic()
+    assert cancelled_at is not None and time.monotonic() - cancelled_at < 10
+    assert 0 < decodable_frames(body, tmp_path / "cut.mp4") < 300
+    gone = requests.get(f"{server}/v1/renders/{long}/stream", headers=AUTH, timeout=10)
+    assert gone.status_code == 409 and "cancelled" in gone.json()["error"]
+    assert spooled(long) == []
+
+
+def test_a_streamed_render_for_a_caller_on_another_node(server, app_args):
+    """The Renderer's side of stream=true when the caller is on another node (no folder of its own to
+    write in): "bytes" events before "done", which also carries the whole mp4 (stored as without
+    stream), and the events' bytes are that mp4."""
+    from ray import serve
+
+    from letstalk.inputs import prepare
+    from letstalk_platform.serve import input_spec
+
+    handle = serve.get_deployment_handle("Renderer", app_name="letstalk")
+    spec = input_spec(app_args, handle.info.remote().result(timeout_s=30))
+    inputs = prepare(png_bytes(), wav_bytes(1.0), spec).for_renderer(False, 1920)
+    options = {"steps": 3, "paste_back": False, "stream": True}
+    events = list(handle.options(stream=True).render_stream.remote(inputs, options, "/no/such/folder/v.mp4", None))
+    kinds = [e["event"] for e in events]
+    assert kinds[-1] == "done" and "bytes" in kinds and "progress" in kinds, kinds
+    done = events[-1]
+    assert done["video_path"] is None and done["frames"] == 25
+    assert b"".join(e["data"] for e in events if e["event"] == "bytes") == done["video"]
 
 
 def read_events(url, job_id, timeout=120):
@@ -317,7 +421,7 @@ def test_job_state_is_only_touched_on_the_event_loop():
 
     routes = {name: f for name, f in vars(Ingress.func_or_class.__wrapped__).items()
               if not name.startswith("_") and callable(f) and name not in ("page", "ui")}  # page, ui: static
-    assert {"healthz", "list_jobs", "status", "events", "video", "create", "delete"} <= set(routes)
+    assert {"healthz", "list_jobs", "status", "events", "video", "stream", "create", "delete"} <= set(routes)
     assert [name for name, f in routes.items() if not inspect.iscoroutinefunction(f)] == []
 
 
@@ -348,7 +452,8 @@ def chromium(*flags: str, log_network: bool = False):
 def test_the_web_page_in_a_real_browser(server, tmp_path):
     """The page as a person uses it: token, portrait (its crop shown), speech, quality, Render; the
     progress bar reaches 100 %, the video plays and lasts as long as the audio; a text file given as
-    audio shows the API's message. Screenshots of each state go to $LETSTALK_SCREENSHOTS (docs/web.md)."""
+    audio shows the API's message. Screenshots of each state go to $LETSTALK_SCREENSHOTS (docs/web.md).
+    "Play while rendering" unchecked: the video appears when done (the page as without streaming)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -372,10 +477,13 @@ def test_the_web_page_in_a_real_browser(server, tmp_path):
         el(By.ID, "audio").send_keys(str(tmp_path / "speech.wav"))
         Select(el(By.ID, "quality")).select_by_value("ddim:10")
         assert el(By.ID, "paste-back").is_selected()  # checked: the API's auto paste-back
+        assert el(By.ID, "stream").is_selected()  # checked by default; test_the_web_page_plays_while_rendering
         browser.save_screenshot(str(shots / "2-ready.png"))
+        el(By.ID, "stream").click()
         el(By.ID, "render").click()
         wait.until(lambda b: el(By.ID, "progress-text").text.startswith("Rendering clip"))
         browser.save_screenshot(str(shots / "3-progress.png"))
+        assert not el(By.ID, "video").is_displayed()  # no stream asked for: nothing to play before the end
         wait.until(lambda b: el(By.ID, "video").is_displayed())
         assert el(By.ID, "progress").get_attribute("value") == "1" and "Done" in el(By.ID, "progress-text").text
         duration = wait.until(lambda b: b.execute_script(
@@ -397,6 +505,63 @@ def test_the_web_page_in_a_real_browser(server, tmp_path):
         wait.until(lambda b: el(By.ID, "error").is_displayed())
         assert el(By.ID, "error").text.startswith("audio:"), el(By.ID, "error").text
         browser.save_screenshot(str(shots / "5-error.png"))
+    finally:
+        browser.quit()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_web_page_plays_while_rendering(server, tmp_path):
+    """"Play while rendering" (checked by default): the page reads /stream into a MediaSource and the
+    video plays while the job is still running (the API says so at that moment); when done, the video
+    holds all of it (its duration is the audio's, at the portrait's size) and the download link gives
+    the finished mp4, byte for byte /video's. Screenshot 6 goes with the others (docs/web.md)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    shots = Path(os.environ.get("LETSTALK_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "face.png").write_bytes(png_bytes(seed=3, size=160))
+    (tmp_path / "speech.wav").write_bytes(wav_bytes(3.0, seed=4))
+    browser = chromium()
+    try:
+        wait = WebDriverWait(browser, 90, poll_frequency=0.05)
+        el = browser.find_element
+        browser.get(f"{server}/")
+        el(By.ID, "token").send_keys(TOKEN + "\t")
+        wait.until(lambda b: el(By.ID, "model").text.startswith("Model"))
+        assert el(By.ID, "stream").is_selected() and el(By.ID, "stream").is_enabled()  # this browser has MSE
+        el(By.ID, "portrait").send_keys(str(tmp_path / "face.png"))
+        wait.until(lambda b: el(By.ID, "crop-figure").is_displayed())
+        el(By.ID, "audio").send_keys(str(tmp_path / "speech.wav"))
+        Select(el(By.ID, "quality")).select_by_value("ddpm:250")  # 10 clips of 250 steps: seconds of rendering
+        el(By.ID, "render").click()
+        playing = wait.until(lambda b: b.execute_script(
+            "const v = document.getElementById('video');"
+            "return v.currentTime > 0 && v.readyState >= 2 ? [state.job, v.currentTime] : null"))
+        job, position = playing
+        st = requests.get(f"{server}/v1/renders/{job}", headers=AUTH, timeout=10).json()
+        browser.save_screenshot(str(shots / "6-playing-while-rendering.png"))
+        print(f"playing at {position:.2f} s while the job is {st['status']}, clip {st['progress']['clips_done']} "
+              f"of {st['progress']['clips_total']}")
+        assert st["status"] == "running" and st["progress"]["clips_done"] < st["progress"]["clips_total"], st
+        assert el(By.ID, "progress-text").text.startswith("Rendering clip")
+        wait.until(lambda b: "Done" in el(By.ID, "progress-text").text and el(By.ID, "download").is_displayed())
+        assert requests.get(f"{server}/v1/renders/{job}", headers=AUTH, timeout=10).json()["status"] == "done"
+        video = browser.execute_script(
+            "const v = document.getElementById('video'); return [v.duration, v.videoWidth, v.videoHeight]")
+        assert abs(video[0] - 3.0) <= 0.1 and video[1:] == [160, 160], video
+        downloaded = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch(document.getElementById('download').href).then((r) => r.arrayBuffer())"
+            ".then((b) => done(Array.from(new Uint8Array(b))), (e) => done('error: ' + e));")
+        finished = requests.get(f"{server}/v1/renders/{job}/video", headers=AUTH, timeout=30).content
+        assert isinstance(downloaded, list) and bytes(downloaded) == finished, len(downloaded)
+        played = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1], v = document.getElementById('video'); v.muted = true;"
+            "v.currentTime = 0; v.play().then(() => setTimeout(() => done(v.currentTime), 600),"
+            "(e) => done('error: ' + e));")
+        assert isinstance(played, float) and played > 0.2, played
     finally:
         browser.quit()
 
@@ -893,5 +1058,12 @@ def test_videos_on_s3(server, app_args, s3_server):
     assert r.content == stored and int(r.headers["content-length"]) == len(stored) > 1000
     assert f'filename="{jid}.mp4"' in r.headers["content-disposition"]
     assert not list(Path(app_args.work_dir).rglob(f"*{jid}*"))  # no local copy anywhere in the work dir
+    # stream=true: the Renderer streams from its scratch file, then uploads that file: the same bytes
+    streamed = post(server, png_bytes(), wav_bytes(0.6), stream="true").json()["id"]
+    with requests.get(f"{server}/v1/renders/{streamed}/stream", headers=AUTH, stream=True, timeout=120) as s:
+        assert s.status_code == 200, s.text
+        body = b"".join(s.iter_content(chunk_size=None))
+    assert wait_done(server, streamed)[0]["status"] == "done"
+    assert body == b"".join(VideoStore(uri).chunks(streamed)) and len(body) > 1000
     assert requests.delete(f"{server}/v1/renders/{jid}", headers=AUTH, timeout=10).json()["status"] == "deleted"
     assert VideoStore(uri).size(jid) is None

@@ -317,3 +317,68 @@ def test_train_job_from_a_shell_with_relative_paths(shards, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--data", data, "--preset", "XXL"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def _ddim(model, diffusion, inputs, noise, steps, clip_range):
+    """DDIM-`steps` samples of `model` for a batch of training clips (their portrait, audio, motion)."""
+    cond = (inputs["portrait"], inputs["audio"], inputs["motion"])
+    return diffusion.sample(lambda x, t: model(x, t, *cond), noise, sampler="ddim", steps=steps, clip_range=clip_range)
+
+
+def test_distillation_job_makes_a_two_step_student(shards, tmp_path):
+    """jobs/distill.py from a shell, the teacher from the registry: the student is registered, its
+    bundle renders ddim 2 unless told otherwise, keeps the teacher's target, and its 2-step samples
+    are closer to the teacher's 8-step samples than the teacher's own 2-step samples are. A teacher
+    whose codecs did not make the shards is a one-line error before Ray starts."""
+    from letstalk.diffusion import GaussianDiffusion
+    from letstalk.pipeline import LetsTalkPipeline
+    from letstalk_platform.data import ClipTable
+    from letstalk_platform.tracking import resolve_bundle
+
+    # a teacher that has learned something (a fresh one outputs zeros: adaLN-Zero), v-prediction of the residual
+    trained, uri = train(shards, tmp_path, {"steps": 40, "checkpoint_every": 40, "tracking.name": "teacher",
+                                            "tracking.register_name": "letstalk-teacher", "sample_clips": 0,
+                                            "target.residual": True, "target.residual_scale": 4.0,
+                                            "target.prediction": "v_prediction"})
+    job = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill.py"), "--teacher",
+                          "models:/letstalk-teacher@candidate", "--data", str(shards), "--mlflow-uri", uri,
+                          "--student-steps", "2", "--teacher-steps", "8", "--steps", "40", "--lr", "1e-3", "--log-every", "1",
+                          "--ema-warmup",
+                          "--batch-size", "4", "--num-workers", "2", "--cpus-per-worker", "0.5",
+                          "--storage", str(tmp_path / "runs"), "--name", "student", "--register-name",
+                          "letstalk-student"], capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr[-2000:]
+    summary = printed_summary(job.stdout)
+    assert summary["steps"] == 40 and summary["registered"].startswith("models:/letstalk-student@candidate")
+    loss = dict(history(uri, summary["run_id"], "loss"))
+    assert np.mean([loss[s] for s in range(31, 41)]) < 0.7 * np.mean([loss[s] for s in range(1, 11)]), loss
+
+    teacher = LetsTalkPipeline.from_pretrained(resolve_bundle(trained["bundle"]))
+    student = LetsTalkPipeline.from_pretrained(resolve_bundle("models:/letstalk-student@candidate", uri,
+                                                              cache=tmp_path / "cache"))
+    assert student.sampling() == ("ddim", 2) and teacher.sampling() == ("ddim", 25)
+    for key in ("residual", "residual_scale", "residual_base", "prediction"):
+        assert getattr(student.settings, key) == getattr(teacher.settings, key)
+
+    # the student's 2 steps vs the teacher's 8, on training clips with the same noise
+    table = ClipTable(shards, "train", ["latents", "audio", "motion", "refs"])
+    batch = {k: torch.from_numpy(v) for k, v in table.read(list(range(0, len(table), max(1, len(table) // 6)))).items()}
+    inputs = prepare_batch(batch, Augment(flip_prob=0, audio_dropout=0, motion_noise=0, motion_ref_prob=0),
+                           teacher.transformer.cfg.audio_window, torch.Generator().manual_seed(0), teacher.target)
+    noise = torch.randn(inputs["x0"].shape, generator=torch.Generator().manual_seed(1))
+    diffusion = GaussianDiffusion(learn_sigma=True, prediction="v_prediction")
+    clip = teacher.target.sample_range(teacher.codec.sample_range)
+    with torch.no_grad():
+        goal = _ddim(teacher.transformer, diffusion, inputs, noise, 8, clip)
+        own = ((_ddim(teacher.transformer, diffusion, inputs, noise, 2, clip) - goal) ** 2).mean().item()
+        distilled = ((_ddim(student.transformer, diffusion, inputs, noise, 2, clip) - goal) ** 2).mean().item()
+    assert distilled < 0.7 * own, (distilled, own)
+
+    other = tmp_path / "other-codecs"
+    LetsTalkPipeline.init_tiny(seed=1).save_pretrained(other)
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill.py"), "--teacher", str(other), "--data",
+                          str(shards), "--mlflow-uri", uri, "--storage", str(tmp_path / "runs")],
+                         capture_output=True, text=True)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and last.startswith("distill: error:") and "is not the one that tokenized" in last, \
+        bad.stderr[-500:]

@@ -1,7 +1,7 @@
 // The LetsTalk page: plain JavaScript against the render API (docs/web.md). The token stays in this
 // tab's sessionStorage; every request sends it as a bearer header, so the video and the progress
 // stream are fetched (not linked) and the stream is read from fetch's body (EventSource cannot send
-// headers).
+// headers). "Play while rendering" reads the growing mp4 the same way and feeds it to a MediaSource.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -144,12 +144,103 @@ async function follow(id) {
   return last;
 }
 
-async function showVideo(id) {
+// ---- play while rendering: GET /stream (a fragmented mp4, growing) into a MediaSource
+
+function concat(a, b) {
+  const out = new Uint8Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
+}
+
+function initEnd(bytes) {
+  // where the header (ftyp + moov, the init segment) ends, or -1 until all of it has arrived
+  let at = 0;
+  while (at + 8 <= bytes.length) {
+    const size = new DataView(bytes.buffer, bytes.byteOffset + at, 4).getUint32(0);
+    const type = String.fromCharCode(...bytes.subarray(at + 4, at + 8));
+    if (type === "moov") return at + size <= bytes.length ? at + size : -1;
+    if (size < 8) return -1;
+    at += size;
+  }
+  return -1;
+}
+
+function indexOf(bytes, text) {
+  const codes = [...text].map((c) => c.charCodeAt(0));
+  outer: for (let i = 0; i + codes.length <= bytes.length; i++) {
+    for (let k = 0; k < codes.length; k++) if (bytes[i + k] !== codes[k]) continue outer;
+    return i;
+  }
+  return -1;
+}
+
+function mimeOf(header) {
+  // the SourceBuffer needs the exact codecs: x264 picks the H.264 profile and level from the frame
+  // size, so they are read from the file's avcC record (profile, compatibility, level after its type)
+  const avcC = indexOf(header, "avcC");
+  if (avcC < 0 || avcC + 8 > header.length) return null;
+  const hex = (i) => header[avcC + i].toString(16).padStart(2, "0");
+  const video = `avc1.${hex(5)}${hex(6)}${hex(7)}`;
+  return `video/mp4; codecs="${indexOf(header, "mp4a") >= 0 ? video + ", mp4a.40.2" : video}"`;  // AAC-LC
+}
+
+function appendTo(buffer, bytes) {
+  return new Promise((resolve, reject) => {
+    const done = () => { buffer.removeEventListener("error", fail); resolve(); };
+    const fail = () => {
+      buffer.removeEventListener("updateend", done);
+      reject(new Error("the browser could not play the stream"));
+    };
+    buffer.addEventListener("updateend", done, { once: true });
+    buffer.addEventListener("error", fail, { once: true });
+    buffer.appendBuffer(bytes);
+  });
+}
+
+async function playWhileRendering(id) {
+  // true: the whole video went into the <video> as it rendered; false: this browser cannot (no
+  // MediaSource, or not these codecs), the page shows the finished file instead
+  const response = await api(`/v1/renders/${id}/stream`);
+  const reader = response.body.getReader();
+  let head = new Uint8Array(0), end = -1;
+  while (end < 0) {
+    const { value, done } = await reader.read();
+    if (done) return false;  // the job failed or was cancelled before its first frame
+    head = concat(head, value);
+    end = initEnd(head);
+  }
+  const mime = mimeOf(head.subarray(0, end));
+  if (!mime || !MediaSource.isTypeSupported(mime)) {
+    reader.cancel();
+    return false;
+  }
+  const source = new MediaSource();
+  const video = $("video");
+  video.src = URL.createObjectURL(source);
+  await new Promise((resolve) => source.addEventListener("sourceopen", resolve, { once: true }));
+  URL.revokeObjectURL(video.src);
+  const buffer = source.addSourceBuffer(mime);
+  await appendTo(buffer, head);  // one append at a time: the next waits for this one's updateend
+  video.hidden = false;
+  video.play().catch(() => {});  // the Render click allows it; where not, the controls do
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    await appendTo(buffer, value);
+  }
+  source.endOfStream();
+  return true;
+}
+
+async function showVideo(id, playing = false) {
+  // `playing`: the video element already has the whole video (played while rendering); only the
+  // download link needs the file
   const blob = await (await api(`/v1/renders/${id}/video`)).blob();
   if (state.videoUrl) URL.revokeObjectURL(state.videoUrl);
   state.videoUrl = URL.createObjectURL(blob);
   $("job").hidden = false;
-  $("video").src = state.videoUrl;
+  if (!playing) $("video").src = state.videoUrl;
   $("video").hidden = false;
   $("download").href = state.videoUrl;
   $("download").download = `letstalk-${id.slice(0, 8)}.mp4`;
@@ -173,8 +264,11 @@ async function render(event) {
   }
   form.append("seed", $("seed").value || "0");
   if (!$("paste-back").checked) form.append("paste_back", "false");  // checked: the server's auto
+  const streaming = $("stream").checked;
+  if (streaming) form.append("stream", "true");
   $("render").disabled = true;
   $("job").hidden = true;  // the last render's progress and video go until this one is accepted
+  $("video").pause();
   $("video").hidden = true;
   $("download").hidden = true;
   try {
@@ -183,8 +277,14 @@ async function render(event) {
     $("job").hidden = false;
     $("progress").value = 0;
     $("progress-text").textContent = "Queued…";
+    const played = !streaming ? Promise.resolve(false) : playWhileRendering(accepted.id).catch((e) => {
+      console.warn("play while rendering:", e.message);  // the finished file is shown instead
+      return false;
+    });
     const final = await follow(accepted.id);
-    if (final && final.status === "done") await showVideo(accepted.id);
+    const whole = await played;  // the stream ends with the job
+    if (final && final.status === "done") await showVideo(accepted.id, whole);
+    else $("video").hidden = true;
   } catch (e) {
     showError(e.message);
   } finally {
@@ -233,6 +333,11 @@ window.addEventListener("DOMContentLoaded", () => {
   dropZone($("portrait-drop"), $("portrait"), setPortrait);
   dropZone($("audio-drop"), $("audio"), (file) => setAudio(file, file.name));
   setupRecording();
+  if (!(window.MediaSource && MediaSource.isTypeSupported('video/mp4; codecs="avc1.640028, mp4a.40.2"'))) {
+    $("stream").checked = false;  // the video shows when done, as without the option
+    $("stream").disabled = true;
+    $("stream-note").textContent = "this browser cannot play an mp4 while it arrives (no Media Source Extensions)";
+  }
   $("render-form").addEventListener("submit", render);
   $("cancel").addEventListener("click", () => {
     if (state.job) api(`/v1/renders/${state.job}`, { method: "DELETE" }).catch((e) => showError(e.message));
