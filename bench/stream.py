@@ -37,31 +37,42 @@ def decodable(path: Path) -> int:
     return int(counts[-1]) if run.returncode == 0 and counts else 0
 
 
+class FirstFrame:
+    """A thread that asks ffmpeg every 20 ms whether the file at `out` decodes to a frame yet;
+    `stop(end)` gives the seconds from `t0` to the first time it did (`end` if it never did)."""
+
+    def __init__(self, out: Path, t0: float):
+        self.out, self.t0, self.first = out, t0, []
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._watch)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.finished.is_set() and not self.first:
+            if self.out.exists() and decodable(self.out) > 0:
+                self.first.append(time.perf_counter() - self.t0)
+            time.sleep(0.02)
+
+    def stop(self, end: float) -> float:
+        self.finished.set()
+        self.thread.join()
+        return self.first[0] if self.first else end
+
+
 def one(pipe: LetsTalkPipeline, portrait, audio, out: Path, stream: bool) -> dict[str, float]:
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    first: list[float] = []
     clip_done: list[float] = []
-    finished = threading.Event()
-
-    def watch() -> None:
-        while not finished.is_set() and not first:
-            if out.exists() and decodable(out) > 0:
-                first.append(time.perf_counter() - t0)
-            time.sleep(0.02)
 
     def progress(done: int, total: int) -> None:
         if done == DEFAULT_STEPS and not clip_done:  # the first clip's last denoising step
             clip_done.append(time.perf_counter() - t0)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+    watcher = FirstFrame(out, t0)
     result = pipe.render_to_file(portrait, audio, out, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER,
                                  progress=progress, stream=stream)
     total = time.perf_counter() - t0
-    finished.set()
-    watcher.join()
-    return {"first_frame": first[0] if first else total, "first_clip": clip_done[0] if clip_done else total,
+    return {"first_frame": watcher.stop(total), "first_clip": clip_done[0] if clip_done else total,
             "total": total, "video_s": result.num_frames / result.fps}
 
 

@@ -19,7 +19,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT / "bench")]
 
-from stream import decodable, one  # noqa: E402  (bench/stream.py)
+from stream import FirstFrame, one  # noqa: E402  (bench/stream.py)
 
 from letstalk.cli import SHIPPED  # noqa: E402
 from letstalk.pipeline import LetsTalkPipeline  # noqa: E402
@@ -46,17 +45,7 @@ def streamed(url: str, portrait: bytes, audio: bytes, out: Path) -> dict[str, fl
                       files={"portrait": ("p.png", portrait), "audio": ("a.wav", audio)})
     r.raise_for_status()
     job = r.json()["id"]
-    first: list[float] = []
-    finished = threading.Event()
-
-    def watch() -> None:
-        while not finished.is_set() and not first:
-            if out.exists() and decodable(out) > 0:
-                first.append(time.perf_counter() - t0)
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+    watcher = FirstFrame(out, t0)
     with requests.get(f"{url}/v1/renders/{job}/stream", headers=AUTH, stream=True, timeout=600) as body, \
             open(out, "wb", buffering=0) as f:
         body.raise_for_status()
@@ -64,11 +53,10 @@ def streamed(url: str, portrait: bytes, audio: bytes, out: Path) -> dict[str, fl
             f.write(chunk)
     state = requests.get(f"{url}/v1/renders/{job}", headers=AUTH, timeout=60).json()
     end = time.perf_counter() - t0
-    finished.set()
-    watcher.join()
+    first = watcher.stop(end)
     if state["status"] != "done":
         raise RuntimeError(f"job {job} ended {state['status']}: {state.get('error')}")
-    return {"first_frame": first[0] if first else end, "end": end}
+    return {"first_frame": first, "end": end}
 
 
 def main() -> None:

@@ -17,13 +17,9 @@ works here as in jobs/train.py (`--help`); the `distill` section is required.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
-from letstalk_platform.configs import check_train
-from letstalk_platform.runtime import StaleLockError, add_config_flags, check_extension_locks, init_ray, load_config
-from letstalk.artifacts import ShardManifest
-from letstalk_platform.train import TrainConfig, absolute_paths, distill_setup, run_training
+from letstalk_platform.runtime import add_config_flags
+from letstalk_platform.train import TrainConfig, run_job
 
 FLAGS = {
     "--teacher": "distill.teacher",
@@ -62,21 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "debug_steps")}
     if args.debug_steps:
         overrides |= {"steps": args.debug_steps, "checkpoint_every": args.debug_steps, "log_every": 1}
-    try:
-        cfg = load_config(TrainConfig, args.config, overrides)
-        if cfg.distill is None:
-            raise ValueError("nothing to distil: give --teacher (a bundle folder or models:/NAME@ALIAS) or a "
-                             "distill section in the YAML")
-        check_train(cfg)
-        distill_setup(absolute_paths(cfg), ShardManifest.load(cfg.data.path))  # the teacher fits: before Ray starts
-        check_extension_locks()
-        init_ray()
-        summary = run_training(cfg)
-    except (ValueError, StaleLockError) as e:
-        print(f"distill: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_job("distill", args.config, overrides, distill=True)
 
 
 if __name__ == "__main__":

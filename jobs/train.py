@@ -14,13 +14,10 @@ become a render bundle (STORAGE/NAME/bundle) and a registry version `models:/<re
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from letstalk.config import PRESETS
-from letstalk_platform.configs import check_train
-from letstalk_platform.runtime import StaleLockError, add_config_flags, check_extension_locks, init_ray, load_config
-from letstalk_platform.train import TrainConfig, run_training
+from letstalk_platform.runtime import add_config_flags
+from letstalk_platform.train import TrainConfig, run_job
 
 FLAGS = {
     "--data": "data.path",
@@ -56,17 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "debug_steps")}
     if args.debug_steps:
         overrides |= {"steps": args.debug_steps, "checkpoint_every": args.debug_steps, "log_every": 1}
-    try:
-        cfg = load_config(TrainConfig, args.config, overrides)
-        check_train(cfg)  # the DeepSpeed JSON and what the run makes of it, before Ray starts
-        check_extension_locks()  # seconds, not a silent hang in every worker
-        init_ray()
-        summary = run_training(cfg)
-    except (ValueError, StaleLockError) as e:
-        print(f"train: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_job("train", args.config, overrides)
 
 
 if __name__ == "__main__":

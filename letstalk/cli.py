@@ -29,6 +29,9 @@ from .paste import DEFAULT_MAX_SIDE
 
 # the learned demo model: package data (pyproject.toml), so a wheel install has it as well as a checkout
 SHIPPED = Path(__file__).resolve().parent / "models" / "demo"
+# the models shipped in the package, by the name `--model` takes: the demo model and its 2-step
+# student (jobs/distill.py, docs/distill.md)
+SHIPPED_MODELS = {"demo": SHIPPED, "demo-2step": SHIPPED.parent / "demo-2step"}
 
 
 def latents_to_strip(latents: torch.Tensor, scale: int = 8) -> Image.Image:
@@ -154,6 +157,10 @@ def resolve_model(model: str | os.PathLike | None, mlflow_uri: str | None = None
             return SHIPPED
         raise ValueError("no --model given and this install has no shipped demo model; pass --model DIR (a bundle: "
                          "`letstalk init-tiny DIR` writes a random one) or --model models:/NAME@ALIAS")
+    if str(model) in SHIPPED_MODELS and not Path(model).exists():
+        if not (SHIPPED_MODELS[str(model)] / "pipeline.json").is_file():
+            raise ValueError(f"--model {model}: this install does not ship it")
+        return SHIPPED_MODELS[str(model)]
     if str(model).startswith("models:/"):
         try:
             from letstalk_platform.tracking import resolve_bundle  # the model library itself never imports mlflow
@@ -180,9 +187,9 @@ def cmd_render(args: argparse.Namespace) -> int:
               f"thread{'s' if threads > 1 else ''} (--threads to choose)", file=sys.stderr)
     bundle = resolve_model(args.model, getattr(args, "mlflow_uri", None))
     pipe = LetsTalkPipeline.from_pretrained(bundle, device=device)
-    if bundle.resolve() == SHIPPED.resolve():
+    if bundle.resolve() in {m.resolve() for m in SHIPPED_MODELS.values()}:
         size = pipe.image_size
-        print(f"model: the demo model ({SHIPPED}), trained on drawn faces at {size}x{size} px: a real photo "
+        print(f"model: the demo model ({bundle}), trained on drawn faces at {size}x{size} px: a real photo "
               f"will not look real (README: bring your own weights or train one)", file=sys.stderr)
     sampler, steps = pipe.sampling(args.sampler, args.steps)  # unless told: the model's own (pipeline.json)
     bar = StepBar(f"rendering ({sampler} × {steps})")
@@ -225,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("portrait", help="portrait image (png, jpg, ...)")
     p.add_argument("audio", help="speech audio (wav, mp3, ogg, m4a, or a video with sound)")
     p.add_argument("-o", "--out", required=True, help="output .mp4")
-    p.add_argument("--model", default=None, help="a bundle folder, or models:/NAME@ALIAS from an MLflow registry "
-                   "(--mlflow-uri or $MLFLOW_TRACKING_URI); default: the demo model shipped in the package, "
-                   "letstalk/models/demo")
+    p.add_argument("--model", default=None, help="a bundle folder, models:/NAME@ALIAS from an MLflow registry "
+                   "(--mlflow-uri or $MLFLOW_TRACKING_URI), or a shipped model: demo, demo-2step (its distilled "
+                   "2-step student); default: demo, letstalk/models/demo")
     p.add_argument("--mlflow-uri", default=None, help="registry for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per clip (paper: 250 DDPM); " + OWN)
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None,

@@ -738,6 +738,31 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def run_job(name: str, config: str | None, overrides: dict[str, Any], distill: bool = False) -> int:
+    """jobs/train.py and jobs/distill.py: load and check the config (and, distilling, that the teacher
+    fits the shards) before Ray starts, train, print the summary as JSON. A bad config, a stale
+    torch-extension lock or a teacher that does not fit: `NAME: error: ...` in one line, exit code 2."""
+    from .configs import check_train
+    from .runtime import StaleLockError, check_extension_locks, init_ray, load_config
+
+    try:
+        cfg = load_config(TrainConfig, config, overrides)
+        if distill and cfg.distill is None:
+            raise ValueError("nothing to distil: give --teacher (a bundle folder or models:/NAME@ALIAS) or a "
+                             "distill section in the YAML")
+        check_train(cfg)  # the DeepSpeed JSON and what the run makes of it
+        if cfg.distill is not None:
+            distill_setup(absolute_paths(cfg), ShardManifest.load(cfg.data.path))
+        check_extension_locks()  # seconds, not a silent hang in every worker
+        init_ray()
+        summary = run_training(cfg)
+    except (ValueError, StaleLockError) as e:
+        print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def architecture(model: ModelSection, manifest: ShardManifest) -> LetsTalkConfig:
     """The LetsTalkTransformer of a run on these shards: the preset's widths and depth (and fusions,
     unless the config picks others), the clip, latent and audio sizes the manifest records."""

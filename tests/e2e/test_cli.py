@@ -81,6 +81,11 @@ def test_render_with_no_model_uses_the_demo_model_from_anywhere(tmp_path, portra
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "t.mp4").exists() and "ddim × 25" in run.stderr
     assert f"the demo model ({SHIPPED}), trained on drawn faces" in run.stderr and "will not look real" in run.stderr
+    # the shipped student by name, at its own 2 steps without --steps; a name this install lacks is one line
+    student = subprocess.run([sys.executable, "-m", "letstalk.cli", "render", "portrait.png", "speech.wav", "-o",
+                              "s.mp4", "--model", "demo-2step"], cwd=tmp_path, capture_output=True, text=True)
+    assert student.returncode == 0, student.stderr
+    assert (tmp_path / "s.mp4").exists() and "ddim × 2)" in student.stderr and "trained on drawn faces" in student.stderr
 
 
 @pytest.mark.slow
