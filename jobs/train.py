@@ -49,11 +49,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "debug_steps")}
-    if args.debug_steps:
-        overrides |= {"steps": args.debug_steps, "checkpoint_every": args.debug_steps, "log_every": 1}
-    return run_job("train", args.config, overrides)
+    return run_job("train", get_args(argv))
 
 
 if __name__ == "__main__":

@@ -263,11 +263,8 @@ class GaussianDiffusion:
         return a_s * x0 + s_s * eps
 
     def student_timesteps(self, steps: int) -> list[int]:
-        """The `steps`-step grid a sampler runs (trailing spacing, as make_scheduler), then -1 (clean)."""
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
-        grid = np.round(np.arange(self.num_timesteps, 0, -self.num_timesteps / steps)).astype(np.int64) - 1
-        return [int(t) for t in grid] + [-1]
+        """The `steps`-step grid the DDIM sampler runs (make_scheduler's own), then -1 (clean)."""
+        return [int(t) for t in self.make_scheduler("ddim", steps).timesteps] + [-1]
 
     @torch.no_grad()
     def teacher_x0_target(self, teacher_fn: ModelFn, xt: torch.Tensor, t: torch.Tensor, s: torch.Tensor,

@@ -738,15 +738,20 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def run_job(name: str, config: str | None, overrides: dict[str, Any], distill: bool = False) -> int:
-    """jobs/train.py and jobs/distill.py: load and check the config (and, distilling, that the teacher
-    fits the shards) before Ray starts, train, print the summary as JSON. A bad config, a stale
-    torch-extension lock or a teacher that does not fit: `NAME: error: ...` in one line, exit code 2."""
+def run_job(name: str, args: Any, distill: bool = False) -> int:
+    """jobs/train.py and jobs/distill.py: their parsed flags (`--config`, `--debug-steps N`: N steps,
+    a checkpoint at the end, every step logged; the rest override TrainConfig keys) -> load and check
+    the config (and, distilling, that the teacher fits the shards) before Ray starts, train, print
+    the summary as JSON. A bad config, a stale torch-extension lock or a teacher that does not fit:
+    `NAME: error: ...` in one line, exit code 2."""
     from .configs import check_train
     from .runtime import StaleLockError, check_extension_locks, init_ray, load_config
 
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "debug_steps")}
+    if args.debug_steps:
+        overrides |= {"steps": args.debug_steps, "checkpoint_every": args.debug_steps, "log_every": 1}
     try:
-        cfg = load_config(TrainConfig, config, overrides)
+        cfg = load_config(TrainConfig, args.config, overrides)
         if distill and cfg.distill is None:
             raise ValueError("nothing to distil: give --teacher (a bundle folder or models:/NAME@ALIAS) or a "
                              "distill section in the YAML")
