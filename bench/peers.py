@@ -2,6 +2,7 @@
 
     python bench/peers.py [--sizes 256 512] [--timing-sizes 256] [--repeats 3] [--threads N]
                           [--presets B L] [--hallo-steps 40] [--letstalk-steps 25 250] [--no-full] [--smoke]
+                          [--device cuda] [--bf16]      # timed on a GPU (synchronised), fp32 or bf16 autocast
 
 The paper's efficiency claim (Fig. 1 right: LetsTalk-B near Hallo's quality with far fewer
 parameters and less inference time), measured on random weights: one denoising step of each model
@@ -56,6 +57,7 @@ FLOPs). `--smoke` (tiny models, 1 thread) takes ~15 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -358,7 +360,7 @@ class Clip:
         g = torch.Generator().manual_seed(0)
 
         def r(*shape):
-            return torch.empty(*shape, device="meta") if device == "meta" else torch.randn(*shape, generator=g)
+            return torch.empty(*shape, device="meta") if device == "meta" else torch.randn(*shape, generator=g).to(device)
         s, c, f, a = size // 8, setup.latent_channels, setup.frames, setup.audio
         return cls(x=r(1, f, c, s, s), t=torch.full((1,), 500, device=device), portrait=r(1, c, s, s),
                    motion=r(1, setup.motion_frames, c, s, s),
@@ -414,16 +416,27 @@ def count_flops(models: Models) -> dict[str, int]:
         return {name: flops_of(fn) for name, fn in models.jobs(full=True).items()}
 
 
-def median_times(jobs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def median_times(jobs: dict[str, Callable[[], object]], repeats: int, device: str = "cpu",
+                 bf16: bool = False) -> dict[str, float]:
+    """Median seconds per call, every job once per round (round 0 warms up); on CUDA each call is
+    synchronised, and `bf16` runs it under bf16 autocast."""
     runs: dict[str, list[float]] = {name: [] for name in jobs}
-    with torch.inference_mode():
-        for round_ in range(repeats + 1):  # round 0 warms up
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.inference_mode(), autocast:
+        for round_ in range(repeats + 1):
             for name, fn in jobs.items():
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 if round_:
                     runs[name].append(time.perf_counter() - start)
     return {name: statistics.median(v) for name, v in runs.items()}
+
+
+def seconds_text(s: float) -> str:
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1000:.1f} ms"
 
 
 def cpu_name() -> str:
@@ -439,7 +452,8 @@ def cpu_name() -> str:
 # --------------------------------------------------------------------------------------------
 
 def report(size: int, params: dict[str, int], flops: dict[str, int], seconds: dict[str, float] | None,
-           presets: list[str], hallo_steps: int, letstalk_steps: list[int], frames: int) -> None:
+           presets: list[str], hallo_steps: int, letstalk_steps: list[int], frames: int,
+           timing: str = "CPU time", precision: str = "fp32") -> None:
     ref = f"LetsTalk-{presets[0]}"
     once = ["Hallo ReferenceNet", "Hallo locator+proj"]
     flops = dict(flops)
@@ -448,8 +462,8 @@ def report(size: int, params: dict[str, int], flops: dict[str, int], seconds: di
         seconds = dict(seconds)
         seconds["Hallo per step"] = seconds["Hallo denoiser"] + sum(seconds[k] for k in once) / hallo_steps
 
-    print(f"\n{size}×{size} pixels = {frames} × 4 × {size // 8} × {size // 8} latents, batch 1, fp32")
-    print(f"{'model':<34} {'params M':>9} {'GFLOP':>10} {'CPU s':>8} {'FLOPs ×':>8} {'time ×':>7}")
+    print(f"\n{size}×{size} pixels = {frames} × 4 × {size // 8} × {size // 8} latents, batch 1, {precision}")
+    print(f"{'model':<34} {'params M':>9} {'GFLOP':>10} {timing:>9} {'FLOPs ×':>8} {'time ×':>7}")
     rows = [(f"LetsTalk-{p}", f"LetsTalk-{p} (per step)") for p in presets] + [
         ("Hallo denoiser", "Hallo denoiser (per step)"),
         ("Hallo ReferenceNet", "Hallo ReferenceNet (once per clip)"),
@@ -461,26 +475,27 @@ def report(size: int, params: dict[str, int], flops: dict[str, int], seconds: di
         per_step = key not in once
         ratio_f = f"{flops[key] / flops[ref]:.1f}" if per_step else "–"
         ratio_t = f"{s / seconds[ref]:.1f}" if s is not None and per_step else "–"
-        s_text = f"{s:.2f}" if s is not None else "–"
-        print(f"{label:<34} {p / 1e6:>9.1f} {flops[key] / 1e9:>10.1f} {s_text:>8} {ratio_f:>8} {ratio_t:>7}")
+        s_text = seconds_text(s) if s is not None else "–"
+        print(f"{label:<34} {p / 1e6:>9.1f} {flops[key] / 1e9:>10.1f} {s_text:>9} {ratio_f:>8} {ratio_t:>7}")
 
     hallo_clip_f = hallo_steps * flops["Hallo denoiser"] + sum(flops[k] for k in once)
     line = [f"Hallo DDIM-{hallo_steps}: {hallo_clip_f / 1e12:.1f} TFLOP"]
     if seconds:
         hallo_clip_s = hallo_steps * seconds["Hallo denoiser"] + sum(seconds[k] for k in once)
-        line[0] += f", {hallo_clip_s:.0f} s"
+        line[0] += f", {seconds_text(hallo_clip_s)}"
     for n in letstalk_steps:
         text = (f"{ref} × {n} steps: {n * flops[ref] / 1e12:.1f} TFLOP "
                 f"(Hallo ÷ this {hallo_clip_f / (n * flops[ref]):.2f})")
         if seconds:
-            text += f", {n * seconds[ref]:.0f} s (Hallo ÷ this {hallo_clip_s / (n * seconds[ref]):.2f})"
+            text += f", {seconds_text(n * seconds[ref])} (Hallo ÷ this {hallo_clip_s / (n * seconds[ref]):.2f})"
         line.append(text)
     print("per clip, no CFG: " + "; ".join(line))
 
     full = f"{ref} full attention"
     text = f"{ref} interleaved vs full spatio-temporal attention: {flops[full] / flops[ref]:.2f}× fewer FLOPs"
     if seconds and full in seconds:
-        text += f", {seconds[full] / seconds[ref]:.2f}× faster ({seconds[full]:.2f} s vs {seconds[ref]:.2f} s)"
+        text += (f", {seconds[full] / seconds[ref]:.2f}× faster ({seconds_text(seconds[full])} vs "
+                 f"{seconds_text(seconds[ref])})")
     print(text + f" (full: {flops[full] / 1e9:.0f} GFLOP)")
 
 
@@ -498,6 +513,8 @@ def main() -> None:
                         help="LetsTalk steps for the per-clip line (25: this repo's DDIM; 250: the paper's DDPM)")
     parser.add_argument("--no-full", action="store_true", help="do not time full spatio-temporal attention")
     parser.add_argument("--smoke", action="store_true", help="tiny models and sizes, 1 repeat: a few seconds")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to time (FLOPs: always meta)")
+    parser.add_argument("--bf16", action="store_true", help="time under bf16 autocast (default fp32; TF32 off)")
     args = parser.parse_args()
     setup = FULL
     if args.smoke:
@@ -508,8 +525,13 @@ def main() -> None:
     torch.set_num_threads(args.threads or (1 if args.smoke else torch.get_num_threads()))
     torch.manual_seed(0)
 
-    print(f"device: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; fp32, batch 1, {setup.frames} frames, random weights")
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
+        where = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    else:
+        where = f"{cpu_name()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads"
+    print(f"device: {where}; torch {torch.__version__}; {precision}, batch 1, {setup.frames} frames, random weights")
     print("FLOPs: FlopCounterMode on the meta device (matmuls + convolutions; SDPA via the math backend)")
     print("Hallo-shaped, every step: SD-1.5 U-Net + AnimateDiff-v2 motion modules + reference attention + Hallo's "
           "audio modules + face-locator features; once per clip (charged / --hallo-steps): ReferenceNet on 3 latents, "
@@ -532,15 +554,16 @@ def main() -> None:
         flops = count_flops(meta)
         seconds = None
         if size in args.timing_sizes:
-            real = Models(setup, args.presets, size, "cpu", real_hallo)
+            real = Models(setup, args.presets, size, args.device, real_hallo)
             real_hallo = real.hallo
             if args.smoke:  # the meta count must match a count on real tensors
                 real_flops = count_flops(real)
                 assert real_flops == flops, (real_flops, flops)
                 print("smoke: FLOPs on meta == FLOPs on real tensors")
-            seconds = median_times(real.jobs(full=not args.no_full), args.repeats)
+            seconds = median_times(real.jobs(full=not args.no_full), args.repeats, args.device, args.bf16)
             del real
-        report(size, params, flops, seconds, args.presets, args.hallo_steps, args.letstalk_steps, setup.frames)
+        report(size, params, flops, seconds, args.presets, args.hallo_steps, args.letstalk_steps, setup.frames,
+               "GPU time" if args.device == "cuda" else "CPU time", precision)
 
 
 if __name__ == "__main__":
