@@ -5,7 +5,8 @@
         --teacher-steps 8 --mlflow-uri sqlite:///mlflow.db --storage runs/ --name letstalk-2step
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/distill.py --config distill.yaml
 
-The student starts as a copy of the teacher and learns, in `student_steps` DDIM steps, the samples
+The student starts as a copy of the teacher (or, with --init-from, as an earlier student's
+transformer/diffusion_pytorch_model.safetensors, to go on distilling) and learns, in `student_steps` DDIM steps, the samples
 the teacher makes in `teacher_steps` (progressive distillation's target, several teacher steps per
 student step: letstalk.training.distill_loss_terms). It trains on the shards the teacher's codecs
 made, through the same loop as jobs/train.py (ZeRO, exact resume, EMA, MLflow on rank 0). Its
@@ -26,6 +27,7 @@ FLAGS = {
     "--student-steps": "distill.student_steps",
     "--teacher-steps": "distill.teacher_steps",
     "--guidance": "distill.guidance",
+    "--init-from": "model.init_from",
     "--data": "data.path",
     "--batch-size": "data.batch_size",
     "--lr": "optim.lr",

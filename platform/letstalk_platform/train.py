@@ -61,7 +61,8 @@ class ModelSection(BaseModel):
     preset: str = "B"
     portrait_fusion: PortraitFusion | None = Field(None, description="None: the preset's")
     audio_fusion: AudioFusion | None = Field(None, description="None: the preset's")
-    init_from: str | None = Field(None, description="Latte/DiT checkpoint: keys matching by name and shape")
+    init_from: str | None = Field(None, description="Latte/DiT checkpoint: keys matching by name and shape; with "
+                                   "distill, an earlier student (.safetensors) to go on from instead of the teacher")
     gradient_checkpointing: bool = Field(False, description="recompute each block in the backward: far less "
                                          "activation memory for about a third more compute (bench/train.py)")
 
@@ -488,11 +489,12 @@ def train_loop(config: dict[str, Any]) -> None:
     node = ray.get_runtime_context().get_node_id()
 
     teacher, init_from = None, None
-    if cfg.distill is not None:  # every rank holds the frozen teacher; the student starts as its copy
+    if cfg.distill is not None:  # every rank holds the frozen teacher; the student starts as its copy,
+        # or as model.init_from: an earlier student of this teacher to go on distilling (distill_setup checked it)
         teacher_dir = tracking.resolve_bundle(cfg.distill.teacher, cfg.tracking.mlflow_uri)
         teacher = LetsTalkTransformer.from_pretrained(teacher_dir / "transformer").to(device).eval()
         teacher.requires_grad_(False)
-        init_from = str(teacher_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+        init_from = cfg.model.init_from or str(teacher_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     engine = build_engine(cfg, arch, device, rank, init_from)
     generator = seed_everything(cfg.seed, rank)
     ema = EMA(master_weights(engine), cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
@@ -797,8 +799,29 @@ def distill_setup(cfg: TrainConfig, manifest: ShardManifest) -> tuple[TrainConfi
     target = TargetSection(residual=settings.get("residual", False), residual_scale=settings.get("residual_scale", 1.0),
                            residual_base=settings.get("residual_base", "portrait"),
                            prediction=settings.get("prediction", "epsilon"), motion_weight=cfg.target.motion_weight)
+    if cfg.model.init_from:
+        check_same_tensors(cfg.model.init_from, arch)
     clip_range = target.to_clip_target().sample_range(LatentCodec.from_pretrained(teacher / "vae").sample_range)
     return cfg.model_copy(update={"target": target}), arch, clip_range
+
+
+def check_same_tensors(path: str, arch: LetsTalkConfig) -> None:
+    """A student to go on from (distill with model.init_from) must hold every tensor of the teacher's
+    architecture, shape for shape: a partial match, which init_from allows for training, would start
+    the student as half a teacher. One-line ValueError."""
+    from safetensors import SafetensorError, safe_open
+
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in LetsTalkTransformer(**arch.to_dict()).state_dict().items()}
+    try:
+        with safe_open(path, "pt") as f:
+            theirs = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"model.init_from {path}: not a readable safetensors file ({e})") from None
+    differ = sorted(k for k in own.keys() | theirs.keys() if own.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"model.init_from {path}: not a student of this teacher's architecture ({len(differ)} "
+                         f"tensors missing, extra or of another shape against the teacher's {len(own)}, e.g. {differ[0]})")
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:

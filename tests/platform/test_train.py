@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import DRAWN_FACES, printed_summary, talking_video
 from letstalk import LetsTalkTransformer
@@ -354,8 +354,8 @@ def test_distillation_job_makes_a_two_step_student(shards, tmp_path):
     assert np.mean([loss[s] for s in range(31, 41)]) < 0.7 * np.mean([loss[s] for s in range(1, 11)]), loss
 
     teacher = LetsTalkPipeline.from_pretrained(resolve_bundle(trained["bundle"]))
-    student = LetsTalkPipeline.from_pretrained(resolve_bundle("models:/letstalk-student@candidate", uri,
-                                                              cache=tmp_path / "cache"))
+    student_dir = resolve_bundle("models:/letstalk-student@candidate", uri, cache=tmp_path / "cache")
+    student = LetsTalkPipeline.from_pretrained(student_dir)
     assert student.sampling() == ("ddim", 2) and teacher.sampling() == ("ddim", 25)
     for key in ("residual", "residual_scale", "residual_base", "prediction"):
         assert getattr(student.settings, key) == getattr(teacher.settings, key)
@@ -373,6 +373,29 @@ def test_distillation_job_makes_a_two_step_student(shards, tmp_path):
         own = ((_ddim(teacher.transformer, diffusion, inputs, noise, 2, clip) - goal) ** 2).mean().item()
         distilled = ((_ddim(student.transformer, diffusion, inputs, noise, 2, clip) - goal) ** 2).mean().item()
     assert distilled < 0.7 * own, (distilled, own)
+
+    # going on from that student (--init-from its weights): the new run starts from them, not from the teacher
+    weights = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    on = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill.py"), "--teacher",
+                         "models:/letstalk-teacher@candidate", "--data", str(shards), "--mlflow-uri", uri,
+                         "--init-from", str(student_dir / "transformer" / "diffusion_pytorch_model.safetensors"),
+                         "--teacher-steps", "16", "--steps", "2", "--lr", "1e-12", "--ema-warmup", "--batch-size", "4",
+                         "--num-workers", "2", "--cpus-per-worker", "0.5", "--storage", str(tmp_path / "runs"),
+                         "--name", "student-on", "--register-name", "letstalk-student"], capture_output=True, text=True)
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert printed_summary(on.stdout)["registered"] == "models:/letstalk-student@candidate (version 2)"
+    again = LetsTalkPipeline.from_pretrained(resolve_bundle("models:/letstalk-student@candidate", uri,
+                                                            cache=tmp_path / "cache"))
+    moved = (weights(again.transformer) - weights(student.transformer)).abs().max().item()
+    apart = (weights(teacher.transformer) - weights(student.transformer)).abs().max().item()
+    assert apart > 1e-3 and moved < 1e-3 * apart, (moved, apart)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(LetsTalkTransformer.from_preset("tiny", depth=1).state_dict(), str(wrong))
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill.py"), "--teacher",
+                          "models:/letstalk-teacher@candidate", "--data", str(shards), "--mlflow-uri", uri,
+                          "--init-from", str(wrong), "--storage", str(tmp_path / "runs")], capture_output=True, text=True)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and "not a student of this teacher's architecture" in last, bad.stderr[-500:]
 
     other = tmp_path / "other-codecs"
     LetsTalkPipeline.init_tiny(seed=1).save_pretrained(other)
