@@ -105,8 +105,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bundle = Path(args.model) if args.model else SHIPPED if (SHIPPED / "pipeline.json").is_file() \
-        else out / "tiny-bundle"
+    if args.model in SHIPPED_MODELS and not Path(args.model).exists():
+        bundle = resolve_model(args.model)  # a shipped model by name: demo, demo-2step
+    else:
+        bundle = Path(args.model) if args.model else SHIPPED if (SHIPPED / "pipeline.json").is_file() \
+            else out / "tiny-bundle"
     if not (bundle / "pipeline.json").exists():
         LetsTalkPipeline.init_tiny(seed=0).save_pretrained(bundle)
         print(f"wrote a random-initialised tiny bundle to {bundle}")
@@ -282,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="render a drawn portrait and speech-like audio with the shipped demo model", **shown)
     p.add_argument("--out", default="out/quick-demo", help="folder for the portrait, audio, video, contact sheet")
     p.add_argument("--model", default=None,
-                   help="bundle directory (default: the shipped demo model, letstalk/models/demo; if absent, "
-                        "a new random tiny bundle)")
+                   help="a shipped model (demo, demo-2step) or a bundle directory (default: the shipped demo "
+                        "model, letstalk/models/demo; a directory without a bundle gets a new random tiny one)")
     p.add_argument("--seconds", type=float, default=4.0, help="length of the speech-like audio")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per clip; " + OWN)
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="the sampler; " + OWN)

@@ -86,6 +86,10 @@ def test_render_with_no_model_uses_the_demo_model_from_anywhere(tmp_path, portra
                               "s.mp4", "--model", "demo-2step"], cwd=tmp_path, capture_output=True, text=True)
     assert student.returncode == 0, student.stderr
     assert (tmp_path / "s.mp4").exists() and "ddim × 2)" in student.stderr and "trained on drawn faces" in student.stderr
+    demo = subprocess.run([sys.executable, "-m", "letstalk.cli", "demo", "--model", "demo-2step", "--seconds", "0.4",
+                           "--out", "d"], cwd=tmp_path, capture_output=True, text=True)
+    assert demo.returncode == 0, demo.stderr
+    assert (tmp_path / "d" / "talk.mp4").exists() and "ddim × 2)" in demo.stderr and not (tmp_path / "demo-2step").exists()
 
 
 @pytest.mark.slow
