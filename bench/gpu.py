@@ -29,18 +29,14 @@ import argparse
 import contextlib
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from letstalk import LetsTalkTransformer
-from letstalk.accel import compile_transformer
+from letstalk.accel import InferenceOptions, autocast, compile_transformer, sdpa_backend
+from letstalk.cli import SHIPPED_MODELS
 from letstalk.diffusion import GaussianDiffusion
-
-REPO = Path(__file__).resolve().parents[1]
-MODELS = REPO / "letstalk" / "models"
 
 
 def sync_time(fn, repeats: int, warmup: int = 3) -> float:
@@ -84,25 +80,22 @@ def inputs(model: LetsTalkTransformer, batch: int, latent: int, device: str):
 
 
 def flops_per_pass(model: LetsTalkTransformer, args: tuple) -> int:
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), sdpa_backend("math"), FlopCounterMode(display=False) as counter:
         model(*args)
     return counter.get_total_flops()
 
 
-class Fast:
-    """bf16 autocast + SDPA flash (the accel switches' settings), entered around each call."""
+def fast(device: str) -> InferenceOptions:
+    """The fast variant: the pipeline's own switches (flash attention where CUDA has it)."""
+    return InferenceOptions(dtype="bf16", sdpa_backend="flash" if device == "cuda" else "auto", compile="regional")
 
-    def __init__(self, device: str, on: bool):
-        self.device, self.on = device, on
 
-    def __call__(self):
-        if not self.on:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(self.device, dtype=torch.bfloat16))
-        if self.device == "cuda":
-            stack.enter_context(sdpa_kernel(SDPBackend.FLASH_ATTENTION))
-        return stack
+def entered(options: InferenceOptions, device: str) -> contextlib.ExitStack:
+    """The autocast and SDPA scope of `options` (letstalk.accel's, as the pipeline enters them)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(autocast(options.dtype, device))
+    stack.enter_context(sdpa_backend(options.sdpa_backend))
+    return stack
 
 
 def bench_preset(preset: str, size: int, batches: list[int], repeats: int, peak: float, device: str,
@@ -114,14 +107,12 @@ def bench_preset(preset: str, size: int, batches: list[int], repeats: int, peak:
     flops = flops_per_pass(model, inputs(model, 1, latent, device))
     print(f"\nLetsTalk-{preset}: {params / 1e6:.1f} M parameters, {size}² frames (latents 4×{latent}×{latent}), "
           f"{frames}-frame clips, {flops / 1e12:.3f} TFLOP per forward pass (batch 1)")
-    fast_ctx = Fast(device, on=True)
     rows = {}
-    for name, fast in (("fp32 eager", False), ("bf16 + flash + regional compile", True)):
-        ctx = Fast(device, fast)
-        if fast:
-            compile_transformer(model, "regional")
+    for name, options in (("fp32 eager", InferenceOptions()), ("bf16 + flash + regional compile", fast(device))):
+        compile_transformer(model, options.compile)
+        if options.compile != "none":
             t0 = time.perf_counter()
-            with torch.inference_mode(), ctx():
+            with torch.inference_mode(), entered(options, device):
                 model(*inputs(model, 1, latent, device))
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -130,7 +121,7 @@ def bench_preset(preset: str, size: int, batches: list[int], repeats: int, peak:
             args = inputs(model, b, latent, device)
 
             def run():
-                with torch.inference_mode(), ctx():
+                with torch.inference_mode(), entered(options, device):
                     model(*args)
 
             sec = sync_time(run, 2 if smoke else repeats)
@@ -139,15 +130,15 @@ def bench_preset(preset: str, size: int, batches: list[int], repeats: int, peak:
             print(f"  {name:<33} batch {b:>2}: {sec * 1000:8.2f} ms/pass  {frames * b / sec:9.0f} frames/pass-s  "
                   f"{flops * b / sec / 1e12:7.1f} TFLOP/s  MFU {mfu * 100:5.1f}%")
     for b in batches:
-        base, fast = rows[("fp32 eager", b)], rows[("bf16 + flash + regional compile", b)]
-        print(f"  speed-up of the fast variant at batch {b}: ×{base / fast:.2f}")
+        base, quick = rows[("fp32 eager", b)], rows[("bf16 + flash + regional compile", b)]
+        print(f"  speed-up of the fast variant at batch {b}: ×{base / quick:.2f}")
 
     # whole samplers, batch 1, fast variant (the model is still compiled)
     x, _, portrait, audio, motion = inputs(model, 1, latent, device)
     diffusion = GaussianDiffusion(learn_sigma=model.cfg.learn_sigma)
 
     def model_fn(xt, t):
-        with fast_ctx():
+        with entered(fast(device), device):
             return model(xt, t, portrait, audio, motion)
 
     plans = [("ddpm", 250), ("ddim", 25), ("ddim", 2)]
@@ -174,16 +165,14 @@ def bench_shipped(device: str, seconds: float, smoke: bool) -> None:
     wave = speech_like_audio(seconds, seed=0)
     print(f"\nshipped models, {seconds:g} s of speech ({round(seconds * 25)} frames), whole render, median of "
           f"{1 if smoke else 3} after a warm-up:")
-    for name in ("demo", "demo-2step"):
-        if not (MODELS / name / "pipeline.json").is_file():
+    for name, folder in SHIPPED_MODELS.items():
+        if not (folder / "pipeline.json").is_file():
             print(f"  {name}: not in this checkout")
             continue
-        pipe = LetsTalkPipeline.from_pretrained(MODELS / name).to(device)
+        pipe = LetsTalkPipeline.from_pretrained(folder).to(device)
         sampler, steps = pipe.sampling()
-        for label, options in (("fp32", {}), ("bf16 + flash + regional compile",
-                                              {"dtype": "bf16", "sdpa_backend": "flash" if device == "cuda" else "auto",
-                                               "compile": "regional"})):
-            pipe.set_inference(**options)
+        for label, options in (("fp32", InferenceOptions()), ("bf16 + flash + regional compile", fast(device))):
+            pipe.set_inference(options)
             pipe.render(face, wave)  # warm-up (and compile)
             times = []
             for _ in range(1 if smoke else 3):

@@ -57,7 +57,6 @@ FLOPs). `--smoke` (tiny models, 1 thread) takes ~15 s.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
@@ -74,6 +73,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from einops import rearrange, repeat
 from torch import nn
 
+from letstalk.accel import autocast
 from letstalk.config import PRESETS, LetsTalkConfig
 from letstalk.transformer import AudioProjection, LetsTalkTransformer, count_parameters
 
@@ -421,9 +421,8 @@ def median_times(jobs: dict[str, Callable[[], object]], repeats: int, device: st
     """Median seconds per call, every job once per round (round 0 warms up); on CUDA each call is
     synchronised, and `bf16` runs it under bf16 autocast."""
     runs: dict[str, list[float]] = {name: [] for name in jobs}
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast("bf16" if bf16 else "fp32", device):
         for round_ in range(repeats + 1):
             for name, fn in jobs.items():
                 sync()
