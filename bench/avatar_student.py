@@ -28,7 +28,7 @@ import numpy as np
 from letstalk.artifacts import ShardManifest
 from letstalk.faces import FaceSettings
 from letstalk.pipeline import LetsTalkPipeline
-from letstalk_platform.avatar import held_out, score_holdout, typical_frame
+from letstalk_platform.avatar import avatar_faces, held_out, score_holdout, typical_frame
 
 KEYS = ("mouth_r", "mouth_r_control", "face_psnr", "seam")
 
@@ -43,7 +43,7 @@ def main() -> None:
     out = Path(args.avatar)
     report = json.loads((out / "report.json").read_text())
     spec = ShardManifest.load(out / "shards").clip_spec
-    faces = FaceSettings(detector="mediapipe", model=str(Path(args.face_model).resolve()), crop="track")
+    faces = FaceSettings(**avatar_faces(args.face_model))
     holdout = held_out(report["video"], report["seconds_of_footage"]["train"], spec, faces)
     reference = typical_frame(out / "shards")
     models = {"teacher": (LetsTalkPipeline.from_pretrained(report["bundle"]), ("ddim", report["sample_steps"])),

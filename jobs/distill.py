@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from letstalk_platform.runtime import add_config_flags
-from letstalk_platform.train import TrainConfig, run_job
+from letstalk_platform.train import job_args, run_job
 
 FLAGS = {
     "--teacher": "distill.teacher",
@@ -48,11 +47,7 @@ FLAGS = {
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML file with TrainConfig sections and a distill section")
-    add_config_flags(p, TrainConfig, FLAGS)
-    p.add_argument("--debug-steps", type=int, help="smoke run: this many steps, checkpoint at the end")
-    return p.parse_args(argv)
+    return job_args(__doc__, FLAGS, "YAML file with TrainConfig sections and a distill section", argv)
 
 
 def main(argv: list[str] | None = None) -> int:

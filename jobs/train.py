@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 
 from letstalk.config import PRESETS
-from letstalk_platform.runtime import add_config_flags
-from letstalk_platform.train import TrainConfig, run_job
+from letstalk_platform.train import job_args, run_job
 
 FLAGS = {
     "--data": "data.path",
@@ -41,11 +40,8 @@ FLAGS = {
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML file with TrainConfig sections (cluster/train/*.yaml)")
-    add_config_flags(p, TrainConfig, FLAGS, choices={"model.preset": list(PRESETS)})
-    p.add_argument("--debug-steps", type=int, help="smoke run: this many steps, checkpoint at the end")
-    return p.parse_args(argv)
+    return job_args(__doc__, FLAGS, "YAML file with TrainConfig sections (cluster/train/*.yaml)", argv,
+                    choices={"model.preset": list(PRESETS)})
 
 
 def main(argv: list[str] | None = None) -> int:

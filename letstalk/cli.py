@@ -105,11 +105,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.model in SHIPPED_MODELS and not Path(args.model).exists():
-        bundle = resolve_model(args.model)  # a shipped model by name: demo, demo-2step
-    else:
-        bundle = Path(args.model) if args.model else SHIPPED if (SHIPPED / "pipeline.json").is_file() \
-            else out / "tiny-bundle"
+    try:
+        bundle = resolve_model(args.model)  # a folder, a shipped name (demo, demo-2step), models:/NAME@ALIAS
+    except ValueError:
+        if args.model is not None:
+            raise
+        bundle = out / "tiny-bundle"  # an install without the shipped model: a random tiny one
     if not (bundle / "pipeline.json").exists():
         LetsTalkPipeline.init_tiny(seed=0).save_pretrained(bundle)
         print(f"wrote a random-initialised tiny bundle to {bundle}")

@@ -119,6 +119,12 @@ class Holdout:
     audio: np.ndarray  # (samples,) at the model's sample rate
 
 
+def avatar_faces(face_model: str) -> dict[str, str]:
+    """How the avatar job finds and crops the person's face (preprocess's faces section; FaceSettings(**it)
+    for the held-out frames): MediaPipe's landmarks, the crop following the face."""
+    return {"detector": "mediapipe", "model": str(Path(face_model).resolve()), "crop": "track"}
+
+
 def held_out(video: str, train_seconds: float, spec: ClipSpec, faces: FaceSettings) -> Holdout:
     """Decode the whole clip with the training crop settings and keep the frames (and audio) after
     `train_seconds`: the crop's size is the clip's median face size, as the training part's is."""
@@ -248,7 +254,7 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
 
     t = _stage(2, total, "preprocess (Ray Data): face track, crops, quality, log-mel")
     bundle = out / "data-bundle"
-    faces = {"detector": "mediapipe", "model": str(Path(cfg.face_model).resolve()), "crop": "track"}
+    faces = avatar_faces(cfg.face_model)
     if not (bundle / "pipeline.json").is_file():
         # the codec's PCA basis comes from the person's own face crops (the training part only)
         crops = decode_video(train_video, ClipSpec(image_size=cfg.image_size, clip_frames=8, stride=8),

@@ -18,6 +18,7 @@ DeepSpeed). Resuming from it continues the run exactly: docs/training.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -679,15 +680,17 @@ def _log_samples(ema_state: dict, plan: TrainPlan, log: tracking.RankZeroLogger,
 # ------------------------------------------------------------------------------------------
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, export the EMA model as a bundle, register it. Returns a summary dict."""
+    """Check the config (and, distilling, that the teacher fits the shards), attach to Ray or start a
+    local one (runtime.init_ray, once every check has passed), train, export the EMA model as a
+    bundle, register it. Returns a summary dict."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .configs import check_train
-    from .runtime import check_extension_locks
+    from .runtime import check_extension_locks, init_ray
 
     cfg = absolute_paths(cfg)  # workers do not share the driver's working directory
-    check_train(cfg)  # the DeepSpeed JSON and what this run makes of it (jobs/train.py did so before Ray started)
+    check_train(cfg)  # the DeepSpeed JSON and what this run makes of it
     check_extension_locks()  # before anything starts: a dead build's lock would hang every worker
     manifest = ShardManifest.load(cfg.data.path)
     manifest.check_models()  # the codecs the bundle will ship are the ones that made the shards
@@ -696,6 +699,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         cfg, arch, clip_range = distill_setup(cfg, manifest)
     else:
         arch, clip_range = architecture(cfg.model, manifest), None  # fails fast, before any worker starts
+    init_ray()  # a no-op where the caller (or `ray job submit`) has Ray already
 
     run, scaling = cfg.tracking, cfg.scaling
     storage = Path(run.storage)
@@ -740,14 +744,26 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def job_args(doc: str, flags: dict[str, str], config_help: str, argv: list[str] | None = None,
+             choices: dict[str, list[str]] | None = None) -> argparse.Namespace:
+    """The command line of jobs/train.py and jobs/distill.py: `--config YAML`, one flag per TrainConfig
+    key in `flags` (runtime.add_config_flags), `--debug-steps N`."""
+    from .runtime import add_config_flags
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--config", help=config_help)
+    add_config_flags(p, TrainConfig, flags, choices=choices)
+    p.add_argument("--debug-steps", type=int, help="smoke run: this many steps, checkpoint at the end")
+    return p.parse_args(argv)
+
+
 def run_job(name: str, args: Any, distill: bool = False) -> int:
     """jobs/train.py and jobs/distill.py: their parsed flags (`--config`, `--debug-steps N`: N steps,
     a checkpoint at the end, every step logged; the rest override TrainConfig keys) -> load and check
-    the config (and, distilling, that the teacher fits the shards) before Ray starts, train, print
-    the summary as JSON. A bad config, a stale torch-extension lock or a teacher that does not fit:
-    `NAME: error: ...` in one line, exit code 2."""
-    from .configs import check_train
-    from .runtime import StaleLockError, check_extension_locks, init_ray, load_config
+    the config (run_training checks it, and that a teacher fits the shards, before Ray starts), train,
+    print the summary as JSON. A bad config, a stale torch-extension lock or a teacher that does not
+    fit: `NAME: error: ...` in one line, exit code 2."""
+    from .runtime import StaleLockError, load_config
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "debug_steps")}
     if args.debug_steps:
@@ -757,11 +773,6 @@ def run_job(name: str, args: Any, distill: bool = False) -> int:
         if distill and cfg.distill is None:
             raise ValueError("nothing to distil: give --teacher (a bundle folder or models:/NAME@ALIAS) or a "
                              "distill section in the YAML")
-        check_train(cfg)  # the DeepSpeed JSON and what the run makes of it
-        if cfg.distill is not None:
-            distill_setup(absolute_paths(cfg), ShardManifest.load(cfg.data.path))
-        check_extension_locks()  # seconds, not a silent hang in every worker
-        init_ray()
         summary = run_training(cfg)
     except (ValueError, StaleLockError) as e:
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
