@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -108,6 +109,31 @@ class AppArgs(BaseModel):
     def _fp16_needs_a_gpu(self) -> "AppArgs":
         check_renderer_device(self.inference, self.use_gpu)
         return self
+
+
+SPOOL_PREFIX = "letstalk-spool-"  # + the Ingress process's pid + "-" + tempfile's random suffix
+
+
+def sweep_spools(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the stream spool folders under `root` (this machine's temporary folder) whose Ingress
+    process is gone: a killed replica never runs its cleanup. Returns the folders removed."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*-*"):
+        pid = folder.name[len(SPOOL_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: a check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------- Renderer
@@ -513,11 +539,12 @@ class Ingress:
         self._model_info: dict | None = None
         # stream=true jobs' bytes as they arrive, for GET /stream: this replica's own (another replica
         # may be on another node), removed with the replica
-        self._spool = tempfile.TemporaryDirectory(prefix="letstalk-spool-")
+        sweep_spools()  # those of replicas killed on this machine before they could remove theirs
+        self._spool = tempfile.TemporaryDirectory(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
 
     def __del__(self) -> None:
         """Serve calls it when it stops the replica: the spool folder goes with it (a killed replica's
-        stays behind, empty unless a streamed job was running, in the temporary folder)."""
+        stays behind until the next Ingress on this machine starts: sweep_spools)."""
         if hasattr(self, "_spool"):
             self._spool.cleanup()
 

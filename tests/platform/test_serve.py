@@ -246,6 +246,23 @@ def spooled(job_id: str) -> list[Path]:
     return list(Path(tempfile.gettempdir()).glob(f"letstalk-spool-*/{job_id}.mp4"))
 
 
+def test_sweep_spools_removes_only_the_folders_of_dead_processes(tmp_path):
+    """An Ingress killed mid-stream leaves its spool folder (named by its pid) in the temporary
+    folder; the next Ingress on the machine removes it, and leaves a live replica's and others' alone."""
+    from letstalk_platform.serve import SPOOL_PREFIX, sweep_spools
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"{SPOOL_PREFIX}{gone.pid}-abc123"
+    live = tmp_path / f"{SPOOL_PREFIX}{os.getpid()}-def456"
+    other = [tmp_path / f"{SPOOL_PREFIX}x1y2z3", tmp_path / "letstalk-upload-99999999-q"]
+    for folder in (dead, live, *other):
+        folder.mkdir()
+        (folder / "job.mp4").write_bytes(b"\0" * 10)
+    assert sweep_spools(tmp_path) == [dead]
+    assert not dead.exists() and live.is_dir() and all(o.is_dir() for o in other)
+
+
 def test_streaming_a_render_while_it_renders(server, tmp_path):
     """stream=true: GET /v1/renders/{id}/stream sends the fragmented mp4 as it grows. Bytes that decode
     to a frame arrive while the job still has clips to render; the whole body is the finished video
