@@ -26,7 +26,6 @@ forward pass does not depend on them. One process, one device, nothing else on i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
@@ -34,7 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from letstalk import LetsTalkTransformer
-from letstalk.accel import InferenceOptions, autocast, compile_transformer, sdpa_backend
+from letstalk.accel import InferenceOptions, compile_transformer, inference_scope, sdpa_backend
 from letstalk.cli import SHIPPED_MODELS
 from letstalk.diffusion import GaussianDiffusion
 
@@ -90,14 +89,6 @@ def fast(device: str) -> InferenceOptions:
     return InferenceOptions(dtype="bf16", sdpa_backend="flash" if device == "cuda" else "auto", compile="regional")
 
 
-def entered(options: InferenceOptions, device: str) -> contextlib.ExitStack:
-    """The autocast and SDPA scope of `options` (letstalk.accel's, as the pipeline enters them)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(autocast(options.dtype, device))
-    stack.enter_context(sdpa_backend(options.sdpa_backend))
-    return stack
-
-
 def bench_preset(preset: str, size: int, batches: list[int], repeats: int, peak: float, device: str,
                  smoke: bool) -> None:
     latent = size // 8
@@ -112,7 +103,7 @@ def bench_preset(preset: str, size: int, batches: list[int], repeats: int, peak:
         compile_transformer(model, options.compile)
         if options.compile != "none":
             t0 = time.perf_counter()
-            with torch.inference_mode(), entered(options, device):
+            with torch.inference_mode(), inference_scope(options, device):
                 model(*inputs(model, 1, latent, device))
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -121,7 +112,7 @@ def bench_preset(preset: str, size: int, batches: list[int], repeats: int, peak:
             args = inputs(model, b, latent, device)
 
             def run():
-                with torch.inference_mode(), entered(options, device):
+                with torch.inference_mode(), inference_scope(options, device):
                     model(*args)
 
             sec = sync_time(run, 2 if smoke else repeats)
@@ -137,8 +128,10 @@ def bench_preset(preset: str, size: int, batches: list[int], repeats: int, peak:
     x, _, portrait, audio, motion = inputs(model, 1, latent, device)
     diffusion = GaussianDiffusion(learn_sigma=model.cfg.learn_sigma)
 
+    fast_options = fast(device)
+
     def model_fn(xt, t):
-        with entered(fast(device), device):
+        with inference_scope(fast_options, device):
             return model(xt, t, portrait, audio, motion)
 
     plans = [("ddpm", 250), ("ddim", 25), ("ddim", 2)]

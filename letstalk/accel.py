@@ -166,6 +166,14 @@ def sdpa_backend(backend: SdpaBackend) -> contextlib.AbstractContextManager:
     return _SDPA.use(backend)
 
 
+def inference_scope(options: InferenceOptions, device: torch.device | str) -> contextlib.ExitStack:
+    """`options`' autocast and SDPA kernel family on `device`, entered around each forward pass."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(autocast(options.dtype, device))
+    stack.enter_context(sdpa_backend(options.sdpa_backend))
+    return stack
+
+
 def check_sdpa_backend(backend: SdpaBackend, device: torch.device | str, dtype: Dtype, head_dim: int) -> None:
     """Run one small attention under `backend` on `device`; a one-line ValueError if no kernel of
     that family takes these inputs (e.g. flash attention wants CUDA and fp16/bf16, or the CPU build)."""

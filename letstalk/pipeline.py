@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .accel import InferenceOptions, autocast, check_sdpa_backend, compile_transformer, overlapped, sdpa_backend
+from .accel import InferenceOptions, autocast, check_sdpa_backend, compile_transformer, inference_scope, overlapped
 from .audio import AudioEncoder, LogMelEncoder, tiny_audio_encoder
 from .batching import ClipBatcher
 from .diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ClipTarget, GaussianDiffusion
@@ -371,7 +371,7 @@ class LetsTalkPipeline:
             return inner, session
 
         def forward(*args, **kwargs):
-            with autocast(opts.dtype, device), sdpa_backend(opts.sdpa_backend):
+            with inference_scope(opts, device):
                 return inner(*args, **kwargs)
 
         return forward, session
