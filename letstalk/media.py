@@ -290,8 +290,9 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
     Frames are streamed to ffmpeg's stdin; all must have the first frame's shape. An odd width
     or height is padded (black, right/bottom) by one pixel to even, as yuv420p requires.
     `audio` is (samples,) or (samples, channels) float at `sample_rate`; it is kept at its own
-    length (not trimmed to the video). The file is written to a temporary `.name.*.part.mp4` in
-    the same directory and renamed to `path` only on success; on failure nothing is left.
+    length (not trimmed to the video). The file is written to a temporary `.name.*.part` in the
+    same directory (a name that does not end in .mp4: a process killed mid-encode leaves nothing
+    that `*.mp4` finds) and renamed to `path` only on success; on failure nothing is left.
     Returns `path` as a Path.
 
     `stream`: a fragmented mp4 written at `path` itself as the frames arrive, one fragment per frame
@@ -325,7 +326,8 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
         # frame lasts 0.104 s instead of 0.04 and the video runs 2 frames long)
         tmp = path
     else:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part.mp4")
+        # the format is given (opts' format="mp4"): ffmpeg does not guess it from the name
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         os.close(fd)
         tmp = Path(tmp_name)
     done = False
@@ -375,16 +377,17 @@ def cut_video(path: str | os.PathLike, out: str | os.PathLike, start: float = 0.
               fps: float = 25, crf: int = 12) -> Path:
     """The [start, start + seconds) part of a video (to its end when `seconds` is None), re-encoded at
     `fps` (H.264 at near-lossless `crf`, AAC 192k) so that it begins on a frame of its own; written
-    to a temporary name and renamed when complete."""
+    to a temporary `.name.part` (an mp4, the format given: not a name that `*.mp4` finds) and renamed
+    when complete."""
     src, out = _check_input(path), Path(out)
     if start < 0 or (seconds is not None and seconds <= 0):
         raise MediaError(f"{path}: cannot cut {seconds} s from {start} s")
-    tmp = out.with_name(f".{out.name}.part{out.suffix}")
+    tmp = out.with_name(f".{out.name}.part")
     cmd = [ffmpeg_exe(), "-v", "error", "-y", "-ss", f"{start:.3f}", "-i", src]
     if seconds is not None:
         cmd += ["-t", f"{seconds:.3f}"]
     cmd += ["-map", "0:v:0", "-map", "0:a:0", "-r", f"{fps:g}", "-c:v", "libx264", "-crf", str(crf), "-preset",
-            "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "192k", f"file:{tmp}"]
+            "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "192k", "-f", "mp4", f"file:{tmp}"]
     run = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
     if run.returncode != 0:
         tmp.unlink(missing_ok=True)

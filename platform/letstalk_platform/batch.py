@@ -12,7 +12,9 @@ Each row: `id` (optional; a plain name, the output file is OUT/<id>.mp4), `portr
 row whose mp4 exists is not rendered again (re-runs resume; its record says status "done", reused
 true); a bad row is recorded with status "failed" and its reason and never stops the others; files
 appear only when complete. The mp4 is written by the renderer straight into OUT when OUT is on its
-machine; a renderer on another node sends the bytes back.
+machine; a renderer on another node sends the bytes back. Until then it has a hidden temporary name
+that does not end in .mp4 (`.ID.mp4.*part`), so a batch killed mid-encode leaves nothing that `*.mp4`
+finds, and its re-run removes those temporaries first (one batch at a time per OUT).
 """
 
 from __future__ import annotations
@@ -172,6 +174,17 @@ def plan_items(rows: list[dict], base: Path, options: dict | None = None) -> lis
     return items
 
 
+# what a killed run leaves in OUT: letstalk.media.write_video's `.ID.mp4.XXXX.part` (`.part.mp4` before),
+# write_atomic's `.ID.mp4.part`
+STALE_PARTS = ".*.mp4.*part*"
+
+
+def remove_stale_parts(out_dir: Path) -> None:
+    """Delete the temporaries of a killed run (a re-run's first step)."""
+    for part in out_dir.glob(STALE_PARTS):
+        part.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     part = path.with_name(f".{path.name}.part")
     part.write_bytes(data)
@@ -216,12 +229,14 @@ Render = Callable[[Item, Path], dict]
 def run_batch(items: list[Item], out_dir: Path, render: Render | None, *, concurrency: int = 2,
               results_iter: Callable[[list[Item]], Iterable[tuple[Item, dict]]] | None = None,
               progress: bool = True) -> list[dict]:
-    """Render the valid, not-yet-rendered items; returns one record per item (also in results.parquet).
+    """Render the valid, not-yet-rendered items (after removing a killed run's temporaries from
+    `out_dir`); returns one record per item (also in results.parquet).
 
     `render(item, target)` is called from `concurrency` threads; `results_iter(todo)` instead yields
     (item, result) pairs as a whole (the Ray Data path).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(out_dir)
     records, todo = [], []
     for item in items:
         target = out_dir / f"{item.id}.mp4" if item.error is None else None

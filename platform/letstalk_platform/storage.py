@@ -7,7 +7,10 @@
 
 Keys are the API's own 32-hex-digit job ids, never a client's name. A local store writes to a
 hidden `.part` name and renames when complete; an object store's PUT is atomic (the object appears
-only whole), so a reader never sees half a video in either.
+only whole), so a reader never sees half a video in either. A renderer on the store's machine
+encodes straight into the folder, under letstalk.media.write_video's hidden `.JOB.mp4.XXXX.part`;
+one killed mid-encode leaves that file behind (never a name ending in .mp4), and `delete`, which the
+API's expiry sweep calls for every job, takes it away with the job.
 """
 
 from __future__ import annotations
@@ -77,10 +80,14 @@ class VideoStore:
                 yield chunk
 
     def delete(self, job_id: str) -> None:
+        """The job's video; in a folder also its temporaries (`.JOB.mp4.*part*`) that a killed writer left."""
         try:
             self.fs.delete_file(self._key(job_id))
         except FileNotFoundError:
             pass
+        if self.local is not None:
+            for part in self.local.glob(f".{job_id}.mp4.*part*"):  # job_id is checked by _key: hex digits only
+                part.unlink(missing_ok=True)
 
 
 def _redact(uri: str) -> str:

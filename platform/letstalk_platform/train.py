@@ -11,9 +11,11 @@ checkpoints through `ray.train.report` every `checkpoint_every` steps.
 
 A checkpoint folder holds DeepSpeed's own files (`ds/`: weights, optimizer, LR schedule; per
 rank), `ema-rank{r}.safetensors` (each rank's EMA of its fp32 master partitions), `rank{r}.json`
-(each rank's RNG states and the node it ran on), `state.json` (step, data position, world size)
-and `transformer/` (the full EMA model, fp32 config.json + safetensors, loadable without Ray or
-DeepSpeed). Resuming from it continues the run exactly: docs/training.md.
+(each rank's RNG states and the node it ran on), `state.json` (step, data position, world size),
+`resume.json` (the settings an exact resume must share: RESUME_KEYS) and `transformer/` (the full EMA
+model, fp32 config.json + safetensors, loadable without Ray or DeepSpeed). Resuming from it
+continues the run exactly (docs/training.md); a resume with other RESUME_KEYS is refused before Ray
+starts unless `allow_config_change`.
 """
 
 from __future__ import annotations
@@ -243,6 +245,9 @@ class TrainConfig(BaseModel):
     stall_warning_s: float = Field(600.0, gt=0, description="a worker that finishes no step for this long says "
                                    "so in the log (waiting for data, or for a peer in a collective)")
     fail_at_step: int | None = Field(None, description="chaos test: rank 1 dies once at this step")
+    allow_config_change: bool = Field(False, description="resume the run's checkpoint even though seed, data.shuffle, "
+                                      "data.batch_size or model.preset differ from what it was trained with (the "
+                                      "run then goes on, but not as the uninterrupted run would have)")
 
     @model_validator(mode="after")
     def _kernel_on_device(self) -> "TrainConfig":
@@ -508,6 +513,7 @@ def train_loop(config: dict[str, Any]) -> None:
     resume = latest_checkpoint(ray.train.get_checkpoint(), plan.run_dir)
     if resume is not None:
         state = CheckpointState.load(resume)
+        check_resume(cfg, resume)  # the driver checked the run's newest; Ray Train may hand back another
         if state.world_size != world:
             raise ValueError(f"checkpoint written by {state.world_size} workers, this run has {world}: "
                              "resume with the same scaling.num_workers (the EMA and data order are per rank)")
@@ -583,7 +589,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 # whatever the checkpoint and the samples draw (model construction, sampling) must not
                 # move the run's own streams, or a resumed run would draw differently from this one
                 with torch.random.fork_rng(devices=[device] if use_gpu else []):
-                    full = _save_and_report(engine, ema, rank, arch, metrics, state, rank_state, plan.run_dir)
+                    full = _save_and_report(engine, ema, rank, arch, metrics, state, rank_state, plan.run_dir,
+                                            resume_settings(cfg))
                     if full is not None and plan.samples:
                         _log_samples(full, plan, log, step, device)
             t_ready = time.perf_counter()
@@ -621,8 +628,39 @@ def latest_checkpoint(reported, run_dir: Path) -> Path | None:
     return max(found, key=lambda d: CheckpointState.load(d, resumable=False).step, default=None)
 
 
+RESUME_FILE = "resume.json"
+# what a resumed run must share with its checkpoint to go on exactly as the uninterrupted run: the data
+# order (seed, shuffle, batch size), the random streams (seed) and the network (preset)
+RESUME_KEYS = ("seed", "data.shuffle", "data.batch_size", "model.preset")
+
+
+def resume_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """RESUME_KEYS with their values in `cfg`: what each checkpoint records in resume.json."""
+    return {"seed": cfg.seed, "data.shuffle": cfg.data.shuffle, "data.batch_size": cfg.data.batch_size,
+            "model.preset": cfg.model.preset}
+
+
+def check_resume(cfg: TrainConfig, checkpoint: Path) -> list[str]:
+    """Refuse to resume `checkpoint` with RESUME_KEYS other than those it was trained with: a one-line
+    ValueError naming them. With cfg.allow_config_change the changes are returned instead (for the
+    log). A checkpoint from before resume.json is compared on what its state.json holds (seed, shuffle)."""
+    if (checkpoint / RESUME_FILE).is_file():
+        recorded = json.loads((checkpoint / RESUME_FILE).read_text())
+    else:
+        state = CheckpointState.load(checkpoint, resumable=False)
+        recorded = {"seed": state.seed, "data.shuffle": state.shuffle}
+    now = resume_settings(cfg)
+    changed = [f"{key} {recorded[key]!r} (checkpoint) vs {now[key]!r} (this run)"
+               for key in RESUME_KEYS if key in recorded and recorded[key] != now[key]]
+    if changed and not cfg.allow_config_change:
+        raise ValueError(f"cannot resume {checkpoint.parent.name}/{checkpoint.name} exactly: {', '.join(changed)}; "
+                         "give the checkpoint's settings, or a new tracking.name, or --allow-config-change "
+                         "(allow_config_change: true) to go on from it anyway")
+    return changed
+
+
 def _save_and_report(engine, ema: EMA, rank: int, arch: LetsTalkConfig, metrics: dict, state: CheckpointState,
-                     rank_state: RankState, run_dir: Path) -> dict[str, torch.Tensor] | None:
+                     rank_state: RankState, run_dir: Path, settings: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -638,6 +676,7 @@ def _save_and_report(engine, ema: EMA, rank: int, arch: LetsTalkConfig, metrics:
             model.load_state_dict(full)
             model.save_pretrained(Path(d) / "transformer")
             state.save(d)
+            (Path(d) / RESUME_FILE).write_text(json.dumps(settings))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
     dist.barrier()  # every rank's files are in storage
     if rank == 0 and (run_dir / name / CheckpointState.FILE).is_file():
@@ -699,6 +738,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         cfg, arch, clip_range = distill_setup(cfg, manifest)
     else:
         arch, clip_range = architecture(cfg.model, manifest), None  # fails fast, before any worker starts
+    latest = latest_checkpoint(None, Path(cfg.tracking.storage) / cfg.tracking.name)
+    for change in check_resume(cfg, latest) if latest is not None else []:  # a mismatch: refused here, unless allowed
+        print(f"train: resuming {latest.name} with {change} (allow_config_change): not an exact continuation",
+              file=sys.stderr)
     init_ray()  # a no-op where the caller (or `ray job submit`) has Ray already
 
     run, scaling = cfg.tracking, cfg.scaling
@@ -747,12 +790,12 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 def job_args(doc: str, flags: dict[str, str], config_help: str, argv: list[str] | None = None,
              choices: dict[str, list[str]] | None = None) -> argparse.Namespace:
     """The command line of jobs/train.py and jobs/distill.py: `--config YAML`, one flag per TrainConfig
-    key in `flags` (runtime.add_config_flags), `--debug-steps N`."""
+    key in `flags` (runtime.add_config_flags) and `--allow-config-change`, `--debug-steps N`."""
     from .runtime import add_config_flags
 
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--config", help=config_help)
-    add_config_flags(p, TrainConfig, flags, choices=choices)
+    add_config_flags(p, TrainConfig, flags | {"--allow-config-change": "allow_config_change"}, choices=choices)
     p.add_argument("--debug-steps", type=int, help="smoke run: this many steps, checkpoint at the end")
     return p.parse_args(argv)
 

@@ -99,6 +99,17 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
                                        "tracking.name": "z2", "sample_clips": 0, "tracking.register_name": None})
     resumed = [s for s, _ in history(uri, more["run_id"], "loss")]
     assert resumed == [31, 32, 33] and more["steps"] == 33
+    # submitted again with another batch size and seed: it would not go on exactly, so it is refused,
+    # in one line naming both, before Ray starts (jobs/train.py; --allow-config-change would go on)
+    job = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--data", str(shards), "--preset", "tiny",
+                          "--batch-size", "2", "--seed", "1", "--storage", str(tmp_path / "runs"), "--name", "z2",
+                          "--mlflow-uri", uri, "--steps", "36"], capture_output=True, text=True)
+    assert job.returncode == 2, job.stderr[-1500:]
+    assert job.stderr.startswith("train: error: cannot resume z2/checkpoint_000000033 exactly:"), job.stderr[-1500:]
+    assert job.stderr.count("\n") == 1 and "Ray instance" not in job.stdout + job.stderr, job.stderr[-1500:]
+    assert "seed 0 (checkpoint) vs 1 (this run)" in job.stderr and "data.batch_size 4 (checkpoint) vs 2" in job.stderr
+    assert json.loads((Path(more["checkpoint"]) / "resume.json").read_text()) == \
+        {"seed": 0, "data.shuffle": True, "data.batch_size": 4, "model.preset": "tiny"}
 
     # on demand: jobs/register.py turns a checkpoint into another registry version
     job = subprocess.run([sys.executable, str(ROOT / "jobs" / "register.py"), "--checkpoint", str(ckpt), "--data",
@@ -123,17 +134,22 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_killed_worker_resumes_exactly(shards, tmp_path, stage):
+@pytest.mark.parametrize("stage, sample_clips", [(2, 0), (3, 0), pytest.param(2, 1, id="2-with-samples")])
+def test_a_killed_worker_resumes_exactly(shards, tmp_path, stage, sample_clips):
     """Rank 1 dies at step 5 (checkpoints at 3 and 6): steps 4-5 are redone from the step-3
-    checkpoint, and the end equals an uninterrupted run: weights, EMA and every logged loss."""
+    checkpoint, and the end equals an uninterrupted run: weights, EMA and every logged loss. With
+    sample_clips 1 (the default) a sample video is rendered and logged at every checkpoint too."""
     common = {"steps": 7, "checkpoint_every": 3, "optim.zero_stage": stage, "tracking.register_name": None,
-              "sample_clips": 0, "optim.ema_decay": 0.6, "data.batch_size": 2, "data.prefetch_batches": 2}
+              "sample_clips": sample_clips, "optim.ema_decay": 0.6, "data.batch_size": 2, "data.prefetch_batches": 2}
     straight, uri = train(shards, tmp_path, common | {"tracking.name": f"straight{stage}"})
     killed, _ = train(shards, tmp_path, common | {"tracking.name": f"killed{stage}", "fail_at_step": 5,
                                                   "scaling.max_failures": 1})
     assert (tmp_path / "runs" / f"killed{stage}" / ".chaos-done").read_text().startswith("killed rank 1 at step 5")
     assert killed["steps"] == straight["steps"] == 7
+    if sample_clips:  # the samples were rendered, by both runs (the killed one at 3 before it died, then at 6, 7)
+        for run in (straight, killed):
+            logged = sorted(Path(a.path).name for a in MlflowClient(uri).list_artifacts(run["run_id"], "samples"))
+            assert logged == [f"step000000{s}-clip0.mp4" for s in (3, 6, 7)], logged
 
     logged = [s for s, _ in history(uri, killed["run_id"], "loss")]
     assert sorted(set(logged)) == list(range(1, 8))
@@ -242,6 +258,47 @@ def test_ema_export_is_the_shadow_for_every_tensor(ray_local, tmp_path, stage):
     if stage == 3:  # tiny: every tensor is under ZeRO-3's persistence threshold (the case that exported live values)
         assert m["persistent"] > 0
     assert m["audio_tensors"] > 0 and m["audio_in_optimizer"] == m["audio_tensors"] and m["audio_moved"] > 0, m
+
+
+def test_resume_compares_the_settings_that_make_it_exact(tmp_path):
+    """A checkpoint's resume.json against the run that resumes it: each of seed, data.shuffle,
+    data.batch_size and model.preset refused in one line naming it, unless allow_config_change."""
+    from letstalk.artifacts import CheckpointState
+    from letstalk_platform.runtime import with_overrides
+    from letstalk_platform.train import RESUME_FILE, TrainConfig, check_resume, job_args, resume_settings
+
+    base = {"model": {"preset": "tiny"}, "data": {"path": "d", "batch_size": 4}, "seed": 3}
+    ckpt = tmp_path / "run" / "checkpoint_000000006"
+    ckpt.mkdir(parents=True)
+    CheckpointState(step=6, data_position=(1, 2), world_size=2, seed=3).save(ckpt)
+    (ckpt / RESUME_FILE).write_text(json.dumps(resume_settings(TrainConfig.model_validate(base))))
+
+    def cfg(**overrides):
+        return TrainConfig.model_validate(with_overrides(base, overrides))
+
+    assert check_resume(cfg(), ckpt) == []
+    assert check_resume(cfg(**{"optim.lr": 1e-3, "steps": 9}), ckpt) == []  # not among RESUME_KEYS
+    for key, value, said in [("seed", 4, "seed 3 (checkpoint) vs 4 (this run)"),
+                             ("data.shuffle", False, "data.shuffle True (checkpoint) vs False (this run)"),
+                             ("data.batch_size", 2, "data.batch_size 4 (checkpoint) vs 2 (this run)"),
+                             ("model.preset", "S", "model.preset 'tiny' (checkpoint) vs 'S' (this run)")]:
+        with pytest.raises(ValueError) as e:
+            check_resume(cfg(**{key: value}), ckpt)
+        message = str(e.value)
+        assert "\n" not in message and message.startswith("cannot resume run/checkpoint_000000006 exactly: ")
+        assert said in message and "--allow-config-change" in message, message
+        assert check_resume(cfg(**{key: value, "allow_config_change": True}), ckpt) == [said]
+    with pytest.raises(ValueError, match="seed 3 .* data.batch_size 4"):  # every difference named
+        check_resume(cfg(seed=0, **{"data.batch_size": 8}), ckpt)
+
+    # a checkpoint from before resume.json: what its state.json holds (seed, shuffle) is compared
+    (ckpt / RESUME_FILE).unlink()
+    assert check_resume(cfg(**{"data.batch_size": 2}), ckpt) == []
+    with pytest.raises(ValueError, match="seed 3 .checkpoint. vs 4"):
+        check_resume(cfg(seed=4), ckpt)
+    # the flag of jobs/train.py and jobs/distill.py
+    assert vars(job_args("x", {}, "", ["--allow-config-change"])) == \
+        {"config": None, "debug_steps": None, "allow_config_change": True}
 
 
 def test_optimizer_choice_reaches_the_deepspeed_config(tmp_path):
