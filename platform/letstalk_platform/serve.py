@@ -4,7 +4,8 @@ Two deployments, wired by `build_app` (Ray Serve's builder pattern, typed `AppAr
 
     Ingress   FastAPI on CPU: token check, upload limits, input validation, the web page, the job
               table (a database: jobstore.py) and the finished videos on disk; both outlive a
-              restart of the replica. One replica.
+              restart of the replica. One replica by default; more share the table and its one
+              count of the render slots.
     Renderer  loads the bundle once (a folder or models:/name@alias from the MLflow registry),
               renders clip by clip and streams progress back; one GPU per replica when
               `use_gpu`. Runtime defaults (steps, sampler, guidance) come from user_config.
@@ -44,6 +45,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from letstalk.accel import InferenceOptions, torch_thread_pool
 from letstalk.diffusion import Sampler
@@ -64,6 +66,9 @@ CALLER_CHECK_S = 2.0  # how often a render checks that the Ingress that asked fo
 STREAM_POLL_S = 0.1  # how often a streamed render's growing mp4 is read for new bytes
 STREAM_CHUNK = 1 << 20  # the most bytes in one "bytes" event
 RESTART_REASON = "the server restarted while this job was queued or running; submit it again"
+RENDERS_PATH = "/v1/renders"  # POST: a new render, admitted by `Admission` before its body is read
+SLOT_KEY = "letstalk.slot"  # the ASGI scope key of the render slot Admission took for the request
+FORM_ALLOWANCE = 64 * 1024  # a render request's body beyond its two files: form fields, part headers
 
 
 class AppArgs(BaseModel):
@@ -86,12 +91,13 @@ class AppArgs(BaseModel):
     job_ttl_s: float = Field(24 * 3600, gt=0, description="finished jobs (and videos) kept this long")
     work_dir: str | None = Field(None, description="the job table (jobs.db) and the finished videos: they outlive "
                                  "a restart (default: TMP/letstalk-serve)")
-    jobs_db: str | None = Field(None, description="SQLAlchemy URL of the job table (default: sqlite:///WORK_DIR/jobs.db)")
+    jobs_db: str | None = Field(None, description="SQLAlchemy URL of the job table, SQLite or PostgreSQL (default: "
+                                "sqlite:///WORK_DIR/jobs.db)")
     storage: str | None = Field(None, description="where finished videos go: a folder (default WORK_DIR/videos) or a "
                                 "pyarrow filesystem URI, e.g. s3://bucket/prefix?region=eu-west-1 (credentials from "
                                 "the environment), which Renderers on any node upload to")
-    ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP) replicas sharing the job table; the render "
-                                  "slots are split between them, and WORK_DIR must be one folder for all of them")
+    ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP) replicas sharing the job table and its one "
+                                  "count of the render slots; WORK_DIR must be one folder for all of them")
     heartbeat_s: float = Field(5.0, gt=0, description="how often an Ingress replica records that its jobs live; a job "
                                "whose replica is gone (or silent 3 beats) is failed")
     defaults: RenderDefaults = RenderDefaults()
@@ -429,8 +435,9 @@ class Deleted(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
-    active_jobs: int = Field(description="render slots in use")
-    capacity: int
+    active_jobs: int = Field(description="render slots in use (unfinished jobs and requests being admitted), by "
+                                         "all Ingress replicas together")
+    capacity: int = Field(description="the service's render slots")
 
 
 _ERRORS = {
@@ -485,6 +492,61 @@ WEB = Path(__file__).parent / "web"  # the page at / : plain HTML, CSS and JavaS
 api.mount("/web", StaticFiles(directory=WEB), name="web")
 
 
+class Admission:
+    """ASGI middleware of POST /v1/renders: it answers from the headers, before a byte of the body is
+    read. FastAPI reads a multipart body whole (into temporary files) before the route runs, so checks
+    in the route come after the upload. 401 without the bearer token, 413 when Content-Length is over
+    two files at the upload limit (a body without one is cut off with 413 there), 503 when all the
+    service's render slots are in use. Otherwise it takes a slot (Ingress._admit), passes it to the
+    route in the ASGI scope (SLOT_KEY), where the new job's row takes it over, and gives it back on
+    every way out where no job took it: a 4xx, an error, the client gone."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if scope["type"] != "http" or scope["method"] != "POST" or path != RENDERS_PATH:
+            await self.app(scope, receive, send)
+            return
+        ingress = serve.get_replica_context().servable_object  # this replica's Ingress
+        try:
+            slot = await ingress._admit(Request(scope))
+        except ApiError as e:
+            await JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > ingress.max_body:  # only a body without Content-Length gets here
+                raise StarletteHTTPException(413, ingress.body_limit_error)
+            return message
+
+        released = False
+
+        async def answer(message: dict) -> None:
+            nonlocal released
+            if message["type"] == "http.response.start":  # given back before the client hears the answer
+                released = True
+                ingress._release(slot)
+            await send(message)
+
+        scope[SLOT_KEY] = slot
+        try:
+            await self.app(scope, limited, answer)
+        finally:
+            if not released:
+                ingress._release(slot)
+
+
+# added before _docs_stay_local, so it runs inside it: the 413 `limited` raises reaches the route as
+# it is (raised through that BaseHTTPMiddleware's task group, it would come as an ExceptionGroup: a 400)
+api.add_middleware(Admission)
+
+
 @api.middleware("http")
 async def _docs_stay_local(request: Request, call_next):
     """/docs and /redoc fetch nothing from other hosts: ReDoc's credit line would load its logo from
@@ -528,13 +590,17 @@ class Ingress:
         self.actor = this_actor()  # (name, namespace) in Ray: renders and the other replicas check that it lives
         self.owner = self.actor[0] if self.actor else f"local-{uuid.uuid4().hex}"  # this replica, in the table
         self.jobs: dict[str, RenderJob] = {}  # this replica's jobs (live progress); the table has them all
-        self._reserved = 0  # slots held by requests still reading and decoding their uploads
+        self._slots: set[str] = set()  # slots taken by this replica's requests that are not jobs yet
+        self._unsaved: set[str] = set()  # finished jobs whose last save failed: the heartbeat writes them
         replicas = self.args.max_replicas or self.args.num_replicas
-        total = replicas * self.args.max_jobs_per_replica + self.args.max_queued_jobs
-        self.capacity = max(1, total // self.args.ingress_replicas)  # this replica's share of the slots
+        # the service's slots, counted in the job table for all Ingress replicas together (take_slot)
+        self.capacity = replicas * self.args.max_jobs_per_replica + self.args.max_queued_jobs
         self._heart: asyncio.Task | None = None
         self._sweep_orphans()  # the jobs of a replica that died before this one started
         self.max_upload = int(self.args.max_upload_mb * 1024 * 1024)
+        self.max_body = 2 * self.max_upload + FORM_ALLOWANCE  # a render request: two files and the form
+        self.body_limit_error = (f"the request is over the upload limit: two files of at most "
+                                 f"{self.args.max_upload_mb:g} MB each")
         self.node = node_id()  # a Renderer on this node writes the videos straight into self.videos
         self._model_info: dict | None = None
         # stream=true jobs' bytes as they arrive, for GET /stream: this replica's own (another replica
@@ -568,9 +634,28 @@ class Ingress:
             raise ApiError(404, f"no render job {job_id[:64]!r}")
         return job
 
-    def _active(self) -> int:
-        """Slots in use: queued and running jobs, and the requests that reserved a slot before reading."""
-        return sum(j.active for j in self.jobs.values()) + self._reserved
+    async def _admit(self, request: Request) -> str:
+        """Admission's checks, from the headers alone (401, 413, 503), then one of the service's render
+        slots for the request: its id."""
+        self._auth(request)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            raise ApiError(413, self.body_limit_error)
+        slot = await run_in_threadpool(self.store.take_slot, self.owner, self.capacity)
+        if slot is None:
+            raise ApiError(503, f"all {self.capacity} render slots are busy; retry later",
+                           {"Retry-After": str(self.args.retry_after_s)})
+        self._slots.add(slot)
+        return slot
+
+    def _release(self, slot: str) -> None:
+        """Give a request's slot back unless its job took it over (then there is nothing left to give)."""
+        self._slots.discard(slot)  # no longer beaten: if the release fails, the sweep frees it in 3 beats
+        try:
+            self.store.release_slot(slot)
+        except Exception as e:
+            print(f"Ingress: a render slot was not given back ({one_line(e)}); the orphan sweep frees it",
+                  flush=True)
 
     def _expire(self) -> None:
         """The TTL sweep: finished jobs older than job_ttl_s go, with their videos."""
@@ -600,11 +685,13 @@ class Ingress:
         cancels other replicas asked for, and the orphan sweep."""
         while True:
             try:
-                states = [j.public() for j in self.jobs.values() if j.active]
-                for job_id in await run_in_threadpool(self.store.beat, self.owner, states):
+                unsaved = set(self._unsaved)
+                states = [j.public() for j in self.jobs.values() if j.active or j.id in unsaved]
+                for job_id in await run_in_threadpool(self.store.beat, self.owner, states, list(self._slots)):
                     job = self.jobs.get(job_id)
                     if job is not None and job.task is not None:
                         job.task.cancel()
+                self._unsaved -= unsaved  # written now: their rows no longer hold a slot
                 await run_in_threadpool(self._sweep_orphans)
             except Exception as e:  # a database hiccup: try again next beat
                 print(f"Ingress: heartbeat failed: {one_line(e)}", flush=True)
@@ -691,10 +778,25 @@ class Ingress:
             if job.status in ("queued", "running"):
                 job.status, job.error = "failed", job.error or "the render ended without a result"
             job.finished = time.time()
-            self.store.save(job.public(), self.owner)
+            self._save_end(job)
             job.touch()
             if job.spool is not None:  # its readers hold it open and read it to the end; new ones get the video
                 job.spool.unlink(missing_ok=True)
+
+    def _save_end(self, job: RenderJob) -> None:
+        """A finished job's row, which gives its render slot back. A row already finished stays as it is
+        (another replica failed the job as lost, and told its clients so): this replica takes the
+        table's word. A failed write is retried by the heartbeat, or the row would hold the slot."""
+        try:
+            saved = self.store.save(job.public(), self.owner)
+        except Exception as e:
+            print(f"Ingress: job {job.id} ended but its row was not written ({one_line(e)}); the heartbeat "
+                  f"retries", flush=True)
+            self._unsaved.add(job.id)
+            return
+        if not saved and (state := self.store.get(job.id)) is not None:
+            job.status, job.error, job.finished = state["status"], state["error"], state["finished"]
+            job.snapshot = state
 
     async def _events(self, job: RenderJob, keepalive_s: float = 15.0):
         """Server-Sent Events for one job: its state now, then every change, the last one final
@@ -705,12 +807,13 @@ class Ingress:
             return
         seen = -1
         while True:
+            # taken before the yield below: a change while the reader holds an event sets this one
+            waiter = job.changed
             if job.version != seen:
                 seen, state = job.version, job.public()
                 yield f"event: {state['status']}\ndata: {json.dumps(state)}\n\n"
-                if not job.active:
+                if state["status"] not in ACTIVE:  # the state sent decides: the last one sent is final
                     return
-            waiter = job.changed
             try:
                 await asyncio.wait_for(waiter.wait(), keepalive_s)
             except asyncio.TimeoutError:
@@ -745,7 +848,8 @@ class Ingress:
     @api.get("/healthz", summary="Liveness (no token needed)", response_model=Health)
     async def healthz(self) -> dict:
         self._ensure_heartbeat()
-        return {"status": "ok", "active_jobs": self._active(), "capacity": self.capacity}
+        in_use = await run_in_threadpool(self.store.slots_in_use)
+        return {"status": "ok", "active_jobs": in_use, "capacity": self.capacity}
 
     @api.get("/v1/model", summary="The model being served, its defaults and the request limits",
              dependencies=SECURED, responses=errors(401))
@@ -775,37 +879,34 @@ class Ingress:
                      stream: bool = Form(False, description=STREAM_HELP))\
             -> JSONResponse:
         self._auth(request)
+        slot = request.scope[SLOT_KEY]  # taken by Admission before the body was read; it gives it back
         try:
             options = RenderOptions(steps=steps, sampler=sampler, guidance=guidance, seed=seed, paste_back=paste_back,
                                     max_side=max_side, stream=stream)
         except ValidationError as e:
             raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
         self._expire()
-        # the check and the reservation with no await between them: concurrent requests cannot all pass
-        # the check before any of them records its job (the event loop runs one coroutine at a time)
-        if self._active() >= self.capacity:
-            raise ApiError(503, f"all {self.capacity} render slots are busy; retry later",
-                           {"Retry-After": str(self.args.retry_after_s)})
-        self._reserved += 1
+        image_bytes = await self._read(portrait, "portrait")
+        audio_bytes = await self._read(audio, "audio")
+        info = await self._info()
+        t0 = time.perf_counter()
+        inputs = await run_in_threadpool(self._prepare, info, image_bytes, audio_bytes, options)
+        job = RenderJob(uuid.uuid4().hex, options.model_dump(exclude_none=True), inputs.num_clips,
+                        inputs.duration_s)
+        job.seconds = {"prepare": round(time.perf_counter() - t0, 4)}  # decode and crop, here in the Ingress
+        if job.streamed:  # there from the start: /stream can be opened as soon as the id is known
+            job.spool = Path(self._spool.name) / f"{job.id}.mp4"
+            job.spool.touch()
         try:
-            image_bytes = await self._read(portrait, "portrait")
-            audio_bytes = await self._read(audio, "audio")
-            info = await self._info()
-            t0 = time.perf_counter()
-            inputs = await run_in_threadpool(self._prepare, info, image_bytes, audio_bytes, options)
-            job = RenderJob(uuid.uuid4().hex, options.model_dump(exclude_none=True), inputs.num_clips,
-                            inputs.duration_s)
-            job.seconds = {"prepare": round(time.perf_counter() - t0, 4)}  # decode and crop, here in the Ingress
-            self.jobs[job.id] = job  # the job holds the slot from here: no await before the release below
-            if job.streamed:  # there from the start: /stream can be opened as soon as the id is known
-                job.spool = Path(self._spool.name) / f"{job.id}.mp4"
-                job.spool.touch()
-            self.store.save(job.public(), self.owner)
-            # paste-back decided here (_prepare): the photo travels only when the face goes back into it
-            decided = job.options | {"paste_back": inputs.photo is not None}
-            job.task = asyncio.create_task(self._run(job, inputs, decided))
-        finally:  # a 4xx, an error, or the client gone (cancelled) all give the slot back
-            self._reserved -= 1
+            self.store.save(job.public(), self.owner, slot)  # the job's row holds the slot from here
+        except BaseException:  # no job: Admission gives the slot back
+            if job.spool is not None:
+                job.spool.unlink(missing_ok=True)
+            raise
+        self.jobs[job.id] = job
+        # paste-back decided here (_prepare): the photo travels only when the face goes back into it
+        decided = job.options | {"paste_back": inputs.photo is not None}
+        job.task = asyncio.create_task(self._run(job, inputs, decided))
         return JSONResponse({"id": job.id, "status": job.status, "frames": inputs.num_frames,
                              "clips_total": inputs.num_clips,
                              "status_url": f"/v1/renders/{job.id}"}, status_code=202,

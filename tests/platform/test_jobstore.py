@@ -36,7 +36,8 @@ def test_rows_survive_a_new_connection_page_and_expire(db_url):
     url = db_url
     store = JobStore(url)
     for i in range(5):
-        store.save(state(i, created=100.0 + i, finished=200.0 + i))
+        store.save(state(i, created=100.0 + i, finished=200.0 + i) if i != 2 else
+                   state(2, "running", created=102.0, finished=None))
     store.save(state(2, created=102.0, finished=202.0) | {"error": "changed"})  # an update, not a second row
     store.close()
     store = JobStore(url)  # what a restarted Ingress sees
@@ -107,3 +108,67 @@ def test_a_table_from_before_heartbeats_gains_the_columns(tmp_path):
     assert store.fail_orphans(60, failed) == [f"{1:032x}"]  # no heartbeat: its replica is long gone
     store.save(state(2, "queued", finished=None), owner="new")
     assert store.unfinished_owners() == ["new"]
+
+
+def test_a_finished_row_is_final(db_url):
+    """A job that another replica failed as lost (its owner looked dead) stays failed: the old owner's
+    save of its result, and its beat, write nothing; the save says so (False)."""
+    store = JobStore(db_url)
+    job = f"{1:032x}"
+    store.save(state(1, "running", finished=None), owner="old")
+    assert store.fail_orphans(60, failed, dead=["old"]) == [job]
+    written = store.save(state(1, "done", finished=300.0), owner="old")
+    store.beat("old", [state(1, "done", finished=300.0)])
+    row = store.get(job)
+    assert (row["status"], row["error"], row["finished"]) == ("failed", "lost", 999.0)
+    assert written is False
+    assert store.slots_in_use() == 0 and store.finished_before(1000.0) == [job]
+
+
+def test_replicas_take_slots_from_one_count(db_url):
+    """The render slots are the service's: two stores over one table (two engines, as two Ingress
+    replicas in two processes have) taking slots at the same moment never get more than the capacity
+    between them, and get all of it (1 of 1, then 5 of 5); a slot becomes the job's row when the job is
+    saved with it (the count stays), and comes back when the job ends, when it is released, or when
+    its replica is gone (dead, or a slot nobody beats)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [JobStore(db_url), JobStore(db_url)]
+
+    def burst(capacity: int, n: int = 12) -> list[str]:
+        gate = threading.Barrier(n)
+
+        def take(i: int) -> str | None:
+            gate.wait()  # all leave together
+            return stores[i % 2].take_slot(f"replica-{i % 2}", capacity)
+
+        with ThreadPoolExecutor(n) as pool:
+            return [slot for slot in pool.map(take, range(n)) if slot is not None]
+
+    for _ in range(3):
+        taken = burst(capacity=1)
+        assert len(taken) == 1, taken
+        stores[1].release_slot(taken[0])  # the other replica's store frees it: one table
+    taken = burst(capacity=5)
+    assert len(taken) == 5 and stores[0].slots_in_use() == stores[1].slots_in_use() == 5
+    for slot in taken:
+        stores[0].release_slot(slot)
+    slot = stores[0].take_slot("replica-0", 1)
+    assert stores[0].save(state(1, "queued", finished=None), owner="replica-0", slot=slot)
+    stores[0].release_slot(slot)  # the job holds it now: nothing to give back
+    assert stores[1].slots_in_use() == 1 and stores[1].take_slot("replica-1", 1) is None
+    assert stores[0].save(state(1, "done"), owner="replica-0")
+    assert stores[1].slots_in_use() == 0
+    # a dead replica's slot goes back; so does one nobody beats (even the caller's own: a lost release)
+    stores[0].take_slot("crashed", 2)
+    beaten, lost = stores[0].take_slot("me", 3), stores[0].take_slot("me", 3)
+    assert sorted(stores[1].unfinished_owners()) == ["crashed", "me"]
+    assert stores[1].fail_orphans(60, failed, dead=["crashed"], alive="me") == []
+    assert stores[1].slots_in_use() == 2
+    time.sleep(0.3)
+    stores[0].beat("me", [], [beaten])
+    stores[1].fail_orphans(0.2, failed, alive="me")
+    assert stores[1].slots_in_use() == 1 and stores[0].take_slot("me", 2) is not None
+    assert lost not in (None, beaten)

@@ -1,8 +1,10 @@
 """The Ray Serve render API and the batch job, on a real local Ray Serve with real HTTP clients."""
 
 import io
+import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -145,7 +147,6 @@ def test_health_auth_and_openapi(server):
     assert "16..4096" in form["properties"]["max_side"]["description"]
     assert form["properties"]["stream"]["type"] == "boolean" and form["properties"]["stream"]["default"] is False
     # /docs and /redoc load their scripts from this server, not a CDN
-    import re
 
     for page in ("docs", "redoc"):
         html = requests.get(f"{server}/{page}", timeout=10).text
@@ -428,6 +429,126 @@ def test_a_burst_never_takes_more_than_the_slots(server):
     assert 1 <= peak[0] <= capacity
 
 
+def declared_upload(url: str, headers: dict, length: int, wait_s: float = 0.0) -> tuple[int, dict, int]:
+    """POST /v1/renders over a raw socket with a `length`-byte multipart body (one portrait file of
+    zeros): the headers, then (after `wait_s`, unless answered by then) the body in 64 KiB pieces, from
+    a second thread, until the answer comes. Returns (status, the answer's JSON, the body bytes the
+    socket had taken when the answer came: the most the server can have read, give or take a piece)."""
+    import threading
+    from urllib.parse import urlsplit
+
+    part = (b"--letstalk\r\nContent-Disposition: form-data; name=\"portrait\"; filename=\"face.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n")
+    end = b"\r\n--letstalk--\r\n"
+    payload = memoryview(part + bytes(length - len(part) - len(end)) + end)
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    sock = socket.create_connection((host, port), timeout=60)
+    head = ["POST /v1/renders HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {length}",
+            "Content-Type: multipart/form-data; boundary=letstalk", *[f"{k}: {v}" for k, v in headers.items()]]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    sent, answered = [0], threading.Event()
+
+    def send_body():
+        answered.wait(wait_s)
+        try:
+            while sent[0] < length and not answered.is_set():
+                sent[0] += sock.send(payload[sent[0]:sent[0] + 64 * 1024])
+        except OSError:  # the server closed the connection after answering, or we did
+            pass
+
+    sender = threading.Thread(target=send_body)
+    sender.start()
+    reply = b""
+    try:
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection without an answer"
+            reply += chunk
+        at_answer = sent[0]
+        answered.set()
+        head, _, body = reply.partition(b"\r\n\r\n")
+        size = int(re.search(rb"(?im)^content-length: *(\d+)", head)[1])
+        while len(body) < size:
+            body += sock.recv(65536)
+    finally:
+        answered.set()
+        sock.shutdown(socket.SHUT_RDWR)  # wakes the sender if it is blocked in send
+        sock.close()
+        sender.join()
+    return int(head.split()[1]), json.loads(body), at_answer
+
+
+def test_a_refused_upload_is_answered_before_its_body_is_read(server):
+    """401 (no token), 413 (Content-Length over two files at the upload limit) and 503 (no free slot)
+    come from the headers alone: a client that declares a 50 MB upload and waits before sending it gets
+    its answer having sent none of it (FastAPI used to read the whole multipart body before the route
+    could refuse: the old code answered after all 50 MB). A client that sends at full speed is answered
+    after some of the body, which Ray Serve's HTTP proxy reads as it arrives whatever the replica does:
+    printed. A body without Content-Length is cut off at the limit."""
+    big = 50 * 1024 * 1024
+    for headers, status, word in [({}, 401, "token"), (AUTH, 413, "upload limit")]:
+        code, body, read = declared_upload(server, headers, big, wait_s=10)
+        print(f"{status}: a client that waited had sent {read} bytes of the body when the answer ({code}) came")
+        assert (code, read) == (status, 0) and word in body["error"], (code, body, read)
+        code, body, read = declared_upload(server, headers, big)
+        # not asserted: how much the proxy takes in before the answer depends on the machine's load
+        print(f"{status}: a client sending 50 MB at full speed had sent {read / 2**20:.2f} MB when the answer came")
+        assert code == status, (code, body, read)
+    # no Content-Length (chunked): read until over the limit (2 MB and a little here), then 413
+    part = (b'--x\r\nContent-Disposition: form-data; name="portrait"; filename="face.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    pieces = itertools.chain([part], (bytes(64 * 1024) for _ in range(128)))  # 8 MB
+    r = requests.post(f"{server}/v1/renders", headers=AUTH | {"Content-Type": "multipart/form-data; boundary=x"},
+                      data=pieces, timeout=60)
+    assert r.status_code == 413 and "upload limit" in r.json()["error"], r.text
+    # every slot busy: 503 for a body within the limit (2 MB), before any of it
+    long = post(server, png_bytes(), wav_bytes(12.0), steps=250, sampler="ddpm")
+    assert long.status_code == 202, long.text
+    try:
+        code, body, read = declared_upload(server, AUTH, 2 * 1024 * 1024, wait_s=10)
+        assert (code, read) == (503, 0) and "busy" in body["error"], (code, body, read)
+    finally:
+        requests.delete(f"{server}/v1/renders/{long.json()['id']}", headers=AUTH, timeout=30)
+    assert requests.get(f"{server}/healthz", timeout=10).json()["active_jobs"] == 0
+
+
+def test_a_failed_save_gives_the_slot_back(server, app_args):
+    """The job table refuses to write (a real SQLite trigger that aborts, as a full disk would): the
+    request fails with 500 and its slot comes back at once (the job used to stay queued in the
+    replica, holding its slot for good); a job whose final save fails holds its slot only until the
+    heartbeat writes its end."""
+    import sqlite3
+
+    def sql(statement: str) -> None:
+        db = sqlite3.connect(Path(app_args.work_dir) / "jobs.db", timeout=30)
+        with db:
+            db.execute(statement)
+        db.close()
+
+    sql("CREATE TRIGGER refuse_jobs BEFORE INSERT ON render_jobs BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    try:
+        r = post(server, png_bytes(), wav_bytes(0.4))
+    finally:
+        sql("DROP TRIGGER refuse_jobs")
+    assert r.status_code == 500, r.text
+    assert requests.get(f"{server}/healthz", timeout=10).json()["active_jobs"] == 0
+    # the end of a job not written: the slot is held (the row says running) until the heartbeat writes it
+    sql("CREATE TRIGGER refuse_ends BEFORE UPDATE ON render_jobs WHEN NEW.status NOT IN ('queued', 'running') "
+        "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    try:
+        r = post(server, png_bytes(), wav_bytes(0.4))
+        assert r.status_code == 202, r.text
+        assert wait_done(server, r.json()["id"])[0]["status"] == "done"  # this replica knows
+        assert requests.get(f"{server}/healthz", timeout=10).json()["active_jobs"] == 1
+    finally:
+        sql("DROP TRIGGER refuse_ends")
+    wait_until(lambda: requests.get(f"{server}/healthz", timeout=10).json()["active_jobs"] == 0,
+               3 * app_args.heartbeat_s, "the heartbeat writes the job's end")
+    again = post(server, png_bytes(), wav_bytes(0.4))
+    assert again.status_code == 202, again.text
+    assert wait_done(server, again.json()["id"])[0]["status"] == "done"
+
+
 def test_job_state_is_only_touched_on_the_event_loop():
     """FastAPI runs a plain `def` route in a thread pool; a route that reads the job table from there races
     the event loop that admits jobs (/healthz once counted a job and its still-held reservation: 2 of 1
@@ -440,6 +561,41 @@ def test_job_state_is_only_touched_on_the_event_loop():
               if not name.startswith("_") and callable(f) and name not in ("page", "ui")}  # page, ui: static
     assert {"healthz", "list_jobs", "status", "events", "video", "stream", "create", "delete"} <= set(routes)
     assert [name for name, f in routes.items() if not inspect.iscoroutinefunction(f)] == []
+
+
+def test_the_final_event_is_sent_when_the_job_ends_during_a_yield():
+    """_events driven directly, the job changed while the reader holds an event (between two
+    __anext__ calls, as with a slow client): a job that ends then still gets its final event, and a
+    progress change then goes out at once, not after the keep-alive wait."""
+    import asyncio
+
+    from letstalk_platform.serve import Ingress, RenderJob
+
+    raw = Ingress.func_or_class.__wrapped__  # the class as written; the job's events need only `jobs`
+    ingress = raw.__new__(raw)
+
+    def kinds(events: list[str]) -> list[str]:
+        return [e.split("\n", 1)[0] for e in events]
+
+    async def scenario() -> None:
+        ended, moving = RenderJob("a" * 32, {}, 2, 1.0), RenderJob("b" * 32, {}, 2, 1.0)
+        ingress.jobs = {ended.id: ended, moving.id: moving}
+        events = ingress._events(ended, keepalive_s=30)
+        first = await asyncio.wait_for(events.__anext__(), 5)
+        ended.status, ended.finished = "done", time.time()  # while the reader holds the queued event
+        ended.touch()
+        assert kinds([first] + [e async for e in events]) == ["event: queued", "event: done"]
+        events = ingress._events(moving, keepalive_s=30)
+        first = await asyncio.wait_for(events.__anext__(), 5)
+        moving.status, moving.clips_done = "running", 1
+        moving.touch()
+        try:  # the old code waited out the keep-alive first
+            second = await asyncio.wait_for(events.__anext__(), 5)
+        finally:
+            await events.aclose()
+        assert kinds([first, second]) == ["event: queued", "event: running"]
+
+    asyncio.run(scenario())
 
 
 def chromium(*flags: str, log_network: bool = False):
@@ -983,6 +1139,39 @@ def wait_until(condition, timeout: float, what: str, every: float = 0.25):
         assert time.monotonic() < deadline, what
         time.sleep(every)
     return value
+
+
+@pytest.mark.slow
+def test_two_ingress_replicas_admit_from_one_count_of_slots(server, app_args):
+    """The render slots are the service's, not split per replica: with two Ingress replicas and the
+    app's one slot (one Renderer running one job), 16 POSTs at once, spread over both replicas, give
+    exactly one 202 and fifteen 503s (each replica used to admit max(1, 1 // 2) = 1: two jobs); both
+    replicas report the same slot in use, and the job finishes."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from letstalk_platform.serve import build_app
+
+    serve.run(build_app(app_args.model_copy(update={"ingress_replicas": 2, "heartbeat_s": 1.0})), name="letstalk",
+              route_prefix="/")
+    wait_until(lambda: len(ingress_replicas()) == 2, 120, "two Ingress replicas")
+    assert requests.get(f"{server}/healthz", timeout=10).json()["capacity"] == 1
+    portrait, audio = png_bytes(), wav_bytes(3.0)
+    gate = threading.Barrier(16)
+
+    def one(_):
+        gate.wait()
+        return post(server, portrait, audio, steps=150, sampler="ddim")  # ~8 s of rendering: outlasts the burst
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(16)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [202] + [503] * 15, codes
+    accepted = next(r for r in answers if r.status_code == 202).json()["id"]
+    assert {requests.get(f"{server}/healthz", timeout=10).json()["active_jobs"] for _ in range(8)} == {1}
+    assert wait_done(server, accepted, timeout=120)[0]["status"] == "done"
 
 
 @pytest.mark.slow
