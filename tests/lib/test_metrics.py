@@ -271,3 +271,23 @@ def test_seam_ratio_finds_jumps_at_clip_boundaries():
         metrics.seam_ratio([smooth[:8]], 8)
     with pytest.raises(ValueError, match="do not change"):
         metrics.seam_ratio([np.repeat(smooth[:1], 20, axis=0)], 8)
+
+
+def test_sharpness_ratio_sees_blur_that_psnr_rewards():
+    """A mouth blurred towards the mean scores a better PSNR than a sharp, slightly shifted one; the
+    sharpness ratio tells them apart (real: 1, blurred: well below 1, shifted sharp: about 1)."""
+    import cv2
+
+    from letstalk.synthetic import draw_portrait
+
+    real = np.stack([draw_portrait(96, seed=s) for s in range(4)])
+    blurred = np.stack([cv2.GaussianBlur(f, (0, 0), 2.0) for f in real])
+    shifted = np.roll(real, 2, axis=2)
+    box = (24, 48, 72, 88)
+    assert metrics.sharpness_ratio(real, real, box) == pytest.approx(1.0)
+    assert metrics.psnr(blurred, real) > metrics.psnr(shifted, real)
+    assert metrics.sharpness_ratio(blurred, real, box) < 0.3
+    assert 0.8 < metrics.sharpness_ratio(shifted, real, box) < 1.25
+    assert metrics.laplacian_variance(real, box).shape == (4,)
+    with pytest.raises(ValueError, match="flat"):
+        metrics.sharpness_ratio(real, np.full_like(real, 128), box)

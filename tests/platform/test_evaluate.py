@@ -76,6 +76,9 @@ def test_evaluate_job_end_to_end(shards, bundle, weights, uri, tmp_path, capsys)
             assert isinstance(row[key], float) and np.isfinite(row[key]), (key, row)
         assert row["fid"] > 0 and row["fvd"] > 0 and -1 <= row["ssim"] < 0.9  # a random model is far from the data
         assert row["notes"]["efid_kind"].startswith("Deep3DFaceRecon")
+        # the random model's frames against the real mouths: a finite ratio, not the truth's 1
+        assert 0 < row["mouth_sharpness"] and abs(row["mouth_sharpness"] - 1) > 0.05, row["mouth_sharpness"]
+    assert truth["mouth_sharpness"] == 1.0 and "mouth sharpness (1 = real)" in stdout
     # the same weights, seed and sampler from the registry render the same videos
     assert first["fid"] == pytest.approx(second["fid"], rel=1e-6) and first["ssim"] == pytest.approx(second["ssim"])
     # 16 frames are too few for a lip-sync figure: "–" with the reason, not a number
