@@ -23,7 +23,8 @@ from letstalk_platform.runtime import add_config_flags, load_config
 FLAGS = {"--video": "video", "--out": "out", "--holdout-seconds": "holdout_seconds", "--minutes": "minutes",
          "--steps": "steps", "--config": "config", "--preset": "preset", "--face-model": "face_model",
          "--stride": "stride", "--sample-steps": "sample_steps", "--seed": "seed", "--name": "name",
-         "--mlflow-uri": "mlflow_uri", "--fresh": "fresh"}
+         "--mlflow-uri": "mlflow_uri", "--fresh": "fresh",
+         "--audio-encoder": "audio_encoder"}
 
 
 def main(argv: list[str] | None = None) -> int:

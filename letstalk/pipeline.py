@@ -37,6 +37,7 @@ import torch
 from .accel import InferenceOptions, autocast, check_sdpa_backend, compile_transformer, inference_scope, overlapped
 from .audio import AudioEncoder, LogMelEncoder, tiny_audio_encoder
 from .batching import ClipBatcher
+from .config import LetsTalkConfig
 from .diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ClipTarget, GaussianDiffusion
 from .inputs import InputSpec, PreparedInputs, prepare, prepare_audio
 from .media import write_video
@@ -187,22 +188,27 @@ class LetsTalkPipeline:
                                                           transformer.cfg.audio_layers, seed))
 
     @classmethod
-    def init_avatar(cls, frames: np.ndarray, seed: int = 0, preset: str = "avatar") -> "LetsTalkPipeline":
+    def init_avatar(cls, frames: np.ndarray, seed: int = 0, preset: str = "avatar",
+                    audio_encoder: AudioEncoder | None = None) -> "LetsTalkPipeline":
         """Random-initialised person-specific bundle (docs/avatar.md): the space-to-depth codec with a
         PCA basis fitted to `frames` (N, S, S, 3) uint8 face crops of the person — factor S / the
-        preset's latent size (S for the `avatar` preset: the whole crop is one block, its components
-        are the person's "eigenfaces"), as many components as the preset has latent channels — and
-        log-mel audio features; preprocessing the person's footage with it gives the data, training
-        fills in the transformer."""
+        preset's latent size, as many components as the preset has latent channels — and the audio
+        features of `audio_encoder` (default: the preset's log-mel; a pretrained Whisper sizes the
+        transformer's audio input to its states and window); preprocessing the person's footage with
+        it gives the data, training fills in the transformer."""
         torch.manual_seed(seed)
-        transformer = LetsTalkTransformer.from_preset(preset)
-        cfg = transformer.cfg
+        cfg = LetsTalkConfig.from_name(preset)
+        if audio_encoder is None:
+            audio_encoder = LogMelEncoder(n_mels=cfg.audio_feature_dim, window=cfg.audio_window)
+        transformer = LetsTalkTransformer.from_preset(preset, audio_layers=audio_encoder.num_layers,
+                                                      audio_feature_dim=audio_encoder.hidden_size,
+                                                      audio_window=audio_encoder.window)
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[1] != frames.shape[2] or frames.shape[1] % cfg.input_size:
             raise ValueError(f"frames must be square crops (N, S, S, 3) with S a multiple of {cfg.input_size}, "
                              f"got {frames.shape}")
         codec = SpaceToDepthCodec.fit(frames, factor=frames.shape[1] // cfg.input_size, channels=cfg.in_channels)
-        return cls(transformer, codec, LogMelEncoder(n_mels=cfg.audio_feature_dim, window=cfg.audio_window))
+        return cls(transformer, codec, audio_encoder)
 
     # ------------------------------------------------------------------ speed switches
 

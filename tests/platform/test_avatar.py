@@ -108,3 +108,27 @@ def test_held_out_measure_is_aligned_on_the_real_clip(realdata):
     delayed = np.concatenate([identity[:1], identity[:1], identity[:-2]])
     assert score_holdout(delayed, hold.frames, hold.frames_full, hold.audio, spec, str(FACE_MODEL), 8)[0][
         "mouth_lag"] == 2
+
+
+def test_the_audio_encoder_flag_sizes_the_avatar_to_whisper(tmp_path):
+    """--audio-encoder: log-mel is the preset's own; a Whisper folder gives ±2-frame windows of its
+    states and the fresh avatar transformer takes them; anything else is one line before any work."""
+    from letstalk.audio import WhisperAudioEncoder, tiny_whisper_encoder
+    from letstalk.pipeline import LetsTalkPipeline
+    from letstalk.synthetic import draw_portrait
+    from letstalk_platform.avatar import avatar_audio_encoder
+
+    assert avatar_audio_encoder("log-mel") is None
+    tiny_whisper_encoder(hidden_size=32, num_layers=2).save_pretrained(tmp_path / "whisper")
+    encoder = avatar_audio_encoder(str(tmp_path / "whisper"))
+    assert isinstance(encoder, WhisperAudioEncoder) and encoder.window == 5
+    crops = np.stack([draw_portrait(64, seed=s) for s in range(20)])
+    pipe = LetsTalkPipeline.init_avatar(crops, audio_encoder=encoder)
+    cfg = pipe.transformer.cfg
+    assert (cfg.audio_window, cfg.audio_layers, cfg.audio_feature_dim) == (5, 6, 32)
+    assert LetsTalkPipeline.init_avatar(crops).transformer.cfg.audio_feature_dim == 80  # log-mel by default
+    with pytest.raises(ValueError, match="neither log-mel nor a Whisper"):
+        avatar_audio_encoder(str(tmp_path))
+    run = avatar("--video", tmp_path / "none.mp4", "--out", tmp_path / "o", "--face-model", FACE_MODEL,
+                 "--audio-encoder", "whisper-huge")
+    assert run.returncode != 0 and "whisper-huge" in run.stderr and "Traceback" not in run.stderr

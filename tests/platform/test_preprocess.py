@@ -37,7 +37,7 @@ def raw(tmp_path_factory):
 def run(raw: Path, out: Path, bundle: Path, **kw):
     from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
 
-    cfg = PreprocessConfig(input=str(raw), output=str(out), model=str(bundle), eval_fraction=0.34, **{"faces": DRAWN_FACES, **kw})
+    cfg = PreprocessConfig(input=str(raw), output=str(out), model=str(bundle), **{"eval_fraction": 0.34, "faces": DRAWN_FACES, **kw})
     return run_preprocess(cfg)
 
 
@@ -119,6 +119,40 @@ def test_shards_split_and_rerun(ray_local, raw, bundle, tmp_path):
     finally:
         (raw / "spk9.mp4").unlink()
         (raw / "spk9.json").unlink()
+
+
+def test_whisper_features_are_computed_once_into_the_shards(ray_local, raw, tmp_path):
+    """A bundle with a Whisper encoder: the tokenizer actors write its per-frame states (2 steps ×
+    (layers + 1) rows) into the shards, the same as the encoder gives for the video's own audio, with
+    the window's context frames; the manifest sizes the transformer from them."""
+    import torch
+
+    from letstalk.audio import tiny_whisper_encoder
+    from letstalk.media import load_audio
+    from letstalk.pipeline import LetsTalkPipeline
+    from letstalk.transformer import LetsTalkTransformer
+    from letstalk.vae import tiny_codec
+    from letstalk_platform.data import load_clips
+
+    encoder = tiny_whisper_encoder(hidden_size=32, num_layers=2, context_steps=10)
+    torch.manual_seed(0)
+    transformer = LetsTalkTransformer.from_preset("tiny", audio_layers=6, audio_feature_dim=32)
+    bundle = LetsTalkPipeline(transformer, tiny_codec(0), encoder).save_pretrained(tmp_path / "whisper-bundle")
+    one = tmp_path / "one"
+    one.mkdir()
+    for name in ("spk1.mp4", "spk1.json"):
+        (one / name).write_bytes((raw / name).read_bytes())
+    manifest = run(one, tmp_path / "shards", bundle, stride=8, eval_fraction=0.0)
+    assert manifest.counts()["done"] == 1
+    assert manifest.features == FeatureShapes(latent_channels=4, latent_size=8, audio_layers=6, audio_feature_dim=32)
+    rows = sorted(load_clips(tmp_path / "shards", "train").take_all(), key=lambda r: r["start"])
+    assert [r["start"] for r in rows] == [0, 8, 16, 24, 32]  # 45 frames, 8-frame clips every 8
+    states = encoder.hidden_states(load_audio(raw / "spk1.mp4", 16000), 45)  # (45, 6, 32)
+    for r in rows:
+        s = r["start"]
+        want = states[np.clip(np.arange(s - 2, s + CLIP + 2), 0, 44)]  # ±2 frames of context, clamped
+        stored = np.asarray(r["audio"], np.float32)  # float16 in the shards
+        assert np.abs(stored - want.numpy()).max() <= 2e-3 * np.abs(want.numpy()).max() + 1e-3, s
 
 
 def test_bad_inputs_are_recorded_and_good_ones_processed(ray_local, bundle, tmp_path):
