@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,13 @@ SHIPPED = Path(__file__).resolve().parent / "models" / "demo"
 # the models shipped in the package, by the name `--model` takes: the demo model and its 2-step
 # student (jobs/distill.py, docs/distill.md)
 SHIPPED_MODELS = {"demo": SHIPPED, "demo-2step": SHIPPED.parent / "demo-2step"}
+# A model name with a scheme (models:/NAME@ALIAS) is resolved by the function an installed package registers
+# for the scheme (without ':') in this entry-point group: resolve(name, registry) -> a local bundle folder,
+# registry being --mlflow-uri (None: the resolver's own default). The library imports no resolver; the
+# platform registers `models` (pyproject.toml, [project.entry-points."letstalk.model_resolvers"]).
+RESOLVERS = "letstalk.model_resolvers"
+SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]+):/")  # two letters at least: C:/ is a folder
+PROVIDERS = {"models": "pip install 'letstalk[platform]'"}  # what installs the resolver of a documented scheme
 
 
 def latents_to_strip(latents: torch.Tensor, scale: int = 8) -> Image.Image:
@@ -153,9 +163,28 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_resolver(name: str, scheme: str) -> Callable[[str, str | None], Path]:
+    """The resolve function registered for `scheme` in the RESOLVERS entry-point group; a one-line
+    ValueError when none is, several are, or it does not load."""
+    found = {ep.value: ep for ep in entry_points(group=RESOLVERS, name=scheme)}
+    installed = ", ".join(sorted({f"{ep.name}:" for ep in entry_points(group=RESOLVERS)})) or "none"
+    hint = PROVIDERS.get(scheme, f"installed: {installed}; a package adds one to the entry-point group {RESOLVERS!r}")
+    if not found:
+        raise ValueError(f"{name}: no resolver for '{scheme}:' ({hint})")
+    if len(found) > 1:
+        raise ValueError(f"{name}: {len(found)} resolvers for '{scheme}:' ({', '.join(sorted(found))}): "
+                         "uninstall all but one")
+    (ep,) = found.values()
+    try:
+        return ep.load()
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{name}: the resolver for '{scheme}:' ({ep.value}) does not load: "
+                         f"{' '.join(str(e).split())} ({hint})") from None
+
+
 def resolve_model(model: str | os.PathLike | None, mlflow_uri: str | None = None) -> Path:
-    """`--model`: a bundle folder, models:/NAME@ALIAS from an MLflow registry (through the platform,
-    when installed), or nothing: the shipped demo model."""
+    """`--model`: a bundle folder, a name with a scheme (models:/NAME@ALIAS from an MLflow registry) that the
+    resolver registered for its scheme turns into one (see RESOLVERS), or nothing: the shipped demo model."""
     if model is None:
         if (SHIPPED / "pipeline.json").is_file():
             return SHIPPED
@@ -165,13 +194,8 @@ def resolve_model(model: str | os.PathLike | None, mlflow_uri: str | None = None
         if not (SHIPPED_MODELS[str(model)] / "pipeline.json").is_file():
             raise ValueError(f"--model {model}: this install does not ship it")
         return SHIPPED_MODELS[str(model)]
-    if str(model).startswith("models:/"):
-        try:
-            from letstalk_platform.tracking import resolve_bundle  # the model library itself never imports mlflow
-        except ImportError:
-            raise ValueError(f"{model}: registry models need the platform extra "
-                             "(pip install 'letstalk[platform]')") from None
-        return resolve_bundle(str(model), mlflow_uri)
+    if m := SCHEME.match(str(model)):
+        return Path(model_resolver(str(model), m["scheme"])(str(model), mlflow_uri))
     return Path(model)
 
 

@@ -15,12 +15,15 @@ Two deployments, wired by `build_app` (Ray Serve's builder pattern, typed `AppAr
          http://127.0.0.1:8000/v1/renders                   # -> 202 {"id": ...}
 
 `jobs/render_batch.py` calls the same Renderer through a DeploymentHandle, so online and batch
-renders share its replicas (and their autoscaling).
+renders share its replicas (and their autoscaling). `check_serve_config` checks a `serve run` config
+(or a RayService's serveConfigV2) of this application: tests/platform/test_cluster_configs.py runs it
+on every one under cluster/.
 """
 
 
 import asyncio
 import hmac
+import importlib.util
 import io
 import json
 import os
@@ -41,7 +44,10 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from ray import serve
+from ray.serve.config import AutoscalingConfig
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import (DeploymentSchema, HTTPOptionsSchema, RayActorOptionsSchema, ServeApplicationSchema,
+                              ServeDeploySchema)
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -53,6 +59,7 @@ from letstalk.inputs import InputSpec, LimitExceeded, PreparedInputs, prepare, p
 from letstalk.paste import DEFAULT_MAX_SIDE
 from letstalk.portrait import PortraitCrop
 
+from .configs import ConfigError, check_known, error_line, parse_config, require
 from .jobstore import ACTIVE, JobStore
 from .storage import VideoStore
 from .runtime import actor_alive, local_target, node_id, this_actor
@@ -1067,3 +1074,57 @@ def build_app(args: AppArgs) -> serve.Application:
         args.inference)
     return Ingress.options(num_replicas=args.ingress_replicas).bind(renderer, args.model_dump(mode="json") | {"token": args.token.get_secret_value()
                                                                    if args.token else None})
+
+
+# ---------------------------------------------------------------------------------- config check
+
+
+def check_serve_config(cfg: Any, gpus_per_pod: dict[str, int] | None = None, where: str = "serve config") -> None:
+    """A Serve config (`serve run` YAML, a RayService's serveConfigV2) through Ray Serve's schema models
+    (they allow unknown keys, so those are checked here), and our application's builder args through
+    AppArgs / RenderDefaults. `gpus_per_pod`: GPUs per pod of each worker group (None: no GPU needed).
+    Raises ConfigError."""
+    require(isinstance(cfg, dict), f"{where}: a Serve config must be a mapping")
+    try:
+        ServeDeploySchema.model_validate(cfg)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {error_line(e)}") from None
+    check_known(cfg, set(ServeDeploySchema.model_fields), where)
+    check_known(cfg.get("http_options") or {}, set(HTTPOptionsSchema.model_fields), f"{where} http_options")
+    apps = cfg.get("applications") or []
+    require(apps, f"{where}: no applications")
+    gpu_replica_max = 0.0
+    for app in apps:
+        awhere = f"{where} app {app.get('name')}"
+        check_known(app, set(ServeApplicationSchema.model_fields), awhere)
+        module, _, attr = app["import_path"].partition(":")
+        require(module and attr.isidentifier(), f"{awhere}: import_path must be 'module:builder'")
+        # The module itself may not exist yet; its top-level package must.
+        require(importlib.util.find_spec(module.split(".")[0]) is not None, f"{awhere}: no package for {module}")
+        if app["import_path"] == "letstalk_platform.serve:build_app":
+            parse_config(AppArgs, app.get("args") or {})
+            names = {d.get("name") for d in app.get("deployments") or []}
+            require(names <= {"Ingress", "Renderer"}, f"{awhere}: build_app makes Ingress and Renderer, not {names}")
+            for dep in app.get("deployments") or []:
+                if dep.get("name") == "Ingress":  # the job table lives in its one replica
+                    require(dep.get("num_replicas", 1) == 1 and "autoscaling_config" not in dep,
+                            f"{awhere}: Ingress must have exactly one replica")
+                if dep.get("name") == "Renderer" and "user_config" in dep:
+                    parse_config(RenderDefaults, dep["user_config"])
+        for dep in app.get("deployments") or []:
+            dwhere = f"{awhere} deployment {dep.get('name')}"
+            check_known(dep, set(DeploymentSchema.model_fields), dwhere)
+            if "autoscaling_config" in dep:
+                check_known(dep["autoscaling_config"], set(AutoscalingConfig.model_fields), f"{dwhere} autoscaling")
+                try:
+                    AutoscalingConfig(**dep["autoscaling_config"])  # e.g. max_replicas >= min_replicas
+                except (ValidationError, ValueError) as e:
+                    raise ConfigError(f"{dwhere} autoscaling: {error_line(e)}") from None
+            opts = dep.get("ray_actor_options") or {}
+            check_known(opts, set(RayActorOptionsSchema.model_fields), f"{dwhere} ray_actor_options")
+            gpu_replica_max = max(gpu_replica_max, float(opts.get("num_gpus", 0)))
+    if gpus_per_pod is None:
+        return
+    require(gpu_replica_max > 0, f"{where}: no deployment asks for a GPU (num_gpus)")
+    require(max(gpus_per_pod.values(), default=0) >= gpu_replica_max,
+            f"{where}: no worker group has {gpu_replica_max} GPU(s) per pod for a replica")

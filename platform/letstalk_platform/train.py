@@ -1,7 +1,7 @@
 """Distributed training: Ray Train TorchTrainer + DeepSpeed ZeRO, MLflow tracking, registry.
 
 Settings: `TrainConfig`, in sections (model, data, optim, augment, target, scaling, tracking); YAML in
-cluster/train/, checked before Ray starts by letstalk_platform.configs.check_train.
+cluster/train/, checked before Ray starts by `check_train`.
 
 Driver (`run_training`): check the config, open the MLflow run, build the `TrainPlan` every worker
 gets, run TorchTrainer, then export the EMA weights as a LetsTalkPipeline bundle and register it.
@@ -48,6 +48,7 @@ from letstalk.transformer import LetsTalkTransformer
 from letstalk.vae import LatentCodec
 
 from . import tracking
+from .configs import check_deepspeed, load_mapping, require
 
 TRAIN_COLUMNS = ["latents", "audio", "motion", "refs"]
 
@@ -285,6 +286,31 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "bf16": {"enabled": cfg.bf16},
         "steps_per_print": 10**9,
     }
+
+
+def check_train(cfg: TrainConfig, root: str | os.PathLike | None = None) -> None:
+    """What the TrainConfig model cannot see: optim.deepspeed names a DeepSpeed JSON that DeepSpeed
+    accepts, and the config the workers will hand DeepSpeed (that JSON with this run's batch size,
+    lr, clipping, ZeRO stage, precision and AdamW kernel on top: `deepspeed_config`) is valid too.
+    Raises ConfigError.
+
+    root: the folder relative paths are under (default: the working directory)."""
+    if cfg.optim.deepspeed is not None:
+        path = Path(root or ".") / cfg.optim.deepspeed
+        require(path.is_file() and path.suffix == ".json",
+                f"optim.deepspeed: {cfg.optim.deepspeed} is not a DeepSpeed .json file")
+        base = load_mapping(path)
+        base.pop("train_batch_size", None)  # checked below against this run's world size, not 1
+        check_deepspeed(base, f"optim.deepspeed {cfg.optim.deepspeed}")
+        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"deepspeed": str(path)})})
+    run = deepspeed_config(cfg)
+    # DeepSpeed checks train_batch_size = micro batch × accumulation × world size; the world here is 1
+    total = run.pop("train_batch_size", None)
+    per_step = run["train_micro_batch_size_per_gpu"] * run["gradient_accumulation_steps"] * cfg.scaling.num_workers
+    require(total is None or total == per_step,
+            f"optim.deepspeed: train_batch_size {total} is not data.batch_size × gradient_accumulation_steps × "
+            f"scaling.num_workers = {per_step} (leave it out: jobs/train.py sets the batch)")
+    check_deepspeed(run, "the run's DeepSpeed config (optim.deepspeed + this config)")
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -725,7 +751,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .configs import check_train
     from .runtime import check_extension_locks, init_ray
 
     cfg = absolute_paths(cfg)  # workers do not share the driver's working directory

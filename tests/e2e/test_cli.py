@@ -95,7 +95,8 @@ def test_render_with_no_model_uses_the_demo_model_from_anywhere(tmp_path, portra
 @pytest.mark.slow
 def test_render_a_registry_model_from_a_fresh_shell(tmp_path, portrait):
     """`--model models:/NAME@ALIAS` with only MLFLOW_TRACKING_URI set: the CLI resolves it through the
-    platform's registry code; an unknown alias is one line, exit 2."""
+    `models` resolver the platform registers (entry-point group letstalk.model_resolvers); an unknown
+    alias is one line, exit 2."""
     import os
 
     from letstalk.pipeline import LetsTalkPipeline

@@ -4,9 +4,10 @@ VALIDATORS maps (folder under cluster/, suffix) to a validator. A .yaml/.yml/.js
 without an entry fails test_every_cluster_config_has_a_validator, so a new kind of config must come with
 its validator here.
 
-The checks a job can run at start-up live in letstalk_platform.configs (jobs/train.py runs the train and
-DeepSpeed ones before Ray starts); the validators below call them and add what only makes sense for this
-repository: the presets' house rules, the Ray launcher and KubeRay manifests, the Dockerfile.
+The checks a job can run at start-up live in letstalk_platform.configs (loading, DeepSpeed) and beside the
+config they check (letstalk_platform.train.check_train, which jobs/train.py runs before Ray starts;
+letstalk_platform.serve.check_serve_config); the validators below call them and add what only makes sense
+for this repository: the presets' house rules, the Ray launcher and KubeRay manifests, the Dockerfile.
 
     ray/*.yaml         Ray cluster launcher. The file as written against ray-schema.json from the installed
                        ray wheel (jsonschema), then what `ray up` does before launching anything:
@@ -16,16 +17,16 @@ repository: the presets' house rules, the Ray launcher and KubeRay manifests, th
     kuberay/*.yaml     KubeRay CRD schemas are not available offline: structural checks of RayJob,
                        RayService and PersistentVolumeClaim (known spec fields, images, resources, GPU
                        requests, /dev/shm, volumes, entrypoint). serveConfigV2 goes through
-                       configs.check_serve_config, runtimeEnvYAML through RuntimeEnv's known fields.
+                       serve.check_serve_config, runtimeEnvYAML through RuntimeEnv's known fields.
     deepspeed/*.json   configs.check_deepspeed: deepspeed.runtime.config.DeepSpeedConfig (DeepSpeed's parser;
                        its pydantic models for zero_optimization, bf16, fp16 ... forbid unknown keys), plus
                        what it leaves unchecked: unknown top-level keys, "auto" values (HF-integration only),
                        optimizer params against the optimizer class DeepSpeed would build. Then the presets'
                        rules (AdamW 1e-4, clipping 1.0, file names, bf16 on GPU, torch_adam on CPU).
     preprocess/*.yaml  letstalk_platform.preprocess.PreprocessConfig (what jobs/preprocess.py loads).
-    train/*.yaml       configs.check_train: TrainConfig (what jobs/train.py loads), its DeepSpeed JSON, and the
+    train/*.yaml       train.check_train: TrainConfig (what jobs/train.py loads), its DeepSpeed JSON, and the
                        DeepSpeed config the run builds from both.
-    serve/*.yaml       `serve run` configs: configs.check_serve_config (Ray Serve's schema models + our
+    serve/*.yaml       `serve run` configs: serve.check_serve_config (Ray Serve's schema models + our
                        AppArgs / RenderDefaults, one Ingress replica), HTTP on 127.0.0.1.
 
 cluster/docker/Dockerfile is checked by the test_dockerfile_* cases (FROM first, pins = pyproject's).
@@ -51,8 +52,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from letstalk_platform.configs import (check_deepspeed, check_known, check_serve_config, check_train, load_documents,
-                                       parse_config, parse_yaml)
+from letstalk_platform.configs import check_deepspeed, check_known, load_documents, parse_config, parse_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -260,7 +260,9 @@ def _check_runtime_env(text: Any, where: str) -> None:
 
 
 def _check_serve_config(text: Any, gpus_per_pod: dict[str, int] | None, where: str) -> None:
-    """A serveConfigV2 string: YAML, then letstalk_platform.configs.check_serve_config."""
+    """A serveConfigV2 string: YAML, then letstalk_platform.serve.check_serve_config."""
+    from letstalk_platform.serve import check_serve_config
+
     cfg = parse_yaml(text) if isinstance(text, str) else None
     assert isinstance(cfg, dict), f"{where}: serveConfigV2 must be a YAML mapping in a string"
     check_serve_config(cfg, gpus_per_pod, where)
@@ -355,6 +357,8 @@ def validate_preprocess(cfg: Any, path: Path) -> None:
 
 def validate_serve(cfg: Any, path: Path) -> None:
     """cluster/serve/*.yaml: `serve run` configs; local ones bind 127.0.0.1."""
+    from letstalk_platform.serve import check_serve_config
+
     check_serve_config(cfg, None, rel(path))
     host = (cfg.get("http_options") or {}).get("host")
     assert host == "127.0.0.1", f"{rel(path)}: a local Serve config binds 127.0.0.1, not {host!r}"
@@ -362,7 +366,7 @@ def validate_serve(cfg: Any, path: Path) -> None:
 
 def validate_train(cfg: Any, path: Path) -> None:
     """What jobs/train.py checks before Ray starts: TrainConfig, its DeepSpeed JSON and the run's DeepSpeed config."""
-    from letstalk_platform.train import TrainConfig
+    from letstalk_platform.train import TrainConfig, check_train
 
     check_train(parse_config(TrainConfig, cfg), root=REPO)
 

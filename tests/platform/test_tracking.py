@@ -68,3 +68,23 @@ def test_run_registry_and_alias(store, request, bundle, tmp_path):
         tracking.resolve_bundle("models:/talk@nope", uri, cache=tmp_path / "cache")
     with pytest.raises(ValueError, match="neither a bundle folder"):
         tracking.resolve_bundle("../etc/passwd", uri)
+
+
+def test_the_library_resolves_registry_names_through_the_platforms_entry_point(bundle, tmp_path, monkeypatch):
+    """`letstalk render --model models:/NAME@ALIAS`: letstalk.cli finds `resolve_bundle` as the `models`
+    resolver of the letstalk.model_resolvers entry-point group (pyproject.toml), not by importing it."""
+    from importlib.metadata import entry_points
+
+    from letstalk.cli import RESOLVERS, resolve_model
+
+    (registered,) = entry_points(group=RESOLVERS, name="models")
+    assert registered.value == "letstalk_platform.tracking:resolve_bundle"
+    assert registered.load() is tracking.resolve_bundle
+    uri = f"sqlite:///{tmp_path}/m.db"
+    tracking.register_bundle(uri, tracking.start_run(uri, "exp", "r1", {}), bundle, "talk", "production")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # resolve_bundle's default cache: ~/.cache/letstalk/models
+    local = resolve_model("models:/talk@production", uri)
+    assert local.parent == tmp_path / "home" / ".cache" / "letstalk" / "models" and local.name.startswith("talk-v1-")
+    assert (local / "pipeline.json").is_file()
+    with pytest.raises(ValueError, match=r"^models:/talk@nope: not in the registry"):
+        resolve_model("models:/talk@nope", uri)
