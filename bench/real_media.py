@@ -1,13 +1,17 @@
 """Real-footage preprocessing benchmark (prints figures and ratios measured in one run; not a test).
 
-    python bench/real_media.py [--realdata ../shared/realdata] [--all] [--size 256]
+    python bench/real_media.py [--realdata ../shared/realdata] [--all] [--size 256] [--detector mediapipe]
+    python bench/real_media.py --smoke          # one 5 s clip, 2 s of it: checks that the script runs
 
 On real talking-head clips (the realdata folder; 1080x1920 phone video included):
 
-1. A plain Python loop, one process, per clip: decode + MediaPipe face tracking + crop
+1. A plain Python loop, one process, per clip: decode + face tracking + crop
    (letstalk.clips.decode_video, Silero VAD on), then tokenize (codec + audio encoder + clip rows +
-   parquet shard). Reports frames/s, frames per CPU-second ("per core"), and the detector's share
-   of the decode stage, per source resolution.
+   parquet shard). Reports frames/s, frames per CPU-second ("per core"), and the shares of the decode
+   stage spent finding faces ("detector": RetinaFace with the default ``--detector retinaface``;
+   with ``mediapipe`` the FaceLandmarker's own detector runs inside it and is counted with it) and
+   in the FaceLandmarker ("landmarks"); the rest is decoding, cropping, cut detection and VAD.
+   Run it once per ``--detector`` for before (mediapipe) / after (retinaface) figures.
 2. The same clips through the Ray Data job (letstalk_platform.preprocess.run_preprocess: 2 decode
    actors + 1 tokenizer actor, local Ray with 2 CPUs): frames/s, and its ratio to the plain loop.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +36,8 @@ import torch
 
 from letstalk.audio import AudioEncoder
 from letstalk.clips import ClipSpec, build_clip_rows, decode_video
-from letstalk.faces import FaceSettings
-from letstalk.media import probe
+from letstalk.faces import DETECTORS, FaceSettings, RetinaFaces
+from letstalk.media import ffmpeg_exe, probe
 from letstalk.pipeline import LetsTalkPipeline
 from letstalk.vae import LatentCodec
 
@@ -41,17 +46,29 @@ ROOT = Path(__file__).resolve().parents[1]
 # 458², a 256² tight crop at 30 fps, a 20 s 512² anchor
 DEFAULT = ("latentsync_demo1", "sadtalker_hdtf_aoc", "retalking_face1", "infinitetalk_ref_man", "styletalk_obama1",
            "mimictalk_german_anchor_20s")
-FACE_MODEL = "weights/mediapipe_face_landmarker_v2_with_blendshapes.task"
+SMOKE = "real3dportrait_may_5s"  # --smoke: the shortest clip, 512² at 25 fps
 
 
 @dataclass(frozen=True)
 class TimedFaces(FaceSettings):
-    """FaceSettings whose detector adds the seconds it spends in detect() to `spent[0]`."""
+    """FaceSettings whose detector adds the seconds spent in detect() to `spent[0]` and, for
+    retinaface, those of RetinaFace itself to `spent[1]` (the rest of detect() is the landmarker)."""
 
-    spent: tuple = (None,)  # a one-element list set per run (a frozen dataclass holds the reference)
+    spent: tuple = (None,)  # a two-element list set per run (a frozen dataclass holds the reference)
 
     def detector_for(self, fps: float):
         inner, spent = super().detector_for(fps), self.spent[0]
+        if isinstance(inner, RetinaFaces):
+            find = inner.retina.detect
+
+            def timed_find(image):
+                t0 = time.perf_counter()
+                try:
+                    return find(image)
+                finally:
+                    spent[1] += time.perf_counter() - t0
+
+            inner.retina.detect = timed_find  # this detector instance only
 
         class Timed:
             name = inner.name
@@ -74,18 +91,18 @@ def cpu_seconds() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def plain_loop(paths: list[Path], bundle: Path, out: Path, spec: ClipSpec, face_model: Path) -> tuple[int, float]:
+def plain_loop(paths: list[Path], bundle: Path, out: Path, spec: ClipSpec, detector: str) -> tuple[int, float]:
     from letstalk_platform.preprocess import write_shard
 
     codec = LatentCodec.from_pretrained(bundle / "vae")
     audio = AudioEncoder.from_pretrained(bundle / "audio_encoder", window=spec.audio_window)
     total_frames, total_s = 0, 0.0
-    print(f"{'clip':<32} {'source':>11} {'frames':>6} {'decode+track s':>14} {'detector':>8} {'tokenize s':>10} "
-          f"{'frames/s':>8} {'frames/CPU-s':>12}")
+    print(f"{'clip':<32} {'source':>11} {'frames':>6} {'decode+track s':>14} {'detector':>8} {'landmarks':>9} "
+          f"{'rest':>5} {'tokenize s':>10} {'frames/s':>8} {'frames/CPU-s':>12}")
     for p in paths:
         info = probe(p)
-        spent = [0.0]
-        faces = TimedFaces(model=str(face_model), spent=(spent,))
+        spent = [0.0, 0.0]  # in detect(); in RetinaFace
+        faces = TimedFaces(detector=detector, spent=(spent,))
         c0, t0 = cpu_seconds(), time.perf_counter()
         video = decode_video(p, spec, faces)
         t1 = time.perf_counter()
@@ -95,8 +112,14 @@ def plain_loop(paths: list[Path], bundle: Path, out: Path, spec: ClipSpec, face_
         t2, c1 = time.perf_counter(), cpu_seconds()
         n = len(video.frames)
         total_frames, total_s = total_frames + n, total_s + (t2 - t0)
-        print(f"{p.stem[:32]:<32} {f'{info.width}x{info.height}':>11} {n:>6} {t1 - t0:>14.2f} "
-              f"{spent[0] / (t1 - t0):>8.0%} {t2 - t1:>10.2f} {n / (t2 - t0):>8.1f} {n / (c1 - c0):>12.1f}")
+        decode_s = t1 - t0
+        # shares finding faces and placing landmarks; mediapipe's own detector runs inside its landmarker
+        found, marks = {"retinaface": (spent[1], spent[0] - spent[1]), "mediapipe": (None, spent[0]),
+                        "haar": (spent[0], 0.0)}[detector]
+        found = "in lm" if found is None else f"{found / decode_s:.0%}"
+        print(f"{p.stem[:32]:<32} {f'{info.width}x{info.height}':>11} {n:>6} {decode_s:>14.2f} "
+              f"{found:>8} {marks / decode_s:>9.0%} {(decode_s - spent[0]) / decode_s:>5.0%} "
+              f"{t2 - t1:>10.2f} {n / (t2 - t0):>8.1f} {n / (c1 - c0):>12.1f}  face {video.quality.face_fraction:.3f}")
     return total_frames, total_s
 
 
@@ -105,23 +128,30 @@ def main() -> None:
     parser.add_argument("--realdata", default=os.environ.get("LETSTALK_REALDATA") or str(ROOT.parent / "shared" / "realdata"))
     parser.add_argument("--all", action="store_true", help="every clip in videos/ (default: six, one per kind)")
     parser.add_argument("--size", type=int, default=256, help="crop size (pixels)")
+    parser.add_argument("--detector", choices=DETECTORS, default="retinaface",
+                        help="faces.detector: retinaface (the default: after) or mediapipe (its own detector: before)")
+    parser.add_argument("--smoke", action="store_true", help=f"only the first 2 s of {SMOKE}: checks that it runs")
     args = parser.parse_args()
     realdata = Path(args.realdata)
-    face_model = realdata / FACE_MODEL
-    if not face_model.is_file():
+    if not (realdata / "videos").is_dir():
         sys.exit(f"real media not found at {realdata} (--realdata or $LETSTALK_REALDATA)")
     paths = sorted((realdata / "videos").glob("*.mp4"))
     if not args.all:
-        paths = [p for p in paths if p.stem in DEFAULT]
+        paths = [p for p in paths if p.stem in ((SMOKE,) if args.smoke else DEFAULT)]
     torch.set_num_threads(1)  # the plain loop is one process on one core's worth of torch threads
     spec = ClipSpec(image_size=args.size, clip_frames=8, stride=8, audio_window=5)
-    print(f"{len(paths)} clips, crops {args.size}², {os.cpu_count()} cores")
+    print(f"{len(paths)} clips, crops {args.size}², detector {args.detector}, {os.cpu_count()} cores")
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
+        if args.smoke:  # its first 2 s, cut into the temporary folder
+            cut = root / f"{SMOKE}_2s.mp4"
+            subprocess.run([ffmpeg_exe(), "-v", "error", "-t", "2", "-i", str(paths[0]), "-c:v", "libx264", "-c:a", "aac",
+                            str(cut)], check=True)
+            paths = [cut]
         bundle = LetsTalkPipeline.init_demo().save_pretrained(root / "bundle")
         (root / "plain").mkdir()
-        frames, plain_s = plain_loop(paths, bundle, root / "plain", spec, face_model)
+        frames, plain_s = plain_loop(paths, bundle, root / "plain", spec, args.detector)
         print(f"plain loop: {frames} frames in {plain_s:.1f} s = {frames / plain_s:.1f} frames/s")
 
         from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
@@ -131,7 +161,7 @@ def main() -> None:
         listing = root / "clips.txt"
         listing.write_text("".join(f"{p}\n" for p in paths))
         common = {"input": str(listing), "model": str(bundle), "image_size": args.size, "clip_frames": 8,
-                  "stride": 8, "faces": {"model": str(face_model)}}
+                  "stride": 8, "faces": {"detector": args.detector}}
         run_preprocess(PreprocessConfig(output=str(root / "warm"), limit=1, **common))  # warm-up: actors, imports
         m = run_preprocess(PreprocessConfig(output=str(root / "ray"), decoders=2, tokenizers=1, **common))
         ray_s = m.last_run["seconds"]

@@ -2,8 +2,8 @@
 
     ray job submit --working-dir . -- python jobs/preprocess.py --config cluster/preprocess/hdtf.yaml
     python jobs/preprocess.py --input raw/ --output shards/ --model models/tiny --face-detector haar  # local Ray
-    python jobs/preprocess.py --input footage/ --output shards/ --model BUNDLE \
-        --face-model face_landmarker_v2_with_blendshapes.task --min-speech-fraction 0.5     # real footage
+    python jobs/preprocess.py --input footage/ --output shards/ --model BUNDLE   # real footage: face models ship
+    python jobs/preprocess.py ... --min-speech-fraction 0.5 --face-detector mediapipe  # a filter; the old detector
     python jobs/preprocess.py --config cluster/preprocess/demo.yaml --debug-videos 2  # smoke run
 
 Flags override the YAML; the defaults live in PreprocessConfig only. Prints a summary; the full record is OUTPUT/manifest.json.

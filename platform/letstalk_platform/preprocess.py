@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from letstalk.artifacts import (TENSOR_COLUMNS, ArtifactError, FeatureShapes, InputRecord, ShardManifest, dir_fingerprint,
                                 write_json_atomic)
@@ -42,7 +42,7 @@ from .tracking import MODEL_URI, resolve_bundle
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 
 
-_FACES = FaceSettings(detector="haar")  # the library's defaults: the only ones (the detector has none)
+_FACES = FaceSettings()  # the library's defaults: the only ones
 FORBID = ConfigDict(extra="forbid")
 
 
@@ -51,9 +51,12 @@ class FacesSection(BaseModel):
 
     model_config = FORBID
 
-    detector: Literal["mediapipe", "haar"] = Field(
-        "mediapipe", description="mediapipe: FaceLandmarker (needs faces.model); haar: OpenCV's built-in cascade, boxes only")
-    model: str | None = Field(None, description="MediaPipe face_landmarker .task file")
+    detector: Literal["retinaface", "mediapipe", "haar"] = Field(
+        _FACES.detector, description="retinaface: RetinaFace finds faces, the FaceLandmarker runs on each one's crop; "
+                                     "mediapipe: the FaceLandmarker alone (misses small or off-centre faces); "
+                                     "haar: OpenCV's built-in cascade, boxes only")
+    model: str | None = Field(None, description="MediaPipe face_landmarker .task file (default: the one shipped "
+                                                "with letstalk)")
     margin: float = Field(_FACES.margin, gt=0, description="crop side = margin x the shot's median face size")
     crop: Literal["track", "fixed"] = Field(_FACES.crop, description="track: the crop follows the smoothed face; "
                                                                     "fixed: one box per shot")
@@ -62,13 +65,6 @@ class FacesSection(BaseModel):
     cut_threshold: float = Field(_FACES.cut_threshold, gt=0, le=1,
                                  description="histogram distance between frames that marks a shot cut")
     max_faces: int = Field(_FACES.max_faces, ge=1)
-
-    @model_validator(mode="after")
-    def _model_for_mediapipe(self) -> "FacesSection":
-        if self.detector == "mediapipe" and not self.model:
-            raise ValueError("faces.model (a MediaPipe face_landmarker .task file) is needed by the mediapipe "
-                             "detector; or set faces.detector: haar")
-        return self
 
     def settings(self) -> FaceSettings:
         return FaceSettings(**self.model_dump())
@@ -128,18 +124,10 @@ class PreprocessConfig(BaseModel):
     tokenizers: int = Field(1, ge=1, description="tokenizer actors (one GPU each when use_gpu)")
     use_gpu: bool = False
     limit: int | None = Field(None, ge=1, description="process at most this many pending videos (smoke runs)")
-    faces: FacesSection  # absent: the defaults, which need faces.model (validated: see _faces_default)
+    faces: FacesSection = Field(default_factory=FacesSection)
     vad: bool = Field(True, description="measure the speech fraction with Silero VAD")
     vad_model: str | None = Field(None, description="Silero VAD TorchScript file (default: the silero-vad wheel's)")
     filters: FiltersSection = Field(default_factory=FiltersSection)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _faces_default(cls, data: Any) -> Any:
-        # an absent faces section is validated like an empty one, so its error names faces.model
-        if isinstance(data, dict) and "faces" not in data:
-            data = {**data, "faces": {}}
-        return data
 
 
 def clip_spec(cfg: PreprocessConfig) -> ClipSpec:

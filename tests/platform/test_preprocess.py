@@ -305,13 +305,12 @@ def test_preprocess_job_from_a_shell(raw, bundle, tmp_path):
 
 
 def test_face_settings_are_checked_before_any_work(raw, bundle, tmp_path):
-    """The mediapipe detector without its model, or with a missing file, stops the job at once
-    with one line (no video is tried); haar is only used when named."""
+    """No face flags: the shipped small-face detector (RetinaFace + the shipped landmarker); a named
+    model file that is missing stops the job at once with one line (no video is tried)."""
     from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
 
     base = {"input": str(raw), "output": str(tmp_path / "out"), "model": str(bundle)}
-    with pytest.raises(ValueError, match="faces.model .*needed by the mediapipe detector; or set faces.detector: haar"):
-        PreprocessConfig(**base)
+    assert PreprocessConfig(**base).faces.detector == "retinaface"
     cfg = PreprocessConfig(**base, faces={"model": str(tmp_path / "missing.task")})
     with pytest.raises(ValueError, match="missing.task: file not found"):
         run_preprocess(cfg)
