@@ -9,7 +9,7 @@
                          the preprocessing bundle to learn a shape.
     training checkpoint  CheckpointState (state.json) + RankState (rank{r}.json) + each rank's EMA
                          (ema-rank{r}.safetensors) + DeepSpeed's ds/ + transformer/ (the full EMA
-                         model). Written and read by letstalk_platform.train.
+                         model). Written and read by letstalk_platform.checkpoint.
 
 Every reader fails with one line (ArtifactError, a ValueError) on a file it cannot use, naming the
 command that makes a new one.
@@ -251,7 +251,12 @@ def _rerun_args(data: dict[str, Any], root: str | os.PathLike) -> str:
 
 @dataclass
 class CheckpointState:
-    """state.json of a training checkpoint: where the run stands and how it was trained."""
+    """state.json of a training checkpoint: where the run stands and how it was trained.
+
+    `settings`: the run's settings an exact resume must share, by dotted key (e.g. {"seed": 0,
+    "data.shuffle": true, "data.batch_size": 4, "model.preset": "B"}: letstalk_platform.checkpoint
+    decides which). Checkpoints written before state.json held them kept them in resume.json beside it
+    (LEGACY_SETTINGS_FILE), which `load` reads; None: recorded in neither."""
 
     step: int
     data_position: tuple[int, int] | None  # (epoch, batch in epoch) of the next batch
@@ -260,9 +265,11 @@ class CheckpointState:
     shuffle: bool = True
     target: ClipTarget = field(default_factory=ClipTarget)
     prediction: str = "epsilon"
+    settings: dict[str, Any] | None = None
     version: int = CHECKPOINT_VERSION
 
     FILE = "state.json"
+    LEGACY_SETTINGS_FILE = "resume.json"
 
     def save(self, folder: str | os.PathLike) -> None:
         data = {"version": self.version, "step": self.step,
@@ -270,6 +277,8 @@ class CheckpointState:
                 "world_size": self.world_size, "seed": self.seed, "shuffle": self.shuffle,
                 "residual": self.target.residual, "residual_scale": self.target.scale,
                 "residual_base": self.target.base, "prediction": self.prediction}
+        if self.settings is not None:
+            data["settings"] = self.settings
         (Path(folder) / self.FILE).write_text(json.dumps(data))
 
     @classmethod
@@ -283,12 +292,17 @@ class CheckpointState:
         if resumable and position is None:
             raise ArtifactError(f"{folder} was written before checkpoints held the data position and RNG states: "
                                 "it cannot be resumed exactly; train under a new name (or init from its transformer/)")
+        settings = data.get("settings")
+        legacy = Path(folder) / cls.LEGACY_SETTINGS_FILE
+        if settings is None and legacy.is_file():
+            settings = json.loads(legacy.read_text())
         return cls(step=int(data["step"]), data_position=tuple(position) if position else None,
                    world_size=int(data.get("world_size", 0)), seed=int(data.get("seed", 0)),
                    shuffle=bool(data.get("shuffle", True)),
                    target=ClipTarget(bool(data.get("residual", False)), float(data.get("residual_scale", 1.0)),
                                      str(data.get("residual_base", "portrait"))),
-                   prediction=str(data.get("prediction", "epsilon")), version=int(data.get("version", 1)))
+                   prediction=str(data.get("prediction", "epsilon")), settings=settings,
+                   version=int(data.get("version", 1)))
 
 
 @dataclass

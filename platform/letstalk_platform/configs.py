@@ -11,7 +11,7 @@ tests/platform/test_cluster_configs.py (run on every file under cluster/).
 Every check raises ConfigError, a ValueError with a one-line message (jobs exit with code 2).
 Each settings model lives with the code that runs it, and so does what checks it against the rest
 of its module: `letstalk_platform.train.check_train` (a TrainConfig and its DeepSpeed config),
-`letstalk_platform.serve.check_serve_config` (a `serve run` config and the app's AppArgs). This
+`letstalk_platform.serve_config.check_serve_config` (a `serve run` config and the app's AppArgs). This
 module imports none of them. What only makes sense for this repository (the presets' house rules,
 Ray launcher and KubeRay manifests, the Dockerfile against pyproject.toml) stays in the test.
 """

@@ -6,7 +6,7 @@ its validator here.
 
 The checks a job can run at start-up live in letstalk_platform.configs (loading, DeepSpeed) and beside the
 config they check (letstalk_platform.train.check_train, which jobs/train.py runs before Ray starts;
-letstalk_platform.serve.check_serve_config); the validators below call them and add what only makes sense
+letstalk_platform.serve_config.check_serve_config); the validators below call them and add what only makes sense
 for this repository: the presets' house rules, the Ray launcher and KubeRay manifests, the Dockerfile.
 
     ray/*.yaml         Ray cluster launcher. The file as written against ray-schema.json from the installed
@@ -260,8 +260,8 @@ def _check_runtime_env(text: Any, where: str) -> None:
 
 
 def _check_serve_config(text: Any, gpus_per_pod: dict[str, int] | None, where: str) -> None:
-    """A serveConfigV2 string: YAML, then letstalk_platform.serve.check_serve_config."""
-    from letstalk_platform.serve import check_serve_config
+    """A serveConfigV2 string: YAML, then letstalk_platform.serve_config.check_serve_config."""
+    from letstalk_platform.serve_config import check_serve_config
 
     cfg = parse_yaml(text) if isinstance(text, str) else None
     assert isinstance(cfg, dict), f"{where}: serveConfigV2 must be a YAML mapping in a string"
@@ -357,7 +357,7 @@ def validate_preprocess(cfg: Any, path: Path) -> None:
 
 def validate_serve(cfg: Any, path: Path) -> None:
     """cluster/serve/*.yaml: `serve run` configs; local ones bind 127.0.0.1."""
-    from letstalk_platform.serve import check_serve_config
+    from letstalk_platform.serve_config import check_serve_config
 
     check_serve_config(cfg, None, rel(path))
     host = (cfg.get("http_options") or {}).get("host")

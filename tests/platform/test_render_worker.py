@@ -76,7 +76,8 @@ def test_each_input_is_decoded_once_per_request(bundle, tmp_path, monkeypatch):
     from letstalk.media import load_video_frames
     from letstalk.pipeline import LetsTalkPipeline
     from letstalk_platform.render import RenderOptions, RenderWorker
-    from letstalk_platform.serve import AppArgs, ApiError, Ingress
+    from letstalk_platform.serve_config import AppArgs
+    from letstalk_platform.serve_http import ApiError, Ingress
 
     calls = Counter()
 

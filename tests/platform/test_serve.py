@@ -250,7 +250,7 @@ def spooled(job_id: str) -> list[Path]:
 def test_sweep_spools_removes_only_the_folders_of_dead_processes(tmp_path):
     """An Ingress killed mid-stream leaves its spool folder (named by its pid) in the temporary
     folder; the next Ingress on the machine removes it, and leaves a live replica's and others' alone."""
-    from letstalk_platform.serve import SPOOL_PREFIX, sweep_spools
+    from letstalk_platform.serve_stream import SPOOL_PREFIX, sweep_spools
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -334,7 +334,7 @@ def test_a_streamed_render_for_a_caller_on_another_node(server, app_args):
     from ray import serve
 
     from letstalk.inputs import prepare
-    from letstalk_platform.serve import input_spec
+    from letstalk_platform.serve_http import input_spec
 
     handle = serve.get_deployment_handle("Renderer", app_name="letstalk")
     spec = input_spec(app_args, handle.info.remote().result(timeout_s=30))
@@ -564,28 +564,25 @@ def test_job_state_is_only_touched_on_the_event_loop():
 
 
 def test_the_final_event_is_sent_when_the_job_ends_during_a_yield():
-    """_events driven directly, the job changed while the reader holds an event (between two
-    __anext__ calls, as with a slow client): a job that ends then still gets its final event, and a
-    progress change then goes out at once, not after the keep-alive wait."""
+    """serve_stream.job_events driven directly, the job changed while the reader holds an event
+    (between two __anext__ calls, as with a slow client): a job that ends then still gets its final
+    event, and a progress change then goes out at once, not after the keep-alive wait."""
     import asyncio
 
-    from letstalk_platform.serve import Ingress, RenderJob
-
-    raw = Ingress.func_or_class.__wrapped__  # the class as written; the job's events need only `jobs`
-    ingress = raw.__new__(raw)
+    from letstalk_platform.serve_jobs import RenderJob
+    from letstalk_platform.serve_stream import job_events
 
     def kinds(events: list[str]) -> list[str]:
         return [e.split("\n", 1)[0] for e in events]
 
     async def scenario() -> None:
         ended, moving = RenderJob("a" * 32, {}, 2, 1.0), RenderJob("b" * 32, {}, 2, 1.0)
-        ingress.jobs = {ended.id: ended, moving.id: moving}
-        events = ingress._events(ended, keepalive_s=30)
+        events = job_events(ended, keepalive_s=30)
         first = await asyncio.wait_for(events.__anext__(), 5)
         ended.status, ended.finished = "done", time.time()  # while the reader holds the queued event
         ended.touch()
         assert kinds([first] + [e async for e in events]) == ["event: queued", "event: done"]
-        events = ingress._events(moving, keepalive_s=30)
+        events = job_events(moving, keepalive_s=30)
         first = await asyncio.wait_for(events.__anext__(), 5)
         moving.status, moving.clips_done = "running", 1
         moving.touch()
@@ -1183,7 +1180,8 @@ def test_two_ingress_replicas_share_the_job_table(server, app_args):
     from ray import serve
 
     from letstalk_platform.jobstore import JobStore
-    from letstalk_platform.serve import RESTART_REASON, build_app
+    from letstalk_platform.serve import build_app
+    from letstalk_platform.serve_jobs import RESTART_REASON
 
     serve.run(build_app(app_args.model_copy(update={"ingress_replicas": 2, "heartbeat_s": 1.0})), name="letstalk",
               route_prefix="/")

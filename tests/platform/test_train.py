@@ -108,8 +108,9 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
     assert job.stderr.startswith("train: error: cannot resume z2/checkpoint_000000033 exactly:"), job.stderr[-1500:]
     assert job.stderr.count("\n") == 1 and "Ray instance" not in job.stdout + job.stderr, job.stderr[-1500:]
     assert "seed 0 (checkpoint) vs 1 (this run)" in job.stderr and "data.batch_size 4 (checkpoint) vs 2" in job.stderr
-    assert json.loads((Path(more["checkpoint"]) / "resume.json").read_text()) == \
+    assert json.loads((Path(more["checkpoint"]) / "state.json").read_text())["settings"] == \
         {"seed": 0, "data.shuffle": True, "data.batch_size": 4, "model.preset": "tiny"}
+    assert not (Path(more["checkpoint"]) / "resume.json").exists()  # the settings live in state.json now
 
     # on demand: jobs/register.py turns a checkpoint into another registry version
     job = subprocess.run([sys.executable, str(ROOT / "jobs" / "register.py"), "--checkpoint", str(ckpt), "--data",
@@ -261,8 +262,9 @@ def test_ema_export_is_the_shadow_for_every_tensor(ray_local, tmp_path, stage):
 
 
 def test_resume_compares_the_settings_that_make_it_exact(tmp_path):
-    """A checkpoint's resume.json against the run that resumes it: each of seed, data.shuffle,
-    data.batch_size and model.preset refused in one line naming it, unless allow_config_change."""
+    """A checkpoint's recorded settings (state.json) against the run that resumes it: each of seed,
+    data.shuffle, data.batch_size and model.preset refused in one line naming it, unless
+    allow_config_change."""
     from letstalk.artifacts import CheckpointState
     from letstalk_platform.runtime import with_overrides
     from letstalk_platform.train import RESUME_FILE, TrainConfig, check_resume, job_args, resume_settings
@@ -270,8 +272,8 @@ def test_resume_compares_the_settings_that_make_it_exact(tmp_path):
     base = {"model": {"preset": "tiny"}, "data": {"path": "d", "batch_size": 4}, "seed": 3}
     ckpt = tmp_path / "run" / "checkpoint_000000006"
     ckpt.mkdir(parents=True)
-    CheckpointState(step=6, data_position=(1, 2), world_size=2, seed=3).save(ckpt)
-    (ckpt / RESUME_FILE).write_text(json.dumps(resume_settings(TrainConfig.model_validate(base))))
+    CheckpointState(step=6, data_position=(1, 2), world_size=2, seed=3,
+                    settings=resume_settings(TrainConfig.model_validate(base))).save(ckpt)
 
     def cfg(**overrides):
         return TrainConfig.model_validate(with_overrides(base, overrides))
@@ -291,6 +293,12 @@ def test_resume_compares_the_settings_that_make_it_exact(tmp_path):
     with pytest.raises(ValueError, match="seed 3 .* data.batch_size 4"):  # every difference named
         check_resume(cfg(seed=0, **{"data.batch_size": 8}), ckpt)
 
+    # a checkpoint from before state.json held the settings: they are read from its resume.json
+    CheckpointState(step=6, data_position=(1, 2), world_size=2, seed=3).save(ckpt)
+    (ckpt / RESUME_FILE).write_text(json.dumps(resume_settings(TrainConfig.model_validate(base))))
+    assert check_resume(cfg(), ckpt) == []
+    with pytest.raises(ValueError, match="data.batch_size 4 .checkpoint. vs 2"):
+        check_resume(cfg(**{"data.batch_size": 2}), ckpt)
     # a checkpoint from before resume.json: what its state.json holds (seed, shuffle) is compared
     (ckpt / RESUME_FILE).unlink()
     assert check_resume(cfg(**{"data.batch_size": 2}), ckpt) == []
