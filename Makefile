@@ -30,7 +30,7 @@ avatar: install
 	$(PY) jobs/avatar.py --video $(REALDATA)/videos/mimictalk_german_anchor_20s.mp4 --holdout-seconds 6 --out out/avatar-anchor --face-model $(FACE_MODEL)
 
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # the inner loop: the model library alone (no Ray), tests/lib (under 2 min on 2 cores)
 test-lib: install

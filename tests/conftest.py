@@ -41,13 +41,12 @@ def talking_video(path: Path, frames: int, seed: int, fps: float = 25, size: int
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray on 127.0.0.1, shared by the platform tests of this test process (`make test`
-    runs two side by side, pytest-xdist: each starts its own)."""
+    """A real local Ray on 127.0.0.1, shared by the platform tests."""
     import ray
 
     from letstalk_platform.runtime import init_ray
 
-    init_ray(num_cpus=2, own=True)
+    init_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -71,19 +70,8 @@ def bundle(tmp_path_factory):
     return LetsTalkPipeline.init_tiny().save_pretrained(path)
 
 
-# the longest test files first (seconds, serial, 2026-12-07): `make test` hands whole files to two
-# processes in this order (pytest-xdist --dist loadfile --no-loadscope-reorder), so that no long file
-# starts last while the other process has nothing left to do
-LONGEST_FIRST = ("test_serve.py", "test_train.py", "test_real_preprocess.py", "test_cli.py", "test_avatar.py",
-                 "test_resume.py", "test_preprocess.py", "test_distill.py", "test_demo.py", "test_install.py",
-                 "test_multinode.py", "test_real_footage.py", "test_bundle_full_size.py", "test_evaluate.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest files first (a stable sort: within a file, and among the rest, the order stays);
-    GPU cases run where CUDA is present, elsewhere they are reported as skipped (see -ra)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
+    """GPU cases run where CUDA is present; elsewhere they are reported as skipped (see -ra)."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (marker: gpu)")

@@ -23,7 +23,7 @@ from conftest import DRAWN_FACES, printed_summary, talking_video
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 NODE = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}
-STEPS, EVERY = 60, 15
+STEPS, EVERY = 120, 30
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,6 @@ def cluster():
     # the dashboard serves the job API (`ray job submit`), on 127.0.0.1 only
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
                                                       "include_dashboard": True, "dashboard_host": "127.0.0.1"})
-    current = Path("/tmp/ray/ray_current_cluster")  # the head recorded itself as this machine's Ray: a
-    if current.is_file() and current.read_text().strip() == c.address:  # job started meanwhile by a test
-        current.unlink()  # beside this one (pytest-xdist) would attach to it; this test names the address
     workers = [c.add_node(**NODE) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address)
@@ -59,12 +56,13 @@ def cluster():
         os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     else:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = env_before
+    current = Path("/tmp/ray/ray_current_cluster")  # the cluster recorded itself as this machine's Ray
     if current.is_file() and current.read_text().strip() == c.address:
         current.unlink()
     if had_ray:
         from letstalk_platform.runtime import init_ray
 
-        init_ray(num_cpus=2, own=True)
+        init_ray(num_cpus=2)
 
 
 def alive_nodes():

@@ -130,7 +130,7 @@ def test_haar_fallback_is_named_and_has_no_mouth_measure(realdata, tmp_path):
         FaceSettings(detector="blazeface")
 
 
-SAMPLED = 10  # frames per clip, spread over it (>= 95 % of 10: every one; all 40 of 40 were found, measured)
+SAMPLED = 20  # frames per clip, spread over it: >= 95 % allows one miss
 SMALL_FACE = 42  # px: the down-scaled variants' face width in the detector's input (the bar: faces >= 40 px)
 
 

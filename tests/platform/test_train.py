@@ -1,5 +1,4 @@
-"""Ray Train + DeepSpeed on 2 CPU workers, a real sqlite MLflow store, the registry (tiny preset).
-The exact-resume pairs are in test_resume.py, distillation in test_distill.py (files run side by side)."""
+"""Ray Train + DeepSpeed on 2 CPU workers, a real sqlite MLflow store, the registry (tiny preset)."""
 
 import json
 import subprocess
@@ -10,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from conftest import printed_summary
+from conftest import DRAWN_FACES, printed_summary, talking_video
 from letstalk import LetsTalkTransformer
 from letstalk.media import probe
 from letstalk.training import EMA, Augment, init_from_checkpoint, prepare_batch
-from trainkit import history, make_shards, train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +22,34 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def shards(ray_local, bundle, tmp_path_factory):
-    return make_shards(bundle, tmp_path_factory)
+    from letstalk_platform.preprocess import PreprocessConfig, run_preprocess
+
+    raw = tmp_path_factory.mktemp("train_raw")
+    for i in range(5):
+        talking_video(raw / f"spk{i}.mp4", 60, seed=i, identity=f"spk{i}")
+    out = tmp_path_factory.mktemp("train_shards")
+    run_preprocess(PreprocessConfig(input=str(raw), output=str(out), model=str(bundle), stride=2, eval_fraction=0.2,
+                                    faces=DRAWN_FACES))
+    return out
+
+
+def train(shards, tmp_path, overrides: dict):
+    """run_training on the tiny preset; `overrides` by dotted key ("optim.zero_stage": 3)."""
+    from letstalk_platform.runtime import with_overrides
+    from letstalk_platform.train import TrainConfig, run_training
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = {"model": {"preset": "tiny"}, "data": {"path": str(shards), "batch_size": 4}, "optim": {"lr": 1e-3},
+                "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+                "tracking": {"storage": str(tmp_path / "runs"), "mlflow_uri": uri, "experiment": "test",
+                             "register_name": "letstalk-test"},
+                "log_every": 1}
+    cfg = TrainConfig.model_validate(with_overrides(settings, overrides))
+    return run_training(cfg), uri
+
+
+def history(uri, run_id, key):
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
 
 
 def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
@@ -96,6 +121,55 @@ def test_zero2_training_learns_tracks_and_registers(shards, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "register.py"), "--checkpoint", str(shards),
                           "--data", str(shards), "--mlflow-uri", uri], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a training checkpoint" in bad.stderr
+
+
+def fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The live model weights of a checkpoint, assembled from DeepSpeed's ZeRO files (any stage)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds").items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("stage, sample_clips", [(2, 0), (3, 0), pytest.param(2, 1, id="2-with-samples")])
+def test_a_killed_worker_resumes_exactly(shards, tmp_path, stage, sample_clips):
+    """Rank 1 dies at step 5 (checkpoints at 3 and 6): steps 4-5 are redone from the step-3
+    checkpoint, and the end equals an uninterrupted run: weights, EMA and every logged loss. With
+    sample_clips 1 (the default) a sample video is rendered and logged at every checkpoint too."""
+    common = {"steps": 7, "checkpoint_every": 3, "optim.zero_stage": stage, "tracking.register_name": None,
+              "sample_clips": sample_clips, "optim.ema_decay": 0.6, "data.batch_size": 2, "data.prefetch_batches": 2}
+    straight, uri = train(shards, tmp_path, common | {"tracking.name": f"straight{stage}"})
+    killed, _ = train(shards, tmp_path, common | {"tracking.name": f"killed{stage}", "fail_at_step": 5,
+                                                  "scaling.max_failures": 1})
+    assert (tmp_path / "runs" / f"killed{stage}" / ".chaos-done").read_text().startswith("killed rank 1 at step 5")
+    assert killed["steps"] == straight["steps"] == 7
+    if sample_clips:  # the samples were rendered, by both runs (the killed one at 3 before it died, then at 6, 7)
+        for run in (straight, killed):
+            logged = sorted(Path(a.path).name for a in MlflowClient(uri).list_artifacts(run["run_id"], "samples"))
+            assert logged == [f"step000000{s}-clip0.mp4" for s in (3, 6, 7)], logged
+
+    logged = [s for s, _ in history(uri, killed["run_id"], "loss")]
+    assert sorted(set(logged)) == list(range(1, 8))
+    assert [logged.count(s) for s in (1, 2, 3, 4)] == [1, 1, 1, 2]  # resumed at 3, not restarted from 0
+    loss = dict(history(uri, straight["run_id"], "loss"))
+    resumed = dict(history(uri, killed["run_id"], "loss"))  # the later (resumed) value of a redone step
+    assert all(abs(resumed[s] - loss[s]) <= 1e-6 for s in range(1, 8)), (resumed, loss)
+
+    a, b = Path(straight["checkpoint"]), Path(killed["checkpoint"])
+    ema_a = load_file(a / "transformer" / "diffusion_pytorch_model.safetensors")
+    ema_b = load_file(b / "transformer" / "diffusion_pytorch_model.safetensors")
+    weights, ema = max_diff(fp32_weights(a), fp32_weights(b)), max_diff(ema_a, ema_b)
+    print(f"ZeRO-{stage} kill at step 5, resumed from 3: max |weights diff| {weights:.3g}, max |EMA diff| {ema:.3g}")
+    assert weights <= 1e-6 and ema <= 1e-6
+    # the comparison has teeth: the EMA is neither the live weights nor the initial ones
+    assert max_diff(ema_a, fp32_weights(a)) > 1e-5
+    if stage == 3:  # the EMA was sharded per rank (a partition of the fp32 masters)
+        shard0 = load_file(a / "ema-rank0.safetensors")
+        assert sum(v.numel() for v in shard0.values()) < sum(v.numel() for v in ema_a.values())
 
 
 def _ema_export_loop(config):
@@ -308,3 +382,91 @@ def test_train_job_from_a_shell_with_relative_paths(shards, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--data", data, "--preset", "XXL"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def _ddim(model, diffusion, inputs, noise, steps, clip_range):
+    """DDIM-`steps` samples of `model` for a batch of training clips (their portrait, audio, motion)."""
+    cond = (inputs["portrait"], inputs["audio"], inputs["motion"])
+    return diffusion.sample(lambda x, t: model(x, t, *cond), noise, sampler="ddim", steps=steps, clip_range=clip_range)
+
+
+def test_distillation_job_makes_a_two_step_student(shards, tmp_path):
+    """jobs/distill.py from a shell, the teacher from the registry: the student is registered, its
+    bundle renders ddim 2 unless told otherwise, keeps the teacher's target, and its 2-step samples
+    are closer to the teacher's 8-step samples than the teacher's own 2-step samples are. A teacher
+    whose codecs did not make the shards is a one-line error before Ray starts."""
+    from letstalk.diffusion import GaussianDiffusion
+    from letstalk.pipeline import LetsTalkPipeline
+    from letstalk_platform.data import ClipTable
+    from letstalk_platform.tracking import resolve_bundle
+
+    # a teacher that has learned something (a fresh one outputs zeros: adaLN-Zero), v-prediction of the residual
+    trained, uri = train(shards, tmp_path, {"steps": 40, "checkpoint_every": 40, "tracking.name": "teacher",
+                                            "tracking.register_name": "letstalk-teacher", "sample_clips": 0,
+                                            "target.residual": True, "target.residual_scale": 4.0,
+                                            "target.prediction": "v_prediction"})
+    job = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill.py"), "--teacher",
+                          "models:/letstalk-teacher@candidate", "--data", str(shards), "--mlflow-uri", uri,
+                          "--student-steps", "2", "--teacher-steps", "8", "--steps", "40", "--lr", "1e-3", "--log-every", "1",
+                          "--ema-warmup",
+                          "--batch-size", "4", "--num-workers", "2", "--cpus-per-worker", "0.5",
+                          "--storage", str(tmp_path / "runs"), "--name", "student", "--register-name",
+                          "letstalk-student"], capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr[-2000:]
+    summary = printed_summary(job.stdout)
+    assert summary["steps"] == 40 and summary["registered"].startswith("models:/letstalk-student@candidate")
+    loss = dict(history(uri, summary["run_id"], "loss"))
+    assert np.mean([loss[s] for s in range(31, 41)]) < 0.7 * np.mean([loss[s] for s in range(1, 11)]), loss
+
+    teacher = LetsTalkPipeline.from_pretrained(resolve_bundle(trained["bundle"]))
+    student_dir = resolve_bundle("models:/letstalk-student@candidate", uri, cache=tmp_path / "cache")
+    student = LetsTalkPipeline.from_pretrained(student_dir)
+    assert student.sampling() == ("ddim", 2) and teacher.sampling() == ("ddim", 25)
+    for key in ("residual", "residual_scale", "residual_base", "prediction"):
+        assert getattr(student.settings, key) == getattr(teacher.settings, key)
+
+    # the student's 2 steps vs the teacher's 8, on training clips with the same noise
+    table = ClipTable(shards, "train", ["latents", "audio", "motion", "refs"])
+    batch = {k: torch.from_numpy(v) for k, v in table.read(list(range(0, len(table), max(1, len(table) // 6)))).items()}
+    inputs = prepare_batch(batch, Augment(flip_prob=0, audio_dropout=0, motion_noise=0, motion_ref_prob=0),
+                           teacher.transformer.cfg.audio_window, torch.Generator().manual_seed(0), teacher.target)
+    noise = torch.randn(inputs["x0"].shape, generator=torch.Generator().manual_seed(1))
+    diffusion = GaussianDiffusion(learn_sigma=True, prediction="v_prediction")
+    clip = teacher.target.sample_range(teacher.codec.sample_range)
+    with torch.no_grad():
+        goal = _ddim(teacher.transformer, diffusion, inputs, noise, 8, clip)
+        own = ((_ddim(teacher.transformer, diffusion, inputs, noise, 2, clip) - goal) ** 2).mean().item()
+        distilled = ((_ddim(student.transformer, diffusion, inputs, noise, 2, clip) - goal) ** 2).mean().item()
+    assert distilled < 0.7 * own, (distilled, own)
+
+    # going on from that student (--init-from its weights): the new run starts from them, not from the teacher
+    weights = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    on = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill.py"), "--teacher",
+                         "models:/letstalk-teacher@candidate", "--data", str(shards), "--mlflow-uri", uri,
+                         "--init-from", str(student_dir / "transformer" / "diffusion_pytorch_model.safetensors"),
+                         "--teacher-steps", "16", "--steps", "2", "--lr", "1e-12", "--ema-warmup", "--batch-size", "4",
+                         "--num-workers", "2", "--cpus-per-worker", "0.5", "--storage", str(tmp_path / "runs"),
+                         "--name", "student-on", "--register-name", "letstalk-student"], capture_output=True, text=True)
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert printed_summary(on.stdout)["registered"] == "models:/letstalk-student@candidate (version 2)"
+    again = LetsTalkPipeline.from_pretrained(resolve_bundle("models:/letstalk-student@candidate", uri,
+                                                            cache=tmp_path / "cache"))
+    moved = (weights(again.transformer) - weights(student.transformer)).abs().max().item()
+    apart = (weights(teacher.transformer) - weights(student.transformer)).abs().max().item()
+    assert apart > 1e-3 and moved < 1e-3 * apart, (moved, apart)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(LetsTalkTransformer.from_preset("tiny", depth=1).state_dict(), str(wrong))
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill.py"), "--teacher",
+                          "models:/letstalk-teacher@candidate", "--data", str(shards), "--mlflow-uri", uri,
+                          "--init-from", str(wrong), "--storage", str(tmp_path / "runs")], capture_output=True, text=True)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and "not a student of this teacher's architecture" in last, bad.stderr[-500:]
+
+    other = tmp_path / "other-codecs"
+    LetsTalkPipeline.init_tiny(seed=1).save_pretrained(other)
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill.py"), "--teacher", str(other), "--data",
+                          str(shards), "--mlflow-uri", uri, "--storage", str(tmp_path / "runs")],
+                         capture_output=True, text=True)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and last.startswith("distill: error:") and "is not the one that tokenized" in last, \
+        bad.stderr[-500:]
