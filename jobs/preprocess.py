@@ -4,7 +4,7 @@
     python jobs/preprocess.py --input raw/ --output shards/ --model models/tiny --face-detector haar  # local Ray
     python jobs/preprocess.py --input footage/ --output shards/ --model BUNDLE   # real footage: face models ship
     python jobs/preprocess.py ... --min-speech-fraction 0.5 --face-detector mediapipe  # a filter; the old detector
-    python jobs/preprocess.py --config cluster/preprocess/demo.yaml --debug-videos 2  # smoke run
+    python jobs/preprocess.py --config cluster/preprocess/demo.yaml --debug-videos 2 --first-seconds 4  # smoke run
 
 Flags override the YAML; the defaults live in PreprocessConfig only. Prints a summary; the full record is OUTPUT/manifest.json.
 """
@@ -22,6 +22,7 @@ FLAGS = {"--input": "input", "--output": "output", "--model": "model", "--mlflow
          "--clip-frames": "clip_frames",
          "--stride": "stride", "--image-size": "image_size", "--eval-fraction": "eval_fraction",
          "--tokenizers": "tokenizers", "--decoders": "decoders", "--use-gpu": "use_gpu", "--debug-videos": "limit",
+         "--first-seconds": "first_seconds",
          "--face-detector": "faces.detector", "--face-model": "faces.model", "--face-margin": "faces.margin",
          "--face-crop": "faces.crop",
          "--vad": "vad", "--vad-model": "vad_model",

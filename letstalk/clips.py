@@ -42,7 +42,8 @@ class ClipSpec:
     motion_frames: int = 2
     ref_frames: int = 4
     audio_window: int = 5
-    max_seconds: float = 600.0
+    max_seconds: float = 600.0  # a longer video is refused (a length limit, not a cut)
+    first_seconds: float | None = None  # only the first this many seconds of each video are used
 
     def __post_init__(self) -> None:
         for name in ("fps", "sample_rate", "image_size", "clip_frames", "stride", "audio_window"):
@@ -52,6 +53,8 @@ class ClipSpec:
             raise ValueError("motion_frames must be >= 0 and ref_frames >= 1")
         if self.audio_window % 2 == 0:
             raise ValueError(f"audio_window must be odd, got {self.audio_window}")
+        if self.first_seconds is not None and self.first_seconds <= 0:
+            raise ValueError(f"first_seconds must be positive, got {self.first_seconds}")
 
 
 @dataclass
@@ -93,12 +96,18 @@ def decode_video(path: str | os.PathLike, spec: ClipSpec, faces: FaceSettings,
     if not info.has_audio:
         raise MediaError(f"{path}: has no audio stream")
     audio = load_audio(path, spec.sample_rate, max_seconds=spec.max_seconds)
+    duration = info.duration
+    if spec.first_seconds is not None:
+        audio = audio[: int(round(spec.first_seconds * spec.sample_rate))]
+        duration = min(duration, spec.first_seconds)
     width, height = int(info.width), int(info.height)
     scale = min(1.0, faces.analysis_side / max(width, height))
     size = None if scale == 1.0 else (max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2))
-    keep = size is None and info.duration * spec.fps * width * height * 3 <= _KEEP_BYTES
+    keep = size is None and duration * spec.fps * width * height * 3 <= _KEEP_BYTES
     kept: list[np.ndarray] = []
     max_frames = int(spec.max_seconds * spec.fps) + 1
+    if spec.first_seconds is not None:
+        max_frames = min(max_frames, int(round(spec.first_seconds * spec.fps)))
 
     def analysis_frames():
         for i, frame in enumerate(iter_video_frames(path, fps=spec.fps, size=size)):
@@ -132,7 +141,7 @@ def decode_video(path: str | os.PathLike, spec: ClipSpec, faces: FaceSettings,
     frames = np.stack(crops)
     audio = audio[: int(round(len(frames) / spec.fps * spec.sample_rate))]
     quality = measure(track, frames, audio, spec.sample_rate, spec.fps, kept_shots=len(segments), vad=vad,
-                      source_fps=info.fps, duration=info.duration)
+                      source_fps=info.fps, duration=duration)
     return DecodedVideo(frames, audio, track, segments, quality)
 
 

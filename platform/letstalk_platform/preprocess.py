@@ -118,6 +118,8 @@ class PreprocessConfig(BaseModel):
     motion_frames: int | None = None
     ref_frames: int = 4
     max_seconds: float = 600.0
+    first_seconds: float | None = Field(None, gt=0, description="use only the first N seconds of each video "
+                                                                 "(smoke runs, previews)")
     eval_fraction: float = Field(0.1, ge=0.0, le=1.0)
     split_salt: str = "letstalk"
     decoders: int = Field(2, ge=1, description="concurrent decode tasks")
@@ -141,6 +143,7 @@ def clip_spec(cfg: PreprocessConfig) -> ClipSpec:
         clip_frames=clip_frames, stride=cfg.stride or clip_frames,
         motion_frames=tcfg["num_motion_frames"] if cfg.motion_frames is None else cfg.motion_frames,
         ref_frames=cfg.ref_frames, audio_window=tcfg["audio_window"], max_seconds=cfg.max_seconds,
+        first_seconds=cfg.first_seconds,
     )
 
 

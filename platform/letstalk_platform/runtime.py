@@ -85,17 +85,20 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], fl
         parser.add_argument(flag, **kwargs)
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Attach to the cluster of `ray job submit` (RAY_ADDRESS) or start a local Ray on 127.0.0.1."""
+def init_ray(num_cpus: int | None = None, own: bool = False) -> None:
+    """Attach to the cluster of `ray job submit` (RAY_ADDRESS) or start a local Ray on 127.0.0.1.
+
+    `own`: always start a new local Ray, never attach to one that `ray start` recorded on this machine
+    (tests: two test processes side by side must not share a cluster)."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") and not own:
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"worker_process_setup_hook": quiet_state_api_warnings})
+        ray.init(address="local" if own else None, num_cpus=num_cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", runtime_env={"worker_process_setup_hook": quiet_state_api_warnings})
 
 
 def quiet_state_api_warnings() -> None:

@@ -23,7 +23,7 @@ from conftest import DRAWN_FACES, printed_summary, talking_video
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 NODE = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}
-STEPS, EVERY = 120, 30
+STEPS, EVERY = 40, 10  # the fewest that still lose a node and a driver mid-run, between checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,9 @@ def cluster():
     # the dashboard serves the job API (`ray job submit`), on 127.0.0.1 only
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
                                                       "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    current = Path("/tmp/ray/ray_current_cluster")  # the head recorded itself as this machine's Ray: a
+    if current.is_file() and current.read_text().strip() == c.address:  # job started meanwhile by a test
+        current.unlink()  # beside this one (pytest-xdist) would attach to it; this test names the address
     workers = [c.add_node(**NODE) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address)
@@ -56,13 +59,12 @@ def cluster():
         os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     else:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = env_before
-    current = Path("/tmp/ray/ray_current_cluster")  # the cluster recorded itself as this machine's Ray
     if current.is_file() and current.read_text().strip() == c.address:
         current.unlink()
     if had_ray:
         from letstalk_platform.runtime import init_ray
 
-        init_ray(num_cpus=2)
+        init_ray(num_cpus=2, own=True)
 
 
 def alive_nodes():
@@ -106,6 +108,17 @@ def job_status(c, submission_id: str, timeout: float = 60) -> str:
         assert time.monotonic() - t0 < timeout, f"job {submission_id} still {status}"
         time.sleep(0.5)
     return str(status.value)
+
+
+def submit_job(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`ray job submit`, again while the head's job agent is not up yet ("No available agent", for a
+    few seconds after the head starts; the job was not created)."""
+    t0 = time.monotonic()
+    while True:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if run.returncode == 0 or "No available agent" not in run.stdout + run.stderr or time.monotonic() - t0 > 60:
+            return run
+        time.sleep(2)
 
 
 def worker_nodes(checkpoint: Path) -> list[str]:
@@ -179,8 +192,7 @@ def test_cluster_preprocess_train_lose_a_node_and_a_driver(cluster, bundle, tmp_
     ray_cli = str(Path(sys.executable).parent / "ray")
     submit = [ray_cli, "job", "submit", "--address", f"http://{c.webui_url}"]
     entrypoint = ["--", sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(config_file)]
-    first = subprocess.run(submit + ["--no-wait", "--submission-id", "driver-lost-1"] + entrypoint,
-                           capture_output=True, text=True, timeout=120)
+    first = submit_job(submit + ["--no-wait", "--submission-id", "driver-lost-1"] + entrypoint, timeout=120)
     assert first.returncode == 0, first.stderr[-2000:]
     wait_for_step(run_dir, EVERY)
     drivers = subprocess.run(["pgrep", "-f", f"jobs/train.py --config {config_file}"], capture_output=True,
@@ -192,8 +204,7 @@ def test_cluster_preprocess_train_lose_a_node_and_a_driver(cluster, bundle, tmp_
     killed_at = latest_step(run_dir)
     assert killed_at < STEPS
     assert job_status(c, "driver-lost-1") == "FAILED"  # what the user sees before submitting again
-    again = subprocess.run(submit + ["--submission-id", "driver-lost-2"] + entrypoint, capture_output=True, text=True,
-                           timeout=600)
+    again = submit_job(submit + ["--submission-id", "driver-lost-2"] + entrypoint, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert f"resumed at step {killed_at}" in again.stdout + again.stderr
     summary = printed_summary(again.stdout)

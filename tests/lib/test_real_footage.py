@@ -126,11 +126,18 @@ def test_haar_fallback_is_named_and_has_no_mouth_measure(realdata, tmp_path):
     video = decode_video(short, SPEC, FaceSettings(detector="haar"), vad=False)
     assert video.quality.detector == "haar" and video.quality.face_fraction > 0.9
     assert np.isnan(video.quality.mouth_audio_r)  # boxes only: no landmarks, no aperture
+    # first_seconds: only the start of the video is decoded, measured and cut (frames and audio alike)
+    first = decode_video(short, ClipSpec(image_size=64, clip_frames=16, stride=16, first_seconds=1.0),
+                         FaceSettings(detector="haar"), vad=False)
+    assert len(first.frames) == 25 and first.audio.size == 16000 and len(first.track.faces) == 25
+    assert first.quality.decoded_fraction == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(ValueError, match="first_seconds must be positive"):
+        ClipSpec(first_seconds=0)
     with pytest.raises(ValueError, match="face detector must be one of retinaface, mediapipe, haar"):
         FaceSettings(detector="blazeface")
 
 
-SAMPLED = 20  # frames per clip, spread over it: >= 95 % allows one miss
+SAMPLED = 10  # frames per clip, spread over it: >= 95 % of 10 is every one
 SMALL_FACE = 42  # px: the down-scaled variants' face width in the detector's input (the bar: faces >= 40 px)
 
 

@@ -4,7 +4,7 @@ into shards with quality columns, and what the crops hold.
 
 The bundle is the demo's random-initialised data bundle (the lossless space-to-depth codec), so the
 shards' latents decode back to exactly the face crops preprocessing cut: the test looks at those
-pixels with the landmarker. 128-pixel crops keep the run to ~3 minutes on 2 cores.
+pixels with the landmarker. 128-pixel crops of the first FIRST_SECONDS of each clip keep the run short.
 """
 
 import json
@@ -26,6 +26,7 @@ from letstalk.vae import SpaceToDepthCodec
 pytestmark = pytest.mark.slow
 
 SIZE = 128
+FIRST_SECONDS = 4  # of each clip (--first-seconds): 84 of the 279 s of footage
 # HDTF-style footage: a steady camera on one speaker (SOURCES.md of the realdata folder)
 HDTF_STYLE = ("sadtalker_hdtf_aoc", "sadtalker_hdtf_katiehill", "real3dportrait_may_5s", "mimictalk_german_anchor_20s",
               "infinitetalk_ref_man", "retalking_face1", "retalking_face2", "retalking_face3", "retalking_face4",
@@ -39,7 +40,8 @@ def job(realdata, tmp_path_factory):
     d = tmp_path_factory.mktemp("real")
     LetsTalkPipeline.init_demo().save_pretrained(d / "bundle")
     run = subprocess.run([sys.executable, str(ROOT / "jobs" / "preprocess.py"), "--input", str(realdata / "videos"),
-                          "--output", str(d / "shards"), "--model", str(d / "bundle"), "--image-size", str(SIZE)],
+                          "--output", str(d / "shards"), "--model", str(d / "bundle"), "--image-size", str(SIZE),
+                          "--first-seconds", str(FIRST_SECONDS)],
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     return d, run.stdout, ShardManifest.load(d / "shards")
@@ -63,7 +65,8 @@ def test_every_real_clip_becomes_shards_with_quality_columns(realdata, job):
         assert e.quality["speech_fraction"] > 0.5, name  # all of them are speech (SOURCES.md: checked with VAD)
         assert e.quality["face_fraction"] >= 0.95, name  # measured: 1.000 on all 21 (mediapipe alone: 0.944-1)
         assert np.isfinite(e.quality["mouth_audio_r"]), name  # landmarks, with no face flag
-        assert (d / "shards" / e.track).is_file()
+        track = json.loads((d / "shards" / e.track).read_text())
+        assert len(track["boxes"]) == FIRST_SECONDS * 25, name  # only the first seconds were used
     # the shards carry the measures as columns: per clip (face_fraction) and per video (q_*)
     aoc = entries["sadtalker_hdtf_aoc"]
     table = pq.read_table(d / "shards" / aoc.shard, columns=["face_fraction", "q_speech_fraction", "q_crop_jitter"])
