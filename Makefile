@@ -29,9 +29,16 @@ avatar: install
 	$(PY) jobs/avatar.py --video $(REALDATA)/videos/styletalk_obama2.mp4 --holdout-seconds 6 --out out/avatar-obama2 --face-model $(FACE_MODEL)
 	$(PY) jobs/avatar.py --video $(REALDATA)/videos/mimictalk_german_anchor_20s.mp4 --holdout-seconds 6 --out out/avatar-anchor --face-model $(FACE_MODEL)
 
-# two test processes side by side (pytest-xdist), each handed whole files, the longest first (tests/conftest.py)
+# every case but the `heavy` tier (the whole-job runs of minutes each: `make test-heavy`)
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not heavy" --durations=15 $(PYTEST_ARGS)
+
+# the heavy tier alone: the multinode cluster, the reduced demo, distillation and avatar jobs, fresh-venv installs
+test-heavy: install
+	$(PY) -m pytest -q -m heavy --durations=15 $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # the inner loop: the model library alone (no Ray), tests/lib (under 2 min on 2 cores)
 test-lib: install

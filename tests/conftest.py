@@ -13,13 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REALDATA = Path(os.environ.get("LETSTALK_REALDATA") or ROOT.parent / "shared" / "realdata")
 FACE_MODEL = REALDATA / "weights" / "mediapipe_face_landmarker_v2_with_blendshapes.task"
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two test processes on the machine's cores (pytest-xdist): one torch thread each,
-    # and for the jobs they start. Two OpenMP teams of 2 threads on 2 cores wait on each other's
-    # threads: the same files took 2-6x as long side by side as alone (test_overfit 20 -> 103 s).
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="session")
 def realdata() -> Path:
@@ -48,8 +41,8 @@ def talking_video(path: Path, frames: int, seed: int, fps: float = 25, size: int
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray on 127.0.0.1, shared by the platform tests of this test process (`make test`
-    runs two side by side, pytest-xdist: each starts its own)."""
+    """A real local Ray on 127.0.0.1 of this test run's own (never one that `ray start` left running on
+    the machine), shared by the platform tests."""
     import ray
 
     from letstalk_platform.runtime import init_ray
@@ -78,19 +71,8 @@ def bundle(tmp_path_factory):
     return LetsTalkPipeline.init_tiny().save_pretrained(path)
 
 
-# the longest test files first (seconds, one process, 2026-12-07): `make test` hands whole files to two
-# processes in this order (pytest-xdist --dist loadfile --no-loadscope-reorder), so that no long file
-# starts last while the other process has nothing left to do
-LONGEST_FIRST = ("test_train.py", "test_serve.py", "test_multinode.py", "test_cli.py", "test_avatar.py",
-                 "test_preprocess.py", "test_demo.py", "test_install.py", "test_real_preprocess.py",
-                 "test_real_footage.py", "test_bundle_full_size.py", "test_evaluate.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest files first (a stable sort: within a file, and among the rest, the order stays);
-    GPU cases run where CUDA is present, elsewhere they are reported as skipped (see -ra)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
+    """GPU cases run where CUDA is present; elsewhere they are reported as skipped (see -ra)."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (marker: gpu)")

@@ -9,6 +9,7 @@ from letstalk.media import probe
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_reduced_demo_runs_every_stage(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 

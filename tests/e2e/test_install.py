@@ -36,7 +36,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-pytestmark = [pytest.mark.slow, pytest.mark.install]
+pytestmark = [pytest.mark.slow, pytest.mark.install, pytest.mark.heavy]
 ROOT = Path(__file__).resolve().parents[2]
 # what setuptools needs to build the wheel: the metadata, its readme and the two package trees
 PROJECT_FILES = ("pyproject.toml", "README.md", "letstalk", "platform")

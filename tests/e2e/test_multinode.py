@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import DRAWN_FACES, printed_summary, talking_video
 
-pytestmark = [pytest.mark.multinode, pytest.mark.slow]
+pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.heavy]
 ROOT = Path(__file__).resolve().parents[2]
 NODE = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}
 STEPS, EVERY = 40, 10  # the fewest that still lose a node and a driver mid-run, between checkpoints
@@ -46,8 +46,8 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
                                                       "include_dashboard": True, "dashboard_host": "127.0.0.1"})
     current = Path("/tmp/ray/ray_current_cluster")  # the head recorded itself as this machine's Ray: a
-    if current.is_file() and current.read_text().strip() == c.address:  # job started meanwhile by a test
-        current.unlink()  # beside this one (pytest-xdist) would attach to it; this test names the address
+    if current.is_file() and current.read_text().strip() == c.address:  # job started meanwhile by another
+        current.unlink()  # test process would attach to it; this test names the address
     workers = [c.add_node(**NODE) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address)

@@ -28,6 +28,7 @@ def avatar(*args, timeout=900):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_reduced_avatar_run_reports_registers_and_renders(realdata, tmp_path):
     clip = cut_video(realdata / "videos" / "styletalk_obama2.mp4", tmp_path / "obama-12s.mp4", seconds=12.0)
     out = tmp_path / "avatar"

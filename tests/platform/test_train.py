@@ -400,6 +400,7 @@ def _ddim(model, diffusion, inputs, noise, steps, clip_range):
     return diffusion.sample(lambda x, t: model(x, t, *cond), noise, sampler="ddim", steps=steps, clip_range=clip_range)
 
 
+@pytest.mark.heavy
 def test_distillation_job_makes_a_two_step_student(shards, tmp_path):
     """jobs/distill.py from a shell, the teacher from the registry: the student is registered, its
     bundle renders ddim 2 unless told otherwise, keeps the teacher's target, and its 2-step samples
