@@ -89,7 +89,7 @@ def init_ray(num_cpus: int | None = None, own: bool = False) -> None:
     """Attach to the cluster of `ray job submit` (RAY_ADDRESS) or start a local Ray on 127.0.0.1.
 
     `own`: always start a new local Ray, never attach to one that `ray start` recorded on this machine
-    (tests: two test processes side by side must not share a cluster)."""
+    (the tests' Ray: a cluster someone left running must not receive their work)."""
     import ray
 
     if ray.is_initialized():
