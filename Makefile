@@ -21,8 +21,9 @@ demo: install
 quick-demo: install
 	$(PY) -m letstalk.cli demo --out out/quick-demo
 
-# one real person's avatar from 30 s of footage, measured on its held-out seconds (docs/avatar.md);
-# needs the real-media folder (LETSTALK_REALDATA, else ../shared/realdata): ~35-40 min per person on 2 cores
+# one real person's re-voicing avatar from 30 s of footage (their own footage, the lower face regenerated
+# from Whisper features), measured on its held-out seconds (docs/avatar.md); pictures and videos under out/;
+# needs the real-media folder (LETSTALK_REALDATA, else ../shared/realdata): ~45 min per person on 2 cores
 REALDATA ?= $(or $(LETSTALK_REALDATA),../shared/realdata)
 FACE_MODEL := $(REALDATA)/weights/mediapipe_face_landmarker_v2_with_blendshapes.task
 avatar: install

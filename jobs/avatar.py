@@ -2,13 +2,16 @@
 render the held-out seconds from their audio and measure the render against the real footage.
 
     python jobs/avatar.py --video CLIP.mp4 --holdout-seconds 6 --out out/avatar \\
-        --face-model weights/face_landmarker_v2_with_blendshapes.task [--minutes 40]
+        --face-model weights/face_landmarker_v2_with_blendshapes.task [--minutes 40] [--mode revoice|portrait]
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/avatar.py --video /data/me.mp4 ...
-    letstalk render portrait.jpg speech.wav --model out/avatar/runs/avatar-NAME/bundle   # then any new speech
 
-Writes OUT/report.json (mouth_r vs its control, lmd, face_psnr, face_ssim, seam, resolution, steps,
-train_seconds), OUT/holdout.mp4, OUT/side_by_side.mp4, OUT/mouth.png and OUT/sheet.png; the model is
-registered as models:/avatar-NAME@candidate in OUT/mlflow.db. Recipe and figures: docs/avatar.md.
+--mode revoice (default): the person's own footage, the lower face regenerated from the speech. Writes
+OUT/report.json (mouth_r vs mouth_r_control, dub_face_psnr, dub_face_ssim, dub_lmd, dub_mouth_r vs
+dub_mouth_r_control, mouth_sharpness, resolution, steps, train_seconds, audio_encoder), OUT/revoiced.mp4,
+OUT/dubbed.mp4, OUT/side_by_side.mp4 (real | dubbed | re-voiced), OUT/mouth.png and OUT/sheet.png.
+--mode portrait: one frame, generated motion (mouth_r, lmd, face_psnr, face_ssim, seam; OUT/holdout.mp4).
+The model is registered as models:/avatar-NAME@candidate in OUT/mlflow.db. Recipe and figures:
+docs/avatar.md.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ FLAGS = {"--video": "video", "--out": "out", "--holdout-seconds": "holdout_secon
          "--steps": "steps", "--config": "config", "--preset": "preset", "--face-model": "face_model",
          "--stride": "stride", "--sample-steps": "sample_steps", "--seed": "seed", "--name": "name",
          "--mlflow-uri": "mlflow_uri", "--fresh": "fresh",
-         "--audio-encoder": "audio_encoder"}
+         "--audio-encoder": "audio_encoder", "--mode": "mode"}
+KEYS = {"revoice": ("mouth_r", "mouth_r_control", "dub_face_psnr", "dub_face_ssim", "dub_lmd", "dub_mouth_r",
+                    "dub_mouth_r_control", "mouth_sharpness", "resolution", "steps", "train_seconds", "audio_encoder"),
+        "portrait": ("mouth_r", "mouth_r_control", "lmd", "face_psnr", "face_ssim", "seam", "resolution", "steps",
+                     "train_seconds", "audio_encoder")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"avatar: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    keys = ("mouth_r", "mouth_r_control", "lmd", "face_psnr", "face_ssim", "seam", "resolution", "steps",
-            "train_seconds")
-    print(json.dumps({k: report[k] for k in keys}, indent=2))
-    print(f"report: {cfg.out}/report.json; videos: holdout.mp4, side_by_side.mp4; plot: mouth.png")
+    print(json.dumps({k: report[k] for k in KEYS[cfg.mode]}, indent=2))
+    print(f"report: {cfg.out}/report.json; files: {', '.join(report['files'])}")
     return 0
 
 

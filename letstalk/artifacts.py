@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -357,4 +358,8 @@ def export_bundle(checkpoint: str | os.PathLike, manifest: ShardManifest, out: s
         AudioEncoder.from_pretrained(manifest.audio_encoder, window=spec.audio_window),
         PipelineSettings(fps=spec.fps, sample_rate=spec.sample_rate, **settings),
     )
-    return pipe.save_pretrained(out)
+    out = pipe.save_pretrained(out)
+    footage = Path(manifest.bundle) / "avatar"  # a re-voicing avatar's footage travels with its model
+    if footage.is_dir():
+        shutil.copytree(footage, out / "avatar")
+    return out

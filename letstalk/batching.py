@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-Forward = Callable[..., torch.Tensor]  # forward(x, t, portrait, audio, motion, guidance=) -> (B, F, C', H, W)
+Forward = Callable[..., torch.Tensor]  # forward(x, t, portrait, audio, motion, guidance=[, cond=]) -> (B, F, C', H, W)
 
 
 @dataclass
 class _Call:
-    args: tuple  # x (b, F, C, H, W), t (b,), portrait (b, C, H, W), audio (b, F, ...) | None, motion (b, M, ...) | None
+    args: tuple  # x (b, F, C, H, W), t (b,), portrait (b, C, H, W), audio (b, F, ...) | None, motion (b, M, ...) | None,
+    #              cond (b, F, C', H, W) | None
     rows: int
     done: threading.Event = field(default_factory=threading.Event)
     result: torch.Tensor | None = None
@@ -81,21 +82,22 @@ class ClipBatcher:
                 self._cond.notify_all()  # a waiting group may now hold every render in flight
 
     @staticmethod
-    def _key(x, t, portrait, audio, motion, guidance) -> tuple:
+    def _key(x, t, portrait, audio, motion, cond, guidance) -> tuple:
         def sig(v):
             return None if v is None else (tuple(v.shape[1:]), v.dtype)
-        return (sig(x), sig(t), sig(portrait), sig(audio), sig(motion), x.device, float(guidance))
+        return (sig(x), sig(t), sig(portrait), sig(audio), sig(motion), sig(cond), x.device, float(guidance))
 
     def _ready(self, group: _Group) -> bool:
         full = group.rows >= self.max_batch
         return full or (self._sessions > 0 and len(group.calls) >= self._sessions)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, portrait: torch.Tensor, audio: torch.Tensor | None,
-                 motion: torch.Tensor | None = None, *, guidance: float = 1.0) -> torch.Tensor:
+                 motion: torch.Tensor | None = None, *, guidance: float = 1.0,
+                 cond: torch.Tensor | None = None) -> torch.Tensor:
         if motion is not None and motion.shape[1] == 0:
             motion = None  # no motion frames: the same forward pass as None, and it merges with it
-        key = self._key(x, t, portrait, audio, motion, guidance)
-        call = _Call((x, t, portrait, audio, motion), x.shape[0])
+        key = self._key(x, t, portrait, audio, motion, cond, guidance)
+        call = _Call((x, t, portrait, audio, motion, cond), x.shape[0])
         run: _Group | None = None
         with self._cond:
             self.calls += 1
@@ -130,12 +132,15 @@ class ClipBatcher:
         calls = group.calls
         try:
             if len(calls) == 1:
-                out = self.forward(*calls[0].args, guidance=guidance)
-                parts = [out]
+                merged = list(calls[0].args)
             else:
                 # concatenate along the batch axis: x (ΣB, F, C, H, W), t (ΣB,), portrait (ΣB, C, H, W), ...
                 merged = [None if a[0] is None else torch.cat(a) for a in zip(*(c.args for c in calls))]
-                out = self.forward(*merged, guidance=guidance)  # (ΣB, F, C', H, W)
+            cond = merged.pop()  # given only to a forward of a model with condition channels (re-voicing)
+            out = self.forward(*merged, guidance=guidance, **({} if cond is None else {"cond": cond}))
+            if len(calls) == 1:
+                parts = [out]
+            else:  # (ΣB, F, C', H, W)
                 parts = out.split([c.rows for c in calls])
             with self._cond:
                 self.forwards += 1

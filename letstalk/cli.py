@@ -2,6 +2,8 @@
 
     letstalk render PORTRAIT AUDIO -o OUT.mp4 [--model DIR|models:/NAME@ALIAS] [--steps N]
                     [--sampler ddpm|ddim|dpm] [--guidance G] [--seed S]
+    letstalk render --avatar DIR|models:/NAME@ALIAS AUDIO -o OUT.mp4 [--footage VIDEO]
+                                  a re-voicing avatar (jobs/avatar.py) speaks AUDIO over the person's footage
     letstalk bundle OUT --vae PATH --audio-encoder PATH (--transformer PATH | --preset B)
                                   a bundle from local weights (SD VAE, wav2vec2, a trained transformer)
     letstalk init-tiny DIR        save a random-initialised tiny bundle (no model hub needed)
@@ -202,6 +204,15 @@ def resolve_model(model: str | os.PathLike | None, mlflow_uri: str | None = None
 def cmd_render(args: argparse.Namespace) -> int:
     from .pipeline import LetsTalkPipeline
 
+    inputs = getattr(args, "inputs", None)
+    if inputs is not None:  # from the parser: PORTRAIT AUDIO, or AUDIO alone with --avatar
+        want = 1 if getattr(args, "avatar", None) else 2
+        if len(inputs) != want:
+            raise ValueError("with --avatar give the speech audio alone" if want == 1 else
+                             "give a portrait image and a speech audio (or --avatar BUNDLE and the audio)")
+        args.portrait, args.audio = (None, inputs[0]) if want == 1 else inputs
+    elif getattr(args, "footage", None) and not getattr(args, "avatar", None):
+        raise ValueError("--footage needs --avatar")
     out = Path(args.out)
     if out.suffix.lower() != ".mp4":
         raise ValueError(f"output must be an .mp4 file, got {out.name!r}")
@@ -213,6 +224,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     if getattr(args, "threads", None) is None and threads < cpus:
         print(f"letstalk: {cpus - threads} of {cpus} CPUs are busy: rendering on {threads} "
               f"thread{'s' if threads > 1 else ''} (--threads to choose)", file=sys.stderr)
+    if getattr(args, "avatar", None):
+        return render_avatar(args, out, device)
     bundle = resolve_model(args.model, getattr(args, "mlflow_uri", None))
     pipe = LetsTalkPipeline.from_pretrained(bundle, device=device)
     if bundle.resolve() in {m.resolve() for m in SHIPPED_MODELS.values()}:
@@ -233,6 +246,40 @@ def cmd_render(args: argparse.Namespace) -> int:
         print("letstalk: warning: no face found in the portrait; used a centre crop", file=sys.stderr)
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"wrote {out}: {result.num_frames} frames at {result.fps} fps ({parts})")
+    return 0
+
+
+def render_avatar(args: argparse.Namespace, out: Path, device: str) -> int:
+    """`render --avatar`: the speech over the person's footage (the bundle's own, or --footage), the lower face
+    regenerated, at the footage's resolution (letstalk.footage)."""
+    from .faces import FaceSettings
+    from .footage import bundle_footage, load_footage, revoice_video
+    from .inputs import prepare_audio
+    from .pipeline import LetsTalkPipeline
+
+    if args.model is not None:
+        raise ValueError("give the model either as --avatar or as --model, not both")
+    bundle = resolve_model(args.avatar, getattr(args, "mlflow_uri", None))
+    pipe = LetsTalkPipeline.from_pretrained(bundle, device=device)
+    if not pipe.revoices:
+        raise ValueError(f"--avatar {args.avatar}: not a re-voicing avatar (jobs/avatar.py --mode revoice makes one); "
+                         "render a portrait with --model")
+    video, faces = bundle_footage(bundle) if args.footage is None else (Path(args.footage), {"detector": "mediapipe",
+                                                                                              "crop": "track"})
+    audio = prepare_audio(args.audio, pipe.input_spec())
+    print(f"letstalk: reading the footage {video} (face track, crops) ...", file=sys.stderr)
+    footage = load_footage(video, FaceSettings(**faces), fps=pipe.settings.fps, max_side=args.max_side)
+    sampler, steps = pipe.sampling(args.sampler, args.steps)
+    bar = StepBar(f"re-voicing ({sampler} × {steps})")
+    try:
+        revoice_video(pipe, footage, audio, out, steps=steps, sampler=sampler, guidance=args.guidance, seed=args.seed,
+                      progress=bar)
+    finally:
+        bar.close()
+    h, w = footage.frames.shape[1:3]
+    frames = round(len(audio) / pipe.settings.sample_rate * pipe.settings.fps)
+    print(f"wrote {out}: {frames} frames at {pipe.settings.fps} fps, {w}x{h}, over {len(footage)} frames of footage"
+          f"{' (looped back and forth)' if frames > len(footage) else ''}")
     return 0
 
 
@@ -257,13 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     shown = {"formatter_class": ShowDefaults}
 
     p = sub.add_parser("render", help="portrait image + speech audio -> talking video (mp4)", **shown)
-    p.add_argument("portrait", help="portrait image (png, jpg, ...)")
-    p.add_argument("audio", help="speech audio (wav, mp3, ogg, m4a, or a video with sound)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="PORTRAIT AUDIO: a portrait image (png, jpg, ...) and speech audio (wav, mp3, ogg, m4a, or a "
+                        "video with sound); "
+                        "with --avatar the speech audio alone")
     p.add_argument("-o", "--out", required=True, help="output .mp4")
     p.add_argument("--model", default=None, help="a bundle folder, models:/NAME@ALIAS from an MLflow registry "
                    "(--mlflow-uri or $MLFLOW_TRACKING_URI), or a shipped model: demo, demo-2step (its distilled "
                    "2-step student); default: demo, letstalk/models/demo")
     p.add_argument("--mlflow-uri", default=None, help="registry for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--avatar", default=None,
+                   help="a re-voicing avatar (jobs/avatar.py: a bundle folder or models:/avatar-NAME@ALIAS): speak the "
+                        "audio over the person's own footage, the lower face regenerated, at the footage's resolution "
+                        "(looped back and forth when the speech is longer)")
+    p.add_argument("--footage", default=None, help="with --avatar: other footage of the same person (default: the "
+                                                   "avatar's own)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per clip (paper: 250 DDPM); " + OWN)
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                    help="ddpm: the paper's ancestral sampler (use 250 steps); ddim, dpm: fast; " + OWN)
@@ -272,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=None,
                    help="composite the generated face into the full portrait (its size, feathered seam, matched "
                         "colour); default: on when the portrait is larger than the model's crop")
-    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="with paste-back: the video's longer side at most")
+    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+                   help="with paste-back or --avatar: the video's longer side at most")
     p.add_argument("--stream", action="store_true",
                    help="write OUT as a fragmented mp4 that grows clip by clip, playable while it renders "
                         "(default: OUT appears only when complete)")

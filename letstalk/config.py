@@ -45,6 +45,10 @@ class LetsTalkConfig:
     portrait_fusion: PortraitFusion = "symbiotic"
     audio_fusion: AudioFusion = "direct"
     learn_sigma: bool = True
+    # extra input channels per frame, concatenated to the noisy latent before the patch embedding
+    # (SD-inpainting's layout): re-voicing feeds the frame's masked latent and the mask
+    # (letstalk.revoice: in_channels + 1); 0 for the portrait model
+    cond_channels: int = 0
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -62,6 +66,8 @@ class LetsTalkConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_motion_frames < 0:
             raise ValueError("num_motion_frames must be >= 0")
+        if self.cond_channels < 0:
+            raise ValueError(f"cond_channels must be >= 0, got {self.cond_channels}")
         if self.portrait_fusion not in get_args(PortraitFusion):
             raise ValueError(f"portrait_fusion must be one of {get_args(PortraitFusion)}, got {self.portrait_fusion!r}")
         if self.audio_fusion not in get_args(AudioFusion):
@@ -113,6 +119,14 @@ PRESETS: dict[str, LetsTalkConfig] = {
         input_size=16, in_channels=16, num_frames=8, hidden_size=192, depth=4, num_heads=4,
         audio_feature_dim=80, audio_layers=1, audio_window=9, audio_tokens=4, audio_token_dim=128,
         audio_proj_dim=128,
+    ),
+    # Re-voicing one real person (docs/avatar.md): the avatar's codec and size; each frame also sees
+    # its own latent with the lower face masked, plus the mask (16 + 1 channels), and the reference
+    # frame; no motion frames: the mouth must come from the audio, not from the frames before it.
+    "avatar-revoice": LetsTalkConfig(
+        input_size=16, in_channels=16, num_frames=8, num_motion_frames=0, hidden_size=192, depth=4, num_heads=4,
+        audio_feature_dim=80, audio_layers=1, audio_window=9, audio_tokens=4, audio_token_dim=128,
+        audio_proj_dim=128, cond_channels=17,
     ),
     "S": LetsTalkConfig(hidden_size=384, depth=12, num_heads=6),
     "B": LetsTalkConfig(hidden_size=768, depth=12, num_heads=12),

@@ -43,6 +43,7 @@ from .inputs import InputSpec, PreparedInputs, prepare, prepare_audio
 from .media import write_video
 from .paste import DEFAULT_MAX_SIDE, PasteBack
 from .portrait import PortraitCrop, crop_portrait
+from .revoice import condition, latent_mask
 from .transformer import LetsTalkTransformer
 from .vae import Codec, LatentCodec, SpaceToDepthCodec, tiny_codec
 
@@ -322,15 +323,73 @@ class LetsTalkPipeline:
             for latents in clips:
                 yield decode(latents)
 
+    @property
+    def revoices(self) -> bool:
+        """Whether this bundle re-voices footage (its transformer has condition channels: letstalk.revoice)."""
+        return bool(self.transformer.cfg.cond_channels)
+
+    def iter_revoice(self, crops: np.ndarray, audio, reference: np.ndarray | torch.Tensor, *, steps: int | None = None,
+                     sampler: str | None = None, guidance: float = 1.0, seed: int = 0,
+                     progress: Progress | None = None, seconds: dict[str, float] | None = None) -> Iterator[np.ndarray]:
+        """Re-voice footage: yield the generated crops clip by clip, (f, S, S, 3) uint8.
+
+        crops: (N, S, S, 3) uint8 face crops of the footage at the bundle's size, one per output frame
+        (loop shorter footage with letstalk.revoice.pingpong); audio: path or (samples,) float array of
+        the new speech, giving at least N frames (the first N are used); reference: a crop (S, S, 3) or
+        its latent (1, C, h, w), a typical frame of the person. Keep only the lower face of each generated
+        crop (letstalk.revoice.Composite): the rest is the model's copy of the frame it was shown.
+        """
+        if not self.revoices:
+            raise ValueError("this bundle does not re-voice footage (its transformer has no condition channels)")
+        sampler, steps = self.sampling(sampler, steps)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        self.diffusion.make_scheduler(sampler, steps, self.codec.sample_range)
+        crops = np.asarray(crops)
+        s = self.image_size
+        if crops.ndim != 4 or crops.shape[1:] != (s, s, 3) or crops.dtype != np.uint8 or not len(crops):
+            raise ValueError(f"crops must be (N, {s}, {s}, 3) uint8 frames, got {crops.shape} {crops.dtype}")
+        seconds = {} if seconds is None else seconds
+        spec = self.input_spec()
+        wave = prepare_audio(audio, spec)
+        if spec.frames_for(wave.size) < len(crops):
+            raise ValueError(f"audio: {wave.size / spec.sample_rate:.2f} s gives {spec.frames_for(wave.size)} frames, "
+                             f"fewer than the {len(crops)} footage frames to re-voice")
+        if isinstance(reference, torch.Tensor):
+            ref = reference.to(self.device)
+        else:
+            ref = self.codec.encode(np.asarray(reference, np.uint8)[None]).to(self.device)
+        t0 = time.perf_counter()
+        feats = self.audio_encoder(wave, len(crops)).to(self.device)
+        footage = torch.cat([self.codec.encode(crops[i:i + 64]) for i in range(0, len(crops), 64)]).to(self.device)
+        seconds["audio"] = seconds.get("audio", 0.0) + time.perf_counter() - t0
+        for latents in self.denoise_clips(ref, feats, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                                          strength=1.0, progress=progress, seconds=seconds, footage=footage):
+            t0 = time.perf_counter()
+            frames = self.codec.decode(latents[0])
+            seconds["decode"] = seconds.get("decode", 0.0) + time.perf_counter() - t0
+            yield frames
+
     def denoise_clips(self, ref: torch.Tensor, feats: torch.Tensor, *, steps: int, sampler: str, guidance: float,
                       seed: int, strength: float | None = None, progress: Progress | None = None,
-                      seconds: dict[str, float] | None = None) -> Iterator[torch.Tensor]:
+                      seconds: dict[str, float] | None = None, footage: torch.Tensor | None = None
+                      ) -> Iterator[torch.Tensor]:
         """Reference latent (1, C, h, w) + audio features (N, window, layers, A) -> latent clips (1, f, C, h, w).
 
         Clip k's motion frames are the last clean latents of clip k-1 (the reference latent for
         the first clip); the last clip has N mod num_frames frames when that is not zero.
+        footage: (N, C, h, w) latents of the frames to re-voice, one per output frame, for a model with
+        condition channels (letstalk.revoice): each frame is generated seeing its own with the lower face
+        masked.
         """
         cfg = self.transformer.cfg
+        if bool(cfg.cond_channels) != (footage is not None):
+            raise ValueError("a re-voicing model (cond_channels > 0) renders over footage: give footage latents"
+                             if cfg.cond_channels else "footage given, but this model does not re-voice")
+        if footage is not None and (footage.shape[0] != feats.shape[0] or tuple(footage.shape[1:]) != tuple(ref.shape[1:])):
+            raise ValueError(f"footage must have one latent per audio frame, ({feats.shape[0]}, "
+                             f"{', '.join(map(str, ref.shape[1:]))}), got {tuple(footage.shape)}")
+        mask = latent_mask(cfg.input_size).to(self.device) if footage is not None else None
         seconds = {} if seconds is None else seconds
         num_frames, clip_len, m = feats.shape[0], cfg.num_frames, cfg.num_motion_frames
         starts = list(range(0, num_frames, clip_len))
@@ -345,8 +404,10 @@ class LetsTalkPipeline:
             audio_clip = feats[None, start:start + f]  # (1, f, window, layers, A)
             noise = torch.randn((1, f, *ref.shape[1:]), generator=generator, device=self.device)
 
-            def model_fn(x, t, audio_clip=audio_clip, motion=motion):
-                return forward(x, t, ref, audio_clip, motion, guidance=guidance)
+            extra = {} if mask is None else {"cond": condition(footage[None, start:start + f].to(self.device), mask)}
+
+            def model_fn(x, t, audio_clip=audio_clip, motion=motion, extra=extra):
+                return forward(x, t, ref, audio_clip, motion, guidance=guidance, **extra)
 
             done = k * steps
             t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import torch
 
 from .audio import windows_from_context
 from .diffusion import ClipTarget, GaussianDiffusion, mean_flat
+from .revoice import condition
 from .transformer import LetsTalkTransformer
 
 
@@ -36,13 +37,17 @@ class Augment:
 
 
 def prepare_batch(batch: dict[str, torch.Tensor], augment: Augment, audio_window: int,
-                  generator: torch.Generator | None = None, target: ClipTarget = ClipTarget()) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None = None, target: ClipTarget = ClipTarget(),
+                  cond_mask: torch.Tensor | None = None, motion_frames: int | None = None) -> dict[str, torch.Tensor]:
     """Shard columns (letstalk.clips layout) -> model inputs, float32, on the batch's device.
 
     batch: latents (B, F, C, h, w), audio (B, F + window - 1, layers, D), motion (B, M, C, h, w),
            refs (B, K, C, h, w).
     Returns x0 (B, F, C, h, w), portrait (B, C, h, w), audio (B, F, window, layers, D), motion.
     target: how x0 is made from the clip and its portrait (ClipTarget: the clip, or (clip - portrait) · scale).
+    cond_mask: (h, w) 0/1 mask of a re-voicing model (letstalk.revoice): the result also holds
+        cond (B, F, C + 1, h, w), each frame's own latent with the masked cells zeroed, and the mask.
+    motion_frames: keep only the last this many motion frames (a model with fewer than the shards hold).
     """
     x0 = batch["latents"].float()
     b, dev = x0.shape[0], x0.device
@@ -55,6 +60,8 @@ def prepare_batch(batch: dict[str, torch.Tensor], augment: Augment, audio_window
     portrait = refs[torch.arange(b, device=dev), pick]  # (B, C, h, w): a frame from outside the clip
     audio = windows_from_context(batch["audio"].float(), audio_window)  # (B, F, window, layers, D)
     motion = batch["motion"].float()
+    if motion_frames is not None:
+        motion = motion[:, motion.shape[1] - min(motion_frames, motion.shape[1]):]
 
     if motion.shape[1] > 0:
         sigma = rand(b) * augment.motion_noise
@@ -69,8 +76,12 @@ def prepare_batch(batch: dict[str, torch.Tensor], augment: Augment, audio_window
         x0 = torch.where(flip.view(b, 1, 1, 1, 1), x0.flip(-1), x0)
         motion = torch.where(flip.view(b, 1, 1, 1, 1), motion.flip(-1), motion)
         portrait = torch.where(flip.view(b, 1, 1, 1), portrait.flip(-1), portrait)
+    cond = None if cond_mask is None else condition(x0, cond_mask)
     x0 = target.encode(x0, target.base_latent(portrait, motion))  # the motion frames as the model sees them
-    return {"x0": x0, "portrait": portrait, "audio": audio, "motion": motion}
+    out = {"x0": x0, "portrait": portrait, "audio": audio, "motion": motion}
+    if cond is not None:
+        out["cond"] = cond
+    return out
 
 
 def motion_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:
@@ -96,8 +107,11 @@ def loss_terms(model, diffusion: GaussianDiffusion, inputs: dict[str, torch.Tens
     x0 = inputs["x0"]
     t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=generator, device="cpu").to(x0.device)
     weight = motion_weights(x0, motion_weight) if motion_weight > 0 else None
+    cond = inputs.get("cond")
+    extra = {} if cond is None else {"cond": cond}
     terms = diffusion.training_losses(
-        lambda x, tt: model(x, tt, inputs["portrait"], inputs["audio"], inputs["motion"]), x0, t, weight=weight)
+        lambda x, tt: model(x, tt, inputs["portrait"], inputs["audio"], inputs["motion"], **extra), x0, t,
+        weight=weight)
     return {k: v.mean() for k, v in terms.items()}
 
 
@@ -122,9 +136,11 @@ def distill_loss_terms(student, teacher, diffusion: GaussianDiffusion, inputs: d
     noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
     xt = diffusion.q_sample(x0, t, noise)
     cond = (inputs["portrait"], inputs["audio"], inputs["motion"])
+    extra = {} if inputs.get("cond") is None else {"cond": inputs["cond"]}
     target = diffusion.teacher_x0_target(
-        lambda x, tt: teacher.forward_with_guidance(x, tt, *cond, guidance=guidance), xt, t, s, substeps, clip_range)
-    pred, _ = diffusion.split_output(student(xt, t, *cond).float(), xt)
+        lambda x, tt: teacher.forward_with_guidance(x, tt, *cond, guidance=guidance, **extra), xt, t, s, substeps,
+        clip_range)
+    pred, _ = diffusion.split_output(student(xt, t, *cond, **extra).float(), xt)
     err = (diffusion.pred_x0(pred, xt, t) - target) ** 2
     if motion_weight > 0:
         err = err * motion_weights(x0, motion_weight)

@@ -280,7 +280,7 @@ class LetsTalkTransformer(ModelMixin, ConfigMixin):
     argument is a field of `LetsTalkConfig` (the defaults live there). save_pretrained /
     from_pretrained write config.json + safetensors weights.
 
-    forward(x, t, portrait, audio=None, motion=None):
+    forward(x, t, portrait, audio=None, motion=None, cond=None):
         x:        (B, F, C, H, W) noisy latent clip, 1 <= F <= num_frames.
         t:        (B,) diffusion timesteps.
         portrait: (B, C, H, W) reference latent.
@@ -288,6 +288,9 @@ class LetsTalkTransformer(ModelMixin, ConfigMixin):
                   None for the unconditional model (all-zero features, as in audio dropout).
         motion:   (B, M, C, H, W) clean latents of the frames before the clip, 0 <= M <=
                   num_motion_frames, or None. They join temporal attention only.
+        cond:     (B, F, cond_channels, H, W) per-frame condition channels, concatenated to x before
+                  the patch embedding (re-voicing: the frame's masked latent and the mask); required
+                  when cond_channels > 0, else None.
     Returns (B, F, out_channels, H, W): ε in the first C channels, then the variance values.
     """
 
@@ -298,14 +301,16 @@ class LetsTalkTransformer(ModelMixin, ConfigMixin):
                  num_motion_frames: int, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float,
                  audio_feature_dim: int, audio_layers: int, audio_window: int, audio_tokens: int,
                  audio_token_dim: int, audio_proj_dim: int, portrait_fusion: str, audio_fusion: str,
-                 learn_sigma: bool):
+                 learn_sigma: bool, cond_channels: int = 0):
         super().__init__()
         cfg = LetsTalkConfig(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
         self.gradient_checkpointing = False
 
-        self.x_embedder = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p)
+        self.x_embedder = nn.Conv2d(cfg.in_channels + cfg.cond_channels, d, kernel_size=p, stride=p)
+        if cfg.cond_channels:  # the reference frame has no condition channels: it gets its own embedding
+            self.ref_embedder = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(d)
         self.audio_proj = AudioProjection(cfg)
         self.register_buffer("pos_embed", sincos_2d(d, cfg.input_size // p)[None], persistent=False)
@@ -336,9 +341,10 @@ class LetsTalkTransformer(ModelMixin, ConfigMixin):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         self.apply(basic)
-        w = self.x_embedder.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
+        for embedder in {self.x_embedder, self.clean_embedder}:
+            w = embedder.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(embedder.bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         zero = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
@@ -354,11 +360,11 @@ class LetsTalkTransformer(ModelMixin, ConfigMixin):
 
     # ---------------------------------------------------------------- input checks
 
-    def _check_inputs(self, x, t, portrait, audio, motion) -> None:
+    def _check_inputs(self, x, t, portrait, audio, motion, cond=None) -> None:
         cfg = self.cfg
         c, s = cfg.in_channels, cfg.input_size
         clip = f"(batch, 1..{cfg.num_frames}, {c}, {s}, {s})"
-        for name, tensor in (("x", x), ("portrait", portrait), ("audio", audio), ("motion", motion)):
+        for name, tensor in (("x", x), ("portrait", portrait), ("audio", audio), ("motion", motion), ("cond", cond)):
             if tensor is not None and not torch.is_floating_point(tensor):
                 raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
         if x.ndim != 5 or tuple(x.shape[2:]) != (c, s, s) or not 1 <= x.shape[1] <= cfg.num_frames:
@@ -375,12 +381,18 @@ class LetsTalkTransformer(ModelMixin, ConfigMixin):
                                    or motion.shape[1] > cfg.num_motion_frames):
             raise ValueError(f"motion must have shape ({b}, 0..{cfg.num_motion_frames}, {c}, {s}, {s}) "
                              f"(B, M, C, H, W), got {tuple(motion.shape)}")
+        if cfg.cond_channels and (cond is None or tuple(cond.shape) != (b, f, cfg.cond_channels, s, s)):
+            got = None if cond is None else tuple(cond.shape)
+            raise ValueError(f"cond must have shape ({b}, {f}, {cfg.cond_channels}, {s}, {s}) (B, F, C', H, W) for "
+                             f"this model (cond_channels {cfg.cond_channels}), got {got}")
+        if not cfg.cond_channels and cond is not None:
+            raise ValueError("cond given, but this model has no condition channels (cond_channels 0)")
 
     # ---------------------------------------------------------------- forward
 
-    def embed(self, latents: torch.Tensor) -> torch.Tensor:
+    def embed(self, latents: torch.Tensor, embedder: nn.Conv2d | None = None) -> torch.Tensor:
         """(N, C, H, W) -> (N, P, D) patch tokens with the 2-D position embedding."""
-        tokens = rearrange(self.x_embedder(latents), "n d h w -> n (h w) d")
+        tokens = rearrange((embedder or self.x_embedder)(latents), "n d h w -> n (h w) d")
         return tokens + self.pos_embed.to(tokens.dtype)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -388,8 +400,8 @@ class LetsTalkTransformer(ModelMixin, ConfigMixin):
         p, g = self.cfg.patch_size, self.cfg.input_size // self.cfg.patch_size
         return rearrange(tokens, "n (gh gw) (ph pw c) -> n c (gh ph) (gw pw)", gh=g, gw=g, ph=p, pw=p)
 
-    def forward(self, x, t, portrait, audio=None, motion=None):
-        self._check_inputs(x, t, portrait, audio, motion)
+    def forward(self, x, t, portrait, audio=None, motion=None, cond=None):
+        self._check_inputs(x, t, portrait, audio, motion, cond)
         cfg = self.cfg
         b, f = x.shape[:2]
         m_max = cfg.num_motion_frames
@@ -398,19 +410,21 @@ class LetsTalkTransformer(ModelMixin, ConfigMixin):
         if audio is None:
             audio = x.new_zeros(b, f, cfg.audio_window, cfg.audio_layers, cfg.audio_feature_dim)
 
+        if cond is not None:
+            x = torch.cat([x, cond.to(dtype)], dim=2)  # (B, F, C + C', H, W)
         # video frames sit at temporal positions M_max..M_max+F-1; motion frames just before them
         tokens = rearrange(self.embed(rearrange(x, "b f c h w -> (b f) c h w")), "(b f) p d -> b f p d", b=b)
         tokens = tokens + self.temp_embed[m_max:m_max + f, None].to(dtype)
         motion_tokens = None
         if motion is not None and motion.shape[1] > 0:
             m = motion.shape[1]
-            motion_tokens = rearrange(self.embed(rearrange(motion.to(dtype), "b m c h w -> (b m) c h w")),
-                                      "(b m) p d -> b m p d", b=b)
+            motion_tokens = rearrange(self.embed(rearrange(motion.to(dtype), "b m c h w -> (b m) c h w"),
+                                                 self.clean_embedder), "(b m) p d -> b m p d", b=b)
             motion_tokens = motion_tokens + self.temp_embed[m_max - m:m_max, None].to(dtype)
 
         c = self.t_embedder(t)  # (B, D)
         audio_tokens = self.audio_proj(audio.to(dtype))  # (B, F, A, Ca)
-        portrait_tokens = self.embed(portrait)  # (B, P, D)
+        portrait_tokens = self.embed(portrait, self.clean_embedder)  # (B, P, D)
 
         side = []  # tokens concatenated along the token axis (symbiotic fusion)
         if cfg.portrait_fusion == "symbiotic":
@@ -436,16 +450,22 @@ class LetsTalkTransformer(ModelMixin, ConfigMixin):
         out = self.final_layer(rearrange(tokens, "b f p d -> (b f) p d"), repeat(c, "b d -> (b f) d", f=f))
         return rearrange(self.unpatchify(out), "(b f) c h w -> b f c h w", b=b)
 
-    def forward_with_guidance(self, x, t, portrait, audio, motion=None, guidance: float = 1.0):
+    @property
+    def clean_embedder(self) -> nn.Conv2d:
+        """The patch embedding of clean latents without condition channels (portrait, motion frames)."""
+        return self.ref_embedder if self.cfg.cond_channels else self.x_embedder
+
+    def forward_with_guidance(self, x, t, portrait, audio, motion=None, guidance: float = 1.0, cond=None):
         """Classifier-free guidance on audio: ε = ε_uncond + g · (ε_audio - ε_uncond).
 
         The audio-free branch gets all-zero audio features (what audio dropout trains); both
         branches run as one batch. The variance channels come from the audio branch.
         """
         if guidance == 1.0 or audio is None:
-            return self(x, t, portrait, audio, motion)
+            return self(x, t, portrait, audio, motion, cond)
         both = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
-        out = self(both(x), both(t), both(portrait), torch.cat([audio, torch.zeros_like(audio)]), both(motion))
+        out = self(both(x), both(t), both(portrait), torch.cat([audio, torch.zeros_like(audio)]), both(motion),
+                   both(cond))
         cond, uncond = out.chunk(2)
         c = self.cfg.in_channels
         eps = uncond[:, :, :c] + guidance * (cond[:, :, :c] - uncond[:, :, :c])

@@ -29,11 +29,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from letstalk import metrics
 from letstalk.artifacts import write_json_atomic
@@ -43,10 +43,12 @@ from letstalk.whisper import PACKAGED, is_whisper_folder
 from letstalk.clips import ClipSpec, decode_video
 from letstalk.diffusion import ClipTarget
 from letstalk.faces import FaceSettings
+from letstalk.footage import AVATAR_DIR, add_footage
 from letstalk.media import MediaError, cut_video, probe, write_video
 from letstalk.pipeline import LetsTalkPipeline
 from letstalk.viz import contact_sheet
 
+from .avatar_revoice import pipeline_generator, reference_crop, score_revoice
 from .runtime import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,13 +66,19 @@ class AvatarConfig(BaseModel):
     minutes: float | None = Field(None, gt=0, description="training wall-clock budget (default: the config's "
                                   "time_limit_minutes)")
     steps: int | None = Field(None, ge=1, description="training steps (default: the config's)")
-    config: str = Field("cluster/train/avatar-cpu.yaml", description="train config (TrainConfig YAML)")
-    preset: str = Field("avatar", description="model preset of the data bundle (letstalk.config.PRESETS)")
+    mode: Literal["revoice", "portrait"] = Field("revoice", description="revoice: the person's own footage with the "
+                                                "lower face regenerated from the speech; portrait: one frame, "
+                                                "generated motion")
+    config: str | None = Field(None, description="train config (TrainConfig YAML; default: "
+                               "cluster/train/avatar-revoice-cpu.yaml or avatar-cpu.yaml, by mode)")
+    preset: str | None = Field(None, description="model preset of the data bundle (letstalk.config.PRESETS; "
+                               "default: avatar-revoice or avatar, by mode)")
     image_size: int = Field(64, ge=64, le=256, description="face crop size in pixels (a multiple of the preset's "
                             "latent size)")
     face_model: str = Field(description="MediaPipe face_landmarker .task file: crops and the mouth measures")
-    audio_encoder: str = Field("log-mel", description="audio features: log-mel (the preset's), or a pretrained "
-                               "Whisper: whisper-tiny.en (pip install '.[whisper]'), whisper-base, or a Whisper folder")
+    audio_encoder: str | None = Field(None, description="audio features: log-mel, or a pretrained Whisper: "
+                                      "whisper-tiny.en (pip install '.[whisper]'), whisper-base, or a Whisper folder "
+                                      "(default: whisper-tiny.en to re-voice, log-mel for a portrait)")
     stride: int = Field(2, ge=1, description="frames between training clip starts")
     sample_steps: int = Field(25, ge=1, description="DDIM steps of the held-out render")
     seed: int = 0
@@ -80,8 +88,8 @@ class AvatarConfig(BaseModel):
 
     @field_validator("audio_encoder")
     @classmethod
-    def _known_audio(cls, v: str) -> str:
-        if v != "log-mel" and v not in PACKAGED and not Path(v).is_dir():
+    def _known_audio(cls, v: str | None) -> str | None:
+        if v is not None and v != "log-mel" and v not in PACKAGED and not Path(v).is_dir():
             raise ValueError(f"{v!r} is neither log-mel, a shipped Whisper ({', '.join(PACKAGED)}) nor a folder")
         return v
 
@@ -91,6 +99,30 @@ class AvatarConfig(BaseModel):
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
             raise ValueError("name may hold only letters, digits, '-', '_' and '.' (at most 64)")
         return v
+
+    @model_validator(mode="after")
+    def _preset_fits_mode(self) -> "AvatarConfig":
+        from letstalk.config import PRESETS
+
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"unknown preset {self.preset!r}; choose from {list(PRESETS)}")
+            if bool(PRESETS[self.preset].cond_channels) != (self.mode == "revoice"):
+                raise ValueError(f"preset {self.preset!r} does not fit --mode {self.mode} (re-voicing presets have "
+                                 "condition channels: avatar-revoice)")
+        return self
+
+    @property
+    def audio_features(self) -> str:
+        return self.audio_encoder or ("whisper-tiny.en" if self.mode == "revoice" else "log-mel")
+
+    @property
+    def model_preset(self) -> str:
+        return self.preset or ("avatar-revoice" if self.mode == "revoice" else "avatar")
+
+    @property
+    def train_config(self) -> str:
+        return self.config or f"cluster/train/{'avatar-revoice' if self.mode == 'revoice' else 'avatar'}-cpu.yaml"
 
     @property
     def person(self) -> str:
@@ -143,6 +175,8 @@ class Holdout:
     frames: np.ndarray  # (N, S, S, 3) at the model's resolution: the pixel measures
     frames_full: np.ndarray  # (N, 256, 256, 3) or larger: the real mouth's landmarks
     audio: np.ndarray  # (samples,) at the model's sample rate
+    train_full: np.ndarray  # (T, 256, 256, 3) the training part's crops from the same track: re-voiced footage
+    train_audio: np.ndarray  # (samples,) the training part's audio
 
 
 def avatar_faces(face_model: str) -> dict[str, str]:
@@ -166,7 +200,8 @@ def held_out(video: str, train_seconds: float, spec: ClipSpec, faces: FaceSettin
         raise ValueError(f"{video}: {n} held-out frames decoded, fewer than {metrics.MIN_SYNC_FRAMES}")
     frames = frames[:n]
     return Holdout(metrics.resize_frames(frames, spec.image_size), frames,
-                   audio[: round(n * spec.sample_rate / spec.fps)])
+                   audio[: round(n * spec.sample_rate / spec.fps)], full.frames[:first],
+                   full.audio[: round(first * spec.sample_rate / spec.fps)])
 
 
 def residual_scale(shards: Path, base: str, sample: int = 64) -> float:
@@ -197,9 +232,21 @@ def typical_frame(shards: Path) -> torch.Tensor:
     return frames[pick][None].clone()
 
 
+def stacked_sheet(rows: list[np.ndarray], fps: float, path: Path) -> None:
+    """Contact sheets of frame sets (each (N, S, S, 3)), one above the other (the first 20 frames of each)."""
+    from PIL import Image
+
+    sheets = [contact_sheet(metrics.resize_frames(frames, 128), fps, cols=10, max_frames=20) for frames in rows]
+    sheet = Image.new("RGB", (sheets[0].width, sum(s.height for s in sheets)), (255, 255, 255))
+    for k, part in enumerate(sheets):
+        sheet.paste(part, (0, k * sheets[0].height))
+    sheet.save(path)
+
+
 def mouth_plot(real: np.ndarray, generated: np.ndarray, envelope: np.ndarray, fps: float, title: str,
-               path: Path) -> None:
-    """The real and the generated mouth aperture over time beside the audio loudness, standardised."""
+               path: Path, extra: np.ndarray | None = None) -> None:
+    """The real and the generated mouth aperture over time beside the audio loudness, standardised;
+    `extra`: a second generated track (the re-voiced avatar's dubbing render)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +260,10 @@ def mouth_plot(real: np.ndarray, generated: np.ndarray, envelope: np.ndarray, fp
     fig, ax = plt.subplots(figsize=(10, 3.2), dpi=100)
     ax.fill_between(t, z(envelope[: len(t)]) - 4, -4, color="#dddddd", label="audio loudness")
     ax.plot(t, z(real), color="#2c3e50", lw=1.6, label="real mouth aperture")
-    ax.plot(t, z(generated), color="#c0392b", lw=1.4, label="generated mouth aperture")
+    ax.plot(t, z(generated), color="#c0392b", lw=1.4,
+            label="generated mouth aperture" if extra is None else "re-voiced over the training footage")
+    if extra is not None:
+        ax.plot(t, z(extra), color="#2980b9", lw=1.2, ls="--", label="dubbed over the masked held-out frames")
     ax.set_xlabel("seconds (held out)")
     ax.set_yticks([])
     ax.set_title(title, fontsize=10)
@@ -278,15 +328,17 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     train_video, lengths = cut_footage(cfg, out)
     seconds["footage"] = time.perf_counter() - t
 
-    t = _stage(2, total, f"preprocess (Ray Data): face track, crops, quality, {cfg.audio_encoder} features")
+    t = _stage(2, total, f"preprocess (Ray Data): face track, crops, quality, {cfg.audio_features} features")
     bundle = out / "data-bundle"
     faces = avatar_faces(cfg.face_model)
     if not (bundle / "pipeline.json").is_file():
         # the codec's PCA basis comes from the person's own face crops (the training part only)
         crops = decode_video(train_video, ClipSpec(image_size=cfg.image_size, clip_frames=8, stride=8),
                              FaceSettings(**faces), vad=False).frames
-        LetsTalkPipeline.init_avatar(crops, seed=cfg.seed, preset=cfg.preset,
-                                     audio_encoder=avatar_audio_encoder(cfg.audio_encoder)).save_pretrained(bundle)
+        LetsTalkPipeline.init_avatar(crops, seed=cfg.seed, preset=cfg.model_preset,
+                                     audio_encoder=avatar_audio_encoder(cfg.audio_features)).save_pretrained(bundle)
+    if cfg.mode == "revoice" and not (bundle / AVATAR_DIR / "footage.mp4").is_file():
+        add_footage(bundle, train_video, {k: v for k, v in faces.items() if k != "model"})  # travels with the model
     init_ray()
     pcfg = PreprocessConfig(input=str(train_video.parent), output=str(out / "shards"), model=str(bundle),
                             stride=cfg.stride, eval_fraction=0.0, decoders=1, faces=faces)
@@ -304,7 +356,7 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     overrides = {"data.path": str(out / "shards"), "tracking.storage": str(out / "runs"),
                  "tracking.mlflow_uri": mlflow_uri, "tracking.name": register, "tracking.register_name": register,
                  "time_limit_minutes": cfg.minutes, "steps": cfg.steps, "seed": cfg.seed}
-    tcfg = load_config(TrainConfig, REPO / cfg.config, overrides)  # an absolute cfg.config stays as it is
+    tcfg = load_config(TrainConfig, REPO / cfg.train_config, overrides)  # an absolute path stays as it is
     base = tcfg.target.residual_base
     scale = residual_scale(out / "shards", base)
     tcfg = tcfg.model_copy(update={"target": tcfg.target.model_copy(update={"residual_scale": scale})})
@@ -320,13 +372,36 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     pipe = LetsTalkPipeline.from_pretrained(summary["bundle"])
     spec = manifest.clip_spec
     holdout = held_out(cfg.video, lengths["train"], spec, FaceSettings(**faces))
+    if cfg.mode == "revoice":
+        figures, files = revoice_holdout(pipe, holdout, spec, cfg, lengths, out, seconds, t)
+    else:
+        figures, files = portrait_holdout(pipe, holdout, spec, cfg, lengths, out, seconds, t)
+
+    report = {
+        "person": cfg.person, "video": str(Path(cfg.video).resolve()), "seconds_of_footage": lengths,
+        **figures,
+        "resolution": spec.image_size, "steps": summary["steps"], "sample_steps": cfg.sample_steps,
+        "audio_encoder": cfg.audio_features,
+        "train_seconds": summary["seconds"], "train_clips": manifest.clip_count("train"),
+        "model": model_uri, "bundle": summary["bundle"], "mlflow_uri": mlflow_uri, "preset": cfg.model_preset, "mode": cfg.mode,
+        "quality": quality, "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "files": files,
+    }
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def portrait_holdout(pipe, holdout: Holdout, spec: ClipSpec, cfg: AvatarConfig, lengths: dict[str, float], out: Path,
+                     seconds: dict[str, float], t: float) -> tuple[dict[str, Any], list[str]]:
+    """--mode portrait: the held-out seconds generated from the typical training frame and the held-out
+    audio, scored against the real frames; writes the videos and pictures, returns (figures, files)."""
     reference = typical_frame(out / "shards")
     generated = np.concatenate(list(pipe.iter_clips(reference, holdout.audio, steps=cfg.sample_steps,
                                                     sampler="ddim", seed=cfg.seed)))
     portrait = pipe.codec.decode(reference)[0]
     seconds["render"] = time.perf_counter() - t
 
-    t = _stage(5, total, "report: the render against the real held-out footage")
+    t = _stage(5, 5, "report: the render against the real held-out footage")
     figures, tracks = score_holdout(generated, holdout.frames, holdout.frames_full, holdout.audio, spec,
                                     cfg.face_model, pipe.transformer.cfg.num_frames)
     write_video(out / "holdout.mp4", generated, fps=spec.fps, audio=holdout.audio, sample_rate=spec.sample_rate)
@@ -337,26 +412,43 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     mouth_plot(tracks["real"], tracks["generated"], tracks["envelope"], spec.fps,
                f"{cfg.person}, held-out {lengths['holdout']:g} s: generated vs real mouth r = {figures['mouth_r']:.2f} "
                f"(shifted-real control {figures['mouth_r_control']:.2f})", out / "mouth.png")
-    sheet_real = contact_sheet(metrics.resize_frames(real[:n], 128), spec.fps, cols=10, max_frames=20)
-    sheet_gen = contact_sheet(metrics.resize_frames(generated[:n], 128), spec.fps, cols=10, max_frames=20)
+    stacked_sheet([real[:n], generated[:n]], spec.fps, out / "sheet.png")
     from PIL import Image
 
-    sheet = Image.new("RGB", (sheet_real.width, sheet_real.height * 2), (255, 255, 255))
-    sheet.paste(sheet_real, (0, 0))
-    sheet.paste(sheet_gen, (0, sheet_real.height))
-    sheet.save(out / "sheet.png")
     Image.fromarray(metrics.resize_frames(portrait[None], 256)[0]).save(out / "portrait.png")
     seconds["report"] = time.perf_counter() - t
 
-    report = {
-        "person": cfg.person, "video": str(Path(cfg.video).resolve()), "seconds_of_footage": lengths,
-        **figures,
-        "resolution": spec.image_size, "steps": summary["steps"], "sample_steps": cfg.sample_steps,
-        "audio_encoder": cfg.audio_encoder,
-        "train_seconds": summary["seconds"], "train_clips": manifest.clip_count("train"),
-        "model": model_uri, "bundle": summary["bundle"], "mlflow_uri": mlflow_uri, "preset": cfg.preset,
-        "quality": quality, "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "files": ["holdout.mp4", "side_by_side.mp4", "mouth.png", "sheet.png", "portrait.png"],
-    }
-    write_json_atomic(out / "report.json", report)
-    return report
+    return figures, ["holdout.mp4", "side_by_side.mp4", "mouth.png", "sheet.png", "portrait.png"]
+
+
+def revoice_holdout(pipe, holdout: Holdout, spec: ClipSpec, cfg: AvatarConfig, lengths: dict[str, float], out: Path,
+                    seconds: dict[str, float], t: float) -> tuple[dict[str, Any], list[str]]:
+    """--mode revoice: the held-out audio over the training footage and over the masked held-out frames
+    (letstalk_platform.avatar_revoice), scored against the real held-out frames; writes the videos and
+    pictures, returns (figures, files)."""
+    reference = reference_crop(pipe, holdout.train_full)
+    generate = pipeline_generator(pipe, reference, cfg.sample_steps, cfg.seed)
+    seconds["render"] = time.perf_counter() - t  # the renders run inside the scoring (four of them)
+    t = _stage(5, 5, "report: four renders (held-out and other speech, over the footage and the masked held-out "
+                     "frames) against the real held-out footage")
+    figures, shown = score_revoice(generate, holdout.train_full, holdout.train_audio, holdout.frames_full,
+                                   holdout.audio, pipe.image_size, pipe.transformer.cfg.input_size, cfg.face_model,
+                                   spec.fps, spec.sample_rate)
+    n = figures["frames"]
+    sr = spec.sample_rate
+    write_video(out / "revoiced.mp4", shown["revoiced"], fps=spec.fps, audio=holdout.audio, sample_rate=sr)
+    write_video(out / "dubbed.mp4", shown["dubbed"], fps=spec.fps, audio=holdout.audio, sample_rate=sr)
+    gap = np.full((n, 256, 4, 3), 255, np.uint8)
+    panels = [metrics.resize_frames(shown[k], 256) for k in ("real", "dubbed", "revoiced")]
+    write_video(out / "side_by_side.mp4", np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=2),
+                fps=spec.fps, audio=holdout.audio, sample_rate=sr)
+    mouth_plot(shown["real_mouth"], shown["revoiced_mouth"], shown["envelope"], spec.fps,
+               f"{cfg.person}, held-out {lengths['holdout']:g} s over the training footage: mouth r = "
+               f"{figures['mouth_r']:.2f} (control {figures['mouth_r_control']:.2f}); dubbed: "
+               f"{figures['dub_mouth_r']:.2f}", out / "mouth.png", extra=shown["dubbed_mouth"])
+    stacked_sheet([shown[k][:n] for k in ("real", "dubbed", "revoiced")], spec.fps, out / "sheet.png")
+    from PIL import Image
+
+    Image.fromarray(metrics.resize_frames(reference[None], 256)[0]).save(out / "portrait.png")
+    seconds["report"] = time.perf_counter() - t
+    return figures, ["revoiced.mp4", "dubbed.mp4", "side_by_side.mp4", "mouth.png", "sheet.png", "portrait.png"]

@@ -115,7 +115,8 @@ class PreprocessConfig(BaseModel):
     image_size: int | None = None
     clip_frames: int | None = None
     stride: int | None = None
-    motion_frames: int | None = None
+    motion_frames: int | None = Field(None, ge=1, description="motion frames stored per clip (default: the model's, "
+                                      "at least 1: Ray Data cannot hold an empty tensor column)")
     ref_frames: int = 4
     max_seconds: float = 600.0
     first_seconds: float | None = Field(None, gt=0, description="use only the first N seconds of each video "
@@ -141,7 +142,8 @@ def clip_spec(cfg: PreprocessConfig) -> ClipSpec:
     return ClipSpec(
         fps=cfg.fps, sample_rate=cfg.sample_rate, image_size=cfg.image_size or tcfg["input_size"] * down,
         clip_frames=clip_frames, stride=cfg.stride or clip_frames,
-        motion_frames=tcfg["num_motion_frames"] if cfg.motion_frames is None else cfg.motion_frames,
+        # a model that reads no motion frames (re-voicing) still gets one stored: the column cannot be empty
+        motion_frames=max(1, tcfg["num_motion_frames"]) if cfg.motion_frames is None else cfg.motion_frames,
         ref_frames=cfg.ref_frames, audio_window=tcfg["audio_window"], max_seconds=cfg.max_seconds,
         first_seconds=cfg.first_seconds,
     )

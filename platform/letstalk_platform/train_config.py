@@ -307,7 +307,12 @@ def architecture(model: ModelSection, manifest: ShardManifest) -> LetsTalkConfig
     unless the config picks others), the clip, latent and audio sizes the manifest records."""
     fusions = {k: v for k, v in (("portrait_fusion", model.portrait_fusion), ("audio_fusion", model.audio_fusion))
                if v is not None}
-    return LetsTalkConfig.from_name(model.preset, **fusions, **manifest.architecture())
+    fixed, preset = manifest.architecture(), LetsTalkConfig.from_name(model.preset)
+    # a preset may read fewer motion frames than the shards hold (re-voicing reads none: the loop keeps the last ones)
+    fixed["num_motion_frames"] = min(preset.num_motion_frames, fixed["num_motion_frames"])
+    if preset.cond_channels:  # re-voicing: the frame's masked latent and the mask (letstalk.revoice)
+        fixed["cond_channels"] = fixed["in_channels"] + 1
+    return LetsTalkConfig.from_name(model.preset, **fusions, **fixed)
 
 
 def distill_setup(cfg: TrainConfig, manifest: ShardManifest) -> tuple[TrainConfig, LetsTalkConfig, float | None]:

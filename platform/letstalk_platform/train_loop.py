@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from letstalk.artifacts import CheckpointState, RankState, ema_file
 from letstalk.config import LetsTalkConfig
 from letstalk.diffusion import GaussianDiffusion
+from letstalk.revoice import latent_mask
 from letstalk.training import EMA, distill_loss_terms, init_from_checkpoint, loss_terms, prepare_batch
 from letstalk.transformer import LetsTalkTransformer
 from letstalk.vae import LatentCodec
@@ -179,6 +180,7 @@ def train_loop(config: dict[str, Any]) -> None:
     ema = EMA(master_weights(engine), cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
     diffusion = GaussianDiffusion(learn_sigma=arch.learn_sigma, prediction=cfg.target.prediction)
     augment, target = cfg.augment.to_augment(), cfg.target.to_clip_target()
+    cond_mask = latent_mask(arch.input_size).to(device) if arch.cond_channels else None  # a re-voicing model
     log = tracking.RankZeroLogger(cfg.tracking.mlflow_uri, plan.run_id, rank)
     log.tag("optimizer_kernel", optimizer_kernel(engine))
 
@@ -218,7 +220,8 @@ def train_loop(config: dict[str, Any]) -> None:
             data_wait += time.perf_counter() - t_ready
             watchdog.beat(step, "in a step: forward, backward or a collective with the other workers")
             batch = {k: torch.from_numpy(arrays[k]).to(device) for k in TRAIN_COLUMNS}
-            inputs = prepare_batch(batch, augment, arch.audio_window, generator, target=target)
+            inputs = prepare_batch(batch, augment, arch.audio_window, generator, target=target, cond_mask=cond_mask,
+                                   motion_frames=arch.num_motion_frames)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 if teacher is None:
                     terms = loss_terms(engine, diffusion, inputs, generator, motion_weight=cfg.target.motion_weight)

@@ -37,7 +37,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def test_presets_and_parameter_counts():
-    assert list(PRESETS) == ["tiny", "demo", "avatar", "S", "B", "L"]
+    assert list(PRESETS) == ["tiny", "demo", "avatar", "avatar-revoice", "S", "B", "L"]
     counts = {}
     for name in ("B", "L"):
         with torch.device("meta"):
