@@ -25,10 +25,9 @@ quick-demo: install
 # from Whisper features), measured on its held-out seconds (docs/avatar.md); pictures and videos under out/;
 # needs the real-media folder (LETSTALK_REALDATA, else ../shared/realdata): ~45 min per person on 2 cores
 REALDATA ?= $(or $(LETSTALK_REALDATA),../shared/realdata)
-FACE_MODEL := $(REALDATA)/weights/mediapipe_face_landmarker_v2_with_blendshapes.task
 avatar: install
-	$(PY) jobs/avatar.py --video $(REALDATA)/videos/styletalk_obama2.mp4 --holdout-seconds 6 --out out/avatar-obama2 --face-model $(FACE_MODEL)
-	$(PY) jobs/avatar.py --video $(REALDATA)/videos/mimictalk_german_anchor_20s.mp4 --holdout-seconds 6 --out out/avatar-anchor --face-model $(FACE_MODEL)
+	$(PY) jobs/avatar.py --video $(REALDATA)/videos/styletalk_obama2.mp4 --holdout-seconds 6 --out out/avatar-obama2
+	$(PY) jobs/avatar.py --video $(REALDATA)/videos/mimictalk_german_anchor_20s.mp4 --holdout-seconds 6 --out out/avatar-anchor
 
 # every case but the `heavy` tier (the whole-job runs of minutes each: `make test-heavy`)
 test: install

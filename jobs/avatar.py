@@ -1,8 +1,7 @@
 """Your own avatar from a short clip: preprocess one person's footage, train a person-specific model,
 render the held-out seconds from their audio and measure the render against the real footage.
 
-    python jobs/avatar.py --video CLIP.mp4 --holdout-seconds 6 --out out/avatar \\
-        --face-model weights/face_landmarker_v2_with_blendshapes.task [--minutes 40] [--mode revoice|portrait]
+    python jobs/avatar.py --video CLIP.mp4 --holdout-seconds 6 --out out/avatar [--minutes 40] [--mode revoice|portrait]
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/avatar.py --video /data/me.mp4 ...
 
 --mode revoice (default): the person's own footage, the lower face regenerated from the speech. Writes

@@ -4,8 +4,8 @@
         --inception weights/inception-2015-12-05.pt --i3d weights/i3d_torchscript.pt --face-recon weights/epoch_20.pth
     python jobs/evaluate.py --models letstalk@symbiotic,letstalk@siamese --data shards/   # ablation: one row each
     python jobs/evaluate.py --model models/tiny --data shards/ --split all --debug-videos 2  # smoke run
-    python jobs/evaluate.py --model letstalk/models/demo --reference-videos 'footage/*.mp4' \\
-        --face-model weights/face_landmarker_v2_with_blendshapes.task --max-seconds 8 --out out/eval-real
+    python jobs/evaluate.py --model letstalk/models/demo --reference-videos 'footage/*.mp4' --max-seconds 8 \\
+        --out out/eval-real   # --face-model: another MediaPipe .task (default: the one shipped with letstalk)
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/evaluate.py --config eval.yaml
 
 Flags override the YAML; the defaults (and the sampler choices) live in EvalConfig only. Without a

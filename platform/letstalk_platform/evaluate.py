@@ -50,7 +50,7 @@ from letstalk import metrics
 from letstalk.artifacts import ShardManifest
 from letstalk.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, Sampler
 from letstalk.clips import ClipSpec, decode_video
-from letstalk.faces import FaceSettings, MediaPipeFaces
+from letstalk.faces import LANDMARKER, FaceSettings, MediaPipeFaces
 from letstalk.media import MediaError, ffmpeg_exe, probe
 from letstalk.pipeline import LetsTalkPipeline
 
@@ -82,8 +82,8 @@ class EvalConfig(BaseModel):
     reference_videos: str | None = Field(None, description="real talking-head videos with their own audio (a folder "
                                                            "or a glob): scored by face landmarks against the real "
                                                            "mouth")
-    face_model: str | None = Field(None, description="MediaPipe face_landmarker .task file (needed with "
-                                                     "reference_videos)")
+    face_model: str = Field(str(LANDMARKER), description="MediaPipe face_landmarker .task file, for "
+                            "reference_videos (default: the one shipped with the package)")
     max_seconds: float = Field(8.0, gt=0, description="seconds of each reference video evaluated")
     out: str | None = Field(None, description="folder for table.md + table.json")
     mlflow_uri: str | None = Field(None, description="tracking store; default $MLFLOW_TRACKING_URI, else "
@@ -107,8 +107,6 @@ class EvalConfig(BaseModel):
     def _sources(self) -> "EvalConfig":
         if not self.data and not self.reference_videos:
             raise ValueError("nothing to evaluate on: give a shard folder (data) and/or reference_videos")
-        if self.reference_videos and not self.face_model:
-            raise ValueError("reference_videos need face_model: a MediaPipe face_landmarker .task file")
         if self.mlflow_uri is None:
             self.mlflow_uri = default_mlflow_uri(self.out)
         return self

@@ -160,8 +160,10 @@ def test_eval_config_sources_and_mlflow_default(tmp_path, monkeypatch):
     assert EvalConfig(models=["m"], data="d", out="o").mlflow_uri == "http://mlflow:5000"
     with pytest.raises(ValueError, match="nothing to evaluate on"):
         EvalConfig(models=["m"])
-    with pytest.raises(ValueError, match="reference_videos need face_model"):
-        EvalConfig(models=["m"], reference_videos="videos/")
+    from letstalk.faces import LANDMARKER
+
+    assert EvalConfig(models=["m"], reference_videos="videos/").face_model == str(LANDMARKER)  # the shipped one
+    assert LANDMARKER.is_file()
     assert EvalConfig(models=["m"], reference_videos="v/", face_model="f.task").data is None
 
 
@@ -257,8 +259,6 @@ def test_evaluate_bad_input(shards, bundle, uri, tmp_path, capsys):
     assert "models" in capsys.readouterr().err
     assert job.main(["--model", str(bundle), "--data", str(shards), "--i3d", str(tmp_path / "x.pt"), *uri]) == 2
     assert "I3D weights" in capsys.readouterr().err
-    assert job.main(["--model", str(bundle), "--reference-videos", str(shards.parent / "raw"), *uri]) == 2
-    assert "reference_videos need face_model" in capsys.readouterr().err
     assert job.main(["--model", str(bundle), "--reference-videos", str(shards.parent / "raw"), "--face-model",
                      str(tmp_path / "none.task"), *uri]) == 2
     assert "face landmarker model not found" in capsys.readouterr().err
