@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .clips import ClipSpec, decode_video
-from .faces import FaceSettings
+from .faces import FaceSettings, scale_track
 from .media import MediaError, iter_video_frames, probe, write_video
 from .metrics.frames import resize_frames
 from .revoice import Composite, pingpong
@@ -71,13 +70,7 @@ def load_footage(path: str | os.PathLike, faces: FaceSettings, fps: int = 25, cr
             break
         frames.append(frame)
     n = len(frames)
-    sx, sy = size[0] / width, size[1] / height
-    b = decoded.track.boxes[:n].astype(np.float64)
-    side = np.maximum(1, np.rint((b[:, 2] - b[:, 0]) * (sx + sy) / 2)).astype(np.int64)
-    side = np.minimum(side, min(size))
-    x0 = np.clip(np.rint(b[:, 0] * sx), 0, size[0] - side).astype(np.int64)
-    y0 = np.clip(np.rint(b[:, 1] * sy), 0, size[1] - side).astype(np.int64)
-    boxes = np.stack([x0, y0, x0 + side, y0 + side], axis=1)
+    boxes = scale_track(decoded.track, *size).boxes[:n]  # the crop boxes in the kept frames' pixels
     return Footage(np.stack(frames), boxes, decoded.frames[:n], fps)
 
 
@@ -108,34 +101,28 @@ def bundle_footage(bundle: str | os.PathLike) -> tuple[Path, dict]:
 def typical_index(pipe, crops: np.ndarray) -> int:
     """The crop whose latent is nearest the mean of all crops' latents: the person's most typical pose
     and expression (the reference frame of a re-voiced render)."""
-    small = resize_frames(crops, pipe.image_size)
-    latents = torch.cat([pipe.codec.encode(small[i:i + 64]).cpu() for i in range(0, len(small), 64)])
+    latents = pipe.codec.encode(resize_frames(crops, pipe.image_size)).cpu()
     return int((latents - latents.mean(0)).flatten(1).pow(2).sum(1).argmin())
 
 
-def revoice_frames(pipe, footage: Footage, audio: np.ndarray, *, start: int = 0, reference: int | None = None,
-                   steps: int | None = None, sampler: str | None = None, guidance: float = 1.0, seed: int = 0,
-                   full: bool = True, progress: Callable[[int, int], None] | None = None):
+def revoice_frames(pipe, footage: Footage, audio: np.ndarray, *, steps: int | None = None,
+                   sampler: str | None = None, guidance: float = 1.0, seed: int = 0,
+                   progress: Callable[[int, int], None] | None = None):
     """Yield (footage index, re-voiced frame) for each video frame of `audio` ((samples,) at the bundle's
-    rate): the frame is the footage frame with its lower face regenerated, at the footage's resolution
-    (`full`) or as the (S, S, 3) crop at `footage.crops`' size."""
+    rate): the footage frame with its lower face regenerated, at the footage's resolution."""
     n = round(len(audio) / pipe.settings.sample_rate * footage.fps)
     if n < 1:
         raise ValueError("audio: too short to give a single video frame")
-    order = pingpong(len(footage), n, start)
+    order = pingpong(len(footage), n)
     small = resize_frames(footage.crops, pipe.image_size)
-    ref = small[typical_index(pipe, footage.crops) if reference is None else reference]
+    ref = small[typical_index(pipe, footage.crops)]
     paste = Composite(pipe.transformer.cfg.input_size)
-    side = footage.crops.shape[1]
     k = 0
     for clip in pipe.iter_revoice(small[order], audio, ref, steps=steps, sampler=sampler, guidance=guidance,
                                   seed=seed, progress=progress):
         for generated in clip:
             i = int(order[k])
-            if full:
-                yield i, paste(footage.frames[i], footage.boxes[i], generated)
-            else:
-                yield i, paste(footage.crops[i], (0, 0, side, side), generated)
+            yield i, paste(footage.frames[i], footage.boxes[i], generated)
             k += 1
 
 

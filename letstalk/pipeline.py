@@ -286,10 +286,7 @@ class LetsTalkPipeline:
         the bundle's pipeline.json) < 1 starts each clip from its last motion frame noised to
         t = strength·T instead of from pure noise.
         """
-        sampler, steps = self.sampling(sampler, steps)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        self.diffusion.make_scheduler(sampler, steps, self.codec.sample_range)  # validates steps before any work
+        sampler, steps = self.checked_sampling(sampler, steps)
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         seconds = {} if seconds is None else seconds
@@ -323,6 +320,14 @@ class LetsTalkPipeline:
             for latents in clips:
                 yield decode(latents)
 
+    def checked_sampling(self, sampler: str | None, steps: int | None) -> tuple[str, int]:
+        """`sampling`, with the sampler and step count checked (a one-line ValueError) before any work."""
+        sampler, steps = self.sampling(sampler, steps)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        self.diffusion.make_scheduler(sampler, steps, self.codec.sample_range)  # validates steps
+        return sampler, steps
+
     @property
     def revoices(self) -> bool:
         """Whether this bundle re-voices footage (its transformer has condition channels: letstalk.revoice)."""
@@ -341,10 +346,7 @@ class LetsTalkPipeline:
         """
         if not self.revoices:
             raise ValueError("this bundle does not re-voice footage (its transformer has no condition channels)")
-        sampler, steps = self.sampling(sampler, steps)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        self.diffusion.make_scheduler(sampler, steps, self.codec.sample_range)
+        sampler, steps = self.checked_sampling(sampler, steps)
         crops = np.asarray(crops)
         s = self.image_size
         if crops.ndim != 4 or crops.shape[1:] != (s, s, 3) or crops.dtype != np.uint8 or not len(crops):
@@ -361,7 +363,7 @@ class LetsTalkPipeline:
             ref = self.codec.encode(np.asarray(reference, np.uint8)[None]).to(self.device)
         t0 = time.perf_counter()
         feats = self.audio_encoder(wave, len(crops)).to(self.device)
-        footage = torch.cat([self.codec.encode(crops[i:i + 64]) for i in range(0, len(crops), 64)]).to(self.device)
+        footage = self.codec.encode(crops).to(self.device)
         seconds["audio"] = seconds.get("audio", 0.0) + time.perf_counter() - t0
         for latents in self.denoise_clips(ref, feats, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                                           strength=1.0, progress=progress, seconds=seconds, footage=footage):
