@@ -273,7 +273,7 @@ def render_avatar(args: argparse.Namespace, out: Path, device: str) -> int:
     bar = StepBar(f"re-voicing ({sampler} × {steps})")
     try:
         revoice_video(pipe, footage, audio, out, steps=steps, sampler=sampler, guidance=args.guidance, seed=args.seed,
-                      progress=bar)
+                      mouth_detail=args.mouth_detail, progress=bar)
     finally:
         bar.close()
     h, w = footage.frames.shape[1:3]
@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(looped back and forth when the speech is longer)")
     p.add_argument("--footage", default=None, help="with --avatar: other footage of the same person (default: the "
                                                    "avatar's own)")
+    p.add_argument("--mouth-detail", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --avatar: add the fine detail of the person's own mouth from the footage to the "
+                        "generated lower face (letstalk.revoice.MouthDetail)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per clip (paper: 250 DDPM); " + OWN)
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                    help="ddpm: the paper's ancestral sampler (use 250 steps); ddim, dpm: fast; " + OWN)

@@ -25,7 +25,7 @@ from .clips import ClipSpec, decode_video
 from .faces import FaceSettings, scale_track
 from .media import MediaError, iter_video_frames, probe, write_video
 from .metrics.frames import resize_frames
-from .revoice import Composite, pingpong
+from .revoice import Composite, MouthDetail, pingpong
 
 MAX_FOOTAGE_BYTES = 4 << 30  # the frames kept in memory to loop over; longer footage is refused
 AVATAR_DIR = "avatar"  # in a re-voicing bundle: footage.mp4 (the person's footage) and avatar.json (how to crop it)
@@ -106,10 +106,11 @@ def typical_index(pipe, crops: np.ndarray) -> int:
 
 
 def revoice_frames(pipe, footage: Footage, audio: np.ndarray, *, steps: int | None = None,
-                   sampler: str | None = None, guidance: float = 1.0, seed: int = 0,
-                   progress: Callable[[int, int], None] | None = None):
+                   sampler: str | None = None, guidance: float = 1.0, seed: int = 0, mouth_detail: bool = True,
+                   progress: Callable[[int, int], None] | None = None, seconds: dict[str, float] | None = None):
     """Yield (footage index, re-voiced frame) for each video frame of `audio` ((samples,) at the bundle's
-    rate): the footage frame with its lower face regenerated, at the footage's resolution."""
+    rate): the footage frame with its lower face regenerated, at the footage's resolution; with
+    `mouth_detail`, the fine detail of the footage's best-matching mouth added (letstalk.revoice.MouthDetail)."""
     n = round(len(audio) / pipe.settings.sample_rate * footage.fps)
     if n < 1:
         raise ValueError("audio: too short to give a single video frame")
@@ -117,19 +118,22 @@ def revoice_frames(pipe, footage: Footage, audio: np.ndarray, *, steps: int | No
     small = resize_frames(footage.crops, pipe.image_size)
     ref = small[typical_index(pipe, footage.crops)]
     paste = Composite(pipe.transformer.cfg.input_size)
+    detail = MouthDetail(footage.crops, pipe.image_size) if mouth_detail else None
     k = 0
     for clip in pipe.iter_revoice(small[order], audio, ref, steps=steps, sampler=sampler, guidance=guidance,
-                                  seed=seed, progress=progress):
+                                  seed=seed, progress=progress, seconds=seconds):
         for generated in clip:
             i = int(order[k])
-            yield i, paste(footage.frames[i], footage.boxes[i], generated)
+            yield i, paste(footage.frames[i], footage.boxes[i], generated, None if detail is None else detail(generated))
             k += 1
 
 
-def revoice_video(pipe, footage: Footage, audio: np.ndarray, out: str | os.PathLike, **kwargs) -> Path:
-    """Write the re-voiced footage with `audio` as its sound to `out` (an mp4, written whole or not at all)."""
+def revoice_video(pipe, footage: Footage, audio: np.ndarray, out: str | os.PathLike, *, stream: bool = False,
+                  **kwargs) -> Path:
+    """Write the re-voiced footage with `audio` as its sound to `out` (an mp4, written whole or not at all;
+    with `stream`, a fragmented mp4 that grows at `out` as the frames come: letstalk.media.write_video)."""
     frames = (frame for _, frame in revoice_frames(pipe, footage, audio, **kwargs))
-    return write_video(out, frames, fps=footage.fps, audio=audio, sample_rate=pipe.settings.sample_rate)
+    return write_video(out, frames, fps=footage.fps, audio=audio, sample_rate=pipe.settings.sample_rate, stream=stream)
 
 
 __all__ = ["AVATAR_DIR", "Footage", "load_footage", "add_footage", "bundle_footage", "typical_index", "revoice_frames",

@@ -31,7 +31,8 @@ from .media import LimitExceeded, load_audio
 from .paste import fit_photo
 from .portrait import PortraitCrop, crop_portrait, load_image
 
-__all__ = ["InputSpec", "LimitExceeded", "PreparedInputs", "clip_count", "decode_bytes", "prepare", "prepare_audio"]
+__all__ = ["InputSpec", "LimitExceeded", "PreparedInputs", "PreparedSpeech", "clip_count", "decode_bytes", "prepare",
+           "prepare_audio", "prepare_speech"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,29 @@ class PreparedInputs:
         return dataclasses.replace(self, photo=photo, crop=dataclasses.replace(self.crop, box=box))
 
 
+@dataclass(eq=False)
+class PreparedSpeech:
+    """A re-voicing avatar's request (letstalk.footage): the speech alone, decoded and counted; the face and
+    the frames are the avatar's own footage. Takes PreparedInputs' place on the way to a renderer."""
+
+    audio: np.ndarray  # (samples,) float32 mono at sample_rate
+    sample_rate: int
+    num_frames: int
+    num_clips: int
+    photo: None = None  # nothing to paste back into: the footage is the renderer's
+    face_found: bool = True
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.size / self.sample_rate
+
+    def pastes_back(self, paste_back: bool | None) -> bool:
+        return False
+
+    def for_renderer(self, paste_back: bool | None, max_side: int) -> "PreparedSpeech":
+        return self
+
+
 def decode_bytes(data: bytes, what: str, load: Callable[[str], Any]) -> Any:
     """Uploaded bytes -> `load(path)` of a temporary file with our own name (a client's file name
     never becomes a path); errors come back as one line naming `what`, with the same type."""
@@ -143,6 +167,21 @@ def prepare_portrait(portrait: Any, spec: InputSpec) -> PortraitCrop:
     return crop_portrait(_image(portrait, spec), size=spec.image_size)
 
 
+def _frames(wave: np.ndarray, spec: InputSpec) -> int:
+    frames = spec.frames_for(wave.size)
+    if frames < 1:
+        raise ValueError(f"audio: {wave.size / spec.sample_rate * 1000:.0f} ms is too short to give a single "
+                         "video frame")
+    return frames
+
+
+def prepare_speech(audio: Any, spec: InputSpec) -> PreparedSpeech:
+    """Decode and check the speech of a re-voicing avatar's request (as `prepare` does the audio)."""
+    wave = prepare_audio(audio, spec)
+    frames = _frames(wave, spec)
+    return PreparedSpeech(wave, spec.sample_rate, frames, clip_count(frames, spec.clip_frames))
+
+
 def prepare(portrait: Any, audio: Any, spec: InputSpec) -> PreparedInputs:
     """Decode, check and crop one request's inputs.
 
@@ -150,10 +189,7 @@ def prepare(portrait: Any, audio: Any, spec: InputSpec) -> PreparedInputs:
     ffmpeg reads), encoded bytes or a (samples,) float array at spec.sample_rate.
     """
     wave = prepare_audio(audio, spec)
-    frames = spec.frames_for(wave.size)
-    if frames < 1:
-        raise ValueError(f"audio: {wave.size / spec.sample_rate * 1000:.0f} ms is too short to give a single "
-                         "video frame")
+    frames = _frames(wave, spec)
     photo = _image(portrait, spec)
     crop = crop_portrait(photo, size=spec.image_size)
     return PreparedInputs(crop, wave, spec.sample_rate, frames, clip_count(frames, spec.clip_frames), photo=photo)

@@ -31,6 +31,8 @@ from PIL import Image
 
 # (x0, y0, x1, y1) as fractions of the face crop's side
 LOWER_FACE: tuple[float, float, float, float] = (0.20, 0.55, 0.80, 0.96)
+# the mouth's box (inside the mask: the mouth corners and lips of real crops lie here)
+MOUTH: tuple[float, float, float, float] = (0.30, 0.58, 0.70, 0.86)
 
 
 def _check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
@@ -84,7 +86,8 @@ class Composite:
     `__call__(frame, box, generated)`: frame (H, W, 3) uint8, box (x0, y0, x1, y1) the crop's square in
     it, generated (s, s, 3) uint8 the model's crop -> (H, W, 3) uint8, pixels outside the mask exactly
     the frame's. The generated crop is scaled to the box and shifted per channel so that its colour
-    along the blend's ramp matches the frame's (no visible seam from a colour offset).
+    along the blend's ramp matches the frame's (no visible seam from a colour offset). `detail` (S, S, 3)
+    float32, from `MouthDetail`, is added to the generated crop scaled up to S before it goes into the box.
     """
 
     def __init__(self, latent_size: int, box: Sequence[float] = LOWER_FACE, feather: float = 0.06):
@@ -98,7 +101,8 @@ class Composite:
             self._masks[side] = (m[..., None], (m > 0) & (m < 1))
         return self._masks[side]
 
-    def __call__(self, frame: np.ndarray, box: Sequence[int], generated: np.ndarray) -> np.ndarray:
+    def __call__(self, frame: np.ndarray, box: Sequence[int], generated: np.ndarray,
+                 detail: np.ndarray | None = None) -> np.ndarray:
         x0, y0, x1, y1 = (int(v) for v in box)
         h, w = frame.shape[:2]
         if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h) or x1 - x0 != y1 - y0:
@@ -106,14 +110,90 @@ class Composite:
         side = x1 - x0
         weight, ramp = self.mask(side)
         region = frame[y0:y1, x0:x1].astype(np.float32)
-        face = generated if generated.shape[0] == side else np.asarray(
-            Image.fromarray(generated).resize((side, side), Image.Resampling.BICUBIC))
-        face = face.astype(np.float32)
+        if detail is None:
+            face = _resize(generated, side)
+        else:  # the detail is added at its own size (the footage crops'), then the whole face scaled to the box
+            face = _resize(generated, detail.shape[0]) + detail
+            if detail.shape[0] != side:
+                face = cv2.resize(face, (side, side), interpolation=cv2.INTER_AREA if side < detail.shape[0]
+                                  else cv2.INTER_CUBIC)
         if ramp.any():
             face = face + (region[ramp].mean(0) - face[ramp].mean(0))
         out = frame.copy()
         out[y0:y1, x0:x1] = np.clip(np.rint(region + weight * (face - region)), 0, 255).astype(np.uint8)
         return out
+
+
+def _resize(image: np.ndarray, side: int) -> np.ndarray:
+    """(h, w, 3) uint8 -> (side, side, 3) float32, bicubic (as the model's crops are made)."""
+    if image.shape[0] == side and image.shape[1] == side:
+        return image.astype(np.float32)
+    return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC), np.float32)
+
+
+class MouthDetail:
+    """The fine detail of the person's own mouth, for a lower face generated at a small size.
+
+    A model that renders 64-pixel crops cannot draw the lips' edges, teeth and stubble of a 256-pixel
+    crop: scaled up, its mouth keeps 4-9 % of the real mouth's Laplacian variance however right its
+    shape (docs/avatar.md). The footage has that detail. For each generated crop this finds the footage
+    frame whose mouth, at the model's size, looks most like it (sum of squared differences in `key_box`,
+    each crop's mean colour removed) and returns that frame's high frequencies: its crop minus
+    the crop scaled down to the model's size and back up. Added to the scaled-up generated crop, it
+    restores the texture while the shape, the opening and the timing stay the model's. This is the
+    retrieval of mouth texture from the person's own footage that Suwajanakorn et al. (2017) used for
+    their Obama, on the model's output instead of a landmark sketch.
+
+        detail = MouthDetail(footage_crops, model_size=64)    # crops (N, S, S, 3), S >= 64
+        frame = Composite(16)(real_frame, box, generated, detail(generated))
+
+    A frame keeps the previous frame's source while that still matches within `stick` (a fraction of the
+    best distance), so the texture does not flicker between look-alikes of a mouth that holds still.
+    """
+
+    def __init__(self, crops: np.ndarray, model_size: int, key_box: Sequence[float] = MOUTH, stick: float = 0.05):
+        crops = np.asarray(crops)
+        if crops.ndim != 4 or crops.shape[0] < 1 or crops.shape[1] != crops.shape[2] or crops.shape[3] != 3:
+            raise ValueError(f"footage crops must be (N, S, S, 3) square RGB crops, got {crops.shape}")
+        if crops.dtype != np.uint8:
+            raise ValueError(f"footage crops must be uint8, got {crops.dtype}")
+        if not 2 <= model_size <= crops.shape[1]:
+            raise ValueError(f"model size must be 2..{crops.shape[1]} (the crops' side), got {model_size}")
+        if not 0 <= stick < 1:
+            raise ValueError(f"stick must be in [0, 1), got {stick}")
+        self.crops, self.model_size, self.stick = crops, model_size, stick
+        x0, y0, x1, y1 = _check_box(key_box)
+        cells = np.zeros((model_size, model_size), bool)
+        cells[int(y0 * model_size):int(np.ceil(y1 * model_size)), int(x0 * model_size):int(np.ceil(x1 * model_size))] = True
+        self._where = np.nonzero(cells)
+        self._keys = np.stack([self._key(_resize(c, model_size)) for c in crops])  # (N, pixels · 3)
+        self._last: int | None = None
+
+    def reset(self) -> None:
+        """Forget the previous frame's source (call before a new, unrelated sequence of crops)."""
+        self._last = None
+
+    def _key(self, small: np.ndarray) -> np.ndarray:
+        region = small[self._where]  # (pixels, 3)
+        return (region - region.mean(0)).ravel()
+
+    def nearest(self, generated: np.ndarray) -> int:
+        """The index of the footage crop whose lower face best matches `generated` (s, s, 3) uint8."""
+        if generated.shape != (self.model_size, self.model_size, 3):
+            raise ValueError(f"generated crop must be ({self.model_size}, {self.model_size}, 3), got {generated.shape}")
+        d = ((self._keys - self._key(generated.astype(np.float32))) ** 2).sum(1)
+        best = int(d.argmin())
+        if self._last is not None and d[self._last] <= d[best] * (1 + self.stick):
+            best = self._last
+        self._last = best
+        return best
+
+    def __call__(self, generated: np.ndarray) -> np.ndarray:
+        """(s, s, 3) uint8 generated crop -> (S, S, 3) float32 detail to add to it scaled up to S."""
+        crop = self.crops[self.nearest(generated)]
+        side = crop.shape[0]
+        return crop.astype(np.float32) - _resize(_resize(crop, self.model_size).round().clip(0, 255).astype(np.uint8),
+                                                 side)
 
 
 def pingpong(length: int, count: int, start: int = 0) -> np.ndarray:
@@ -129,4 +209,4 @@ def pingpong(length: int, count: int, start: int = 0) -> np.ndarray:
     return np.where(k < length, k, period - k).astype(np.int64)
 
 
-__all__ = ["LOWER_FACE", "latent_mask", "condition", "soft_mask", "Composite", "pingpong"]
+__all__ = ["LOWER_FACE", "latent_mask", "condition", "soft_mask", "Composite", "MouthDetail", "pingpong"]

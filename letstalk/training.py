@@ -98,16 +98,32 @@ def motion_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:
     return w / w.mean(dim=(-1, -2), keepdim=True)
 
 
+def mask_weights(cond: torch.Tensor, unmasked: float) -> torch.Tensor:
+    """(B, F, C + 1, h, w) re-voicing condition -> (B, F, 1, h, w) loss weights: 1 in the cells the
+    condition hides (the lower face the model regenerates), `unmasked` in the cells it shows (which
+    the composite takes from the footage itself), normalised to mean 1 per frame."""
+    if not 0 <= unmasked <= 1:
+        raise ValueError(f"unmasked weight must be in [0, 1], got {unmasked}")
+    m = cond[:, :, -1:].float()
+    w = unmasked + (1 - unmasked) * m
+    return w / w.mean(dim=(-1, -2), keepdim=True).clamp_min(1e-8)
+
+
 def loss_terms(model, diffusion: GaussianDiffusion, inputs: dict[str, torch.Tensor],
-               generator: torch.Generator | None = None, motion_weight: float = 0.0) -> dict[str, torch.Tensor]:
+               generator: torch.Generator | None = None, motion_weight: float = 0.0,
+               unmasked_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """One diffusion training step's losses (batch means): loss, mse, vb. `model` may be a wrapper.
 
-    motion_weight > 0 weights the MSE towards the parts of the clip that move (`motion_weights`).
+    motion_weight > 0 weights the MSE towards the parts of the clip that move (`motion_weights`);
+    unmasked_weight < 1, for a re-voicing model, towards the masked lower face (`mask_weights`).
     """
     x0 = inputs["x0"]
     t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=generator, device="cpu").to(x0.device)
     weight = motion_weights(x0, motion_weight) if motion_weight > 0 else None
     cond = inputs.get("cond")
+    if cond is not None and unmasked_weight < 1:
+        w = mask_weights(cond, unmasked_weight)
+        weight = w if weight is None else weight * w / (weight * w).mean(dim=(-1, -2), keepdim=True)
     extra = {} if cond is None else {"cond": cond}
     terms = diffusion.training_losses(
         lambda x, tt: model(x, tt, inputs["portrait"], inputs["audio"], inputs["motion"], **extra), x0, t,

@@ -11,10 +11,14 @@ lower-face mask (letstalk.revoice.Composite), and each against a render of other
   `dub_face_ssim` (the face region, at the model's resolution), `dub_lmd`, `dub_mouth_r`; and
   `dub_mouth_r_control`, other speech over the same masked frames (what the visible upper face leaks).
 
+The composites carry the fine detail of the person's own mouth from the training footage
+(letstalk.revoice.MouthDetail): every figure above is of what a viewer sees.
+
 `mouth_sharpness`: generated ÷ real variance of the Laplacian in the mouth box of the 256-pixel composites,
-the lower of the two renders (1 = as sharp as the footage). A 64-pixel model upscaled into them is far from
-1 even when it renders the real mouth exactly (`tests/platform/test_avatar.py`); `mouth_sharpness_model_res`
-is the model's own crops against the footage's at the model's size.
+the lower of the two renders (1 = as sharp as the footage). `mouth_sharpness_without_detail`: the same for
+the model's crops scaled up alone: a 64-pixel model is far from 1 there even when it renders the real mouth
+exactly (`tests/platform/test_avatar.py`); `mouth_sharpness_model_res` is the model's own crops against the
+footage's at the model's size.
 """
 
 from __future__ import annotations
@@ -26,10 +30,9 @@ import numpy as np
 
 from letstalk import metrics
 from letstalk.footage import typical_index
-from letstalk.revoice import Composite, pingpong
+from letstalk.revoice import MOUTH, Composite, MouthDetail, pingpong
 
-# the mouth's box in crop fractions (inside the mask: the mouth corners and lips of real crops lie here)
-MOUTH_BOX = (0.30, 0.58, 0.70, 0.86)
+MOUTH_BOX = MOUTH  # the mouth's box in crop fractions, where the sharpness is measured
 
 # generate(footage crops at the model's size (n, s, s, 3), audio (samples,)) -> generated crops (n, s, s, 3)
 Generate = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -64,12 +67,17 @@ def score_revoice(generate: Generate, train_full: np.ndarray, train_audio: np.nd
     """
     n, side = len(real_full), real_full.shape[1]
     paste = Composite(latent_size)
+    detail = MouthDetail(train_full, model_size)  # the training footage's mouths only: nothing held out
     footage = train_full[pingpong(len(train_full), n)]
     other = other_speech(train_audio, len(audio))
 
     def render(crops_full: np.ndarray, sound: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         gen = generate(metrics.resize_frames(crops_full, model_size), sound)[:n]
-        return np.stack([paste(f, (0, 0, side, side), g) for f, g in zip(crops_full, gen)]), gen
+        detail.reset()
+        return np.stack([paste(f, (0, 0, side, side), g, detail(g)) for f, g in zip(crops_full, gen)]), gen
+
+    def plain(crops_full: np.ndarray, gen: np.ndarray) -> np.ndarray:
+        return np.stack([paste(f, (0, 0, side, side), g) for f, g in zip(crops_full, gen)])
 
     (revoiced, revoiced_gen), (revoiced_other, _) = render(footage, audio), render(footage, other)
     (dubbed, dubbed_gen), (dubbed_other, _) = render(real_full, audio), render(real_full, other)
@@ -104,6 +112,9 @@ def score_revoice(generate: Generate, train_full: np.ndarray, train_audio: np.nd
                                                  metrics.crop_region(real_full, metrics.face_region(side))), 3),
         # the composites against the footage's 256-pixel crops: what a viewer sees
         "mouth_sharpness": round(sharpness(mouth_full, revoiced, dubbed, footage, real_full), 4),
+        # the same without the footage's mouth detail: the model's crops scaled up
+        "mouth_sharpness_without_detail": round(sharpness(mouth_full, plain(footage, revoiced_gen),
+                                                          plain(real_full, dubbed_gen), footage, real_full), 4),
         # the model's own crops against the footage's at the model's size: what the model renders
         "mouth_sharpness_model_res": round(sharpness(mouth_small, revoiced_gen, dubbed_gen, small(footage),
                                                      small(real_full)), 4),

@@ -7,7 +7,8 @@ Two ways to run the same RenderWorker:
 - `standalone`: a Ray Data actor pool (one actor per GPU, or per CPU slot here) renders the rows.
 
 Each row: `id` (optional; a plain name, the output file is OUT/<id>.mp4), `portrait`, `audio`
-(paths, relative ones resolved against the manifest's folder), and optional `steps`, `sampler`,
+(paths, relative ones resolved against the manifest's folder; a re-voicing avatar's rows give the audio
+alone: it speaks over its own footage), and optional `steps`, `sampler`,
 `guidance`, `seed`, `paste_back` (true/false; empty: the job's, by default auto) and `max_side`. A
 row whose mp4 exists is not rendered again (re-runs resume; its record says status "done", reused
 true); a bad row is recorded with status "failed" and its reason and never stops the others; files
@@ -53,7 +54,8 @@ class BatchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    manifest: str = Field(description=".csv, .jsonl or .parquet with columns portrait, audio "
+    manifest: str = Field(description=".csv, .jsonl or .parquet with columns portrait, audio (a re-voicing avatar: "
+                          "audio alone) "
                           "[, id, steps, sampler, guidance, seed, paste_back, max_side]")
     out: str = Field(description="output folder: <id>.mp4 per row and results.parquet")
     model: str | None = Field(None, description="bundle folder or models:/<name>@<alias> (needed unless the app runs)")
@@ -134,10 +136,9 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         raise ValueError(f"manifest {path.name}: cannot be read ({one_line(e, 200)})") from None
     if not rows:
         raise ValueError(f"manifest {path.name} has no rows")
-    missing = {"portrait", "audio"} - set().union(*(r.keys() for r in rows))
-    if missing:
-        raise ValueError(f"manifest {path.name} lacks column(s) {sorted(missing)}; needs portrait, audio "
-                         f"(optional: id, {', '.join(OPTION_COLUMNS)})")
+    if "audio" not in set().union(*(r.keys() for r in rows)):
+        raise ValueError(f"manifest {path.name} lacks column(s) ['audio']; needs portrait, audio (a re-voicing "
+                         f"avatar: audio alone; optional: id, {', '.join(OPTION_COLUMNS)})")
     return rows
 
 
@@ -157,6 +158,8 @@ def plan_items(rows: list[dict], base: Path, options: dict | None = None) -> lis
             seen.add(item_id)
             for name in ("portrait", "audio"):
                 value = getattr(item, name)
+                if not value and name == "portrait":  # a re-voicing avatar's row; a portrait model refuses it
+                    continue
                 if not value:
                     raise ValueError(f"{name} is empty")
                 p = Path(value).expanduser()
@@ -296,8 +299,8 @@ def serve_render(handle) -> Render:
     here = node_id()  # a replica on this node writes the mp4 straight into the output folder
 
     def render(item: Item, target: Path) -> dict:
-        portrait, audio = Path(item.portrait).read_bytes(), Path(item.audio).read_bytes()
-        return handle.render.remote(portrait, audio, item.options, str(target), here).result()
+        portrait = Path(item.portrait).read_bytes() if item.portrait else None  # none: a re-voicing avatar's row
+        return handle.render.remote(portrait, Path(item.audio).read_bytes(), item.options, str(target), here).result()
 
     return render
 
@@ -318,7 +321,8 @@ class BatchActor:
         for row, item_id, portrait, audio, options in zip(batch["row"], batch["id"], batch["portrait"], batch["audio"],
                                                           batch["options"]):
             try:
-                result = self.worker.render(Path(portrait).read_bytes(), Path(audio).read_bytes(), json.loads(options),
+                result = self.worker.render(Path(portrait).read_bytes() if portrait else None, Path(audio).read_bytes(),
+                                            json.loads(options),
                                             out=local_target(self.out_dir / f"{item_id}.mp4", self.out_node))
             except (ValueError, ValidationError, OSError) as e:
                 result = {"status": "failed", "error": one_line(e)}

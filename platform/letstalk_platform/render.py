@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from letstalk.accel import InferenceOptions
 from letstalk.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, Sampler
-from letstalk.inputs import PreparedInputs, prepare
+from letstalk.inputs import PreparedInputs, PreparedSpeech, prepare, prepare_speech
 from letstalk.paste import DEFAULT_MAX_SIDE
 from letstalk.pipeline import LetsTalkPipeline
 
@@ -148,6 +148,13 @@ class RenderWorker:
         self.device = device
         self.defaults = defaults or RenderDefaults()
         self.spec = self.pipe.input_spec(max_audio_seconds, max_image_pixels)
+        self.footage = None
+        if self.pipe.revoices:  # a re-voicing avatar: its footage, decoded and tracked once
+            from letstalk.faces import FaceSettings
+            from letstalk.footage import bundle_footage, load_footage
+
+            video, faces = bundle_footage(self.bundle_dir)
+            self.footage = load_footage(video, FaceSettings(**faces), fps=self.pipe.settings.fps)
 
     def render(self, portrait: PreparedInputs | bytes | np.ndarray | str, audio: bytes | np.ndarray | str | None = None,
                options: RenderOptions | dict | None = None, *, out: str | os.PathLike | None = None,
@@ -168,6 +175,10 @@ class RenderWorker:
         t0 = time.perf_counter()
         opts = options if isinstance(options, RenderOptions) else RenderOptions.model_validate(options or {})
         kwargs = opts.resolve(self.defaults)
+        if self.footage is not None:
+            return self._revoice(portrait, audio, kwargs, out, progress, cancelled, t0)
+        if portrait is None or isinstance(portrait, PreparedSpeech):
+            raise ValueError("portrait: this model animates a portrait: give a portrait image with the speech")
         inputs = portrait if isinstance(portrait, PreparedInputs) else prepare(portrait, audio, self.spec)
         kwargs["paste_back"] = inputs.pastes_back(kwargs["paste_back"])  # auto decided: the result says which
         kwargs["sampler"], kwargs["steps"] = self.pipe.sampling(kwargs["sampler"], kwargs["steps"])  # the bundle's
@@ -189,6 +200,40 @@ class RenderWorker:
                 "face_found": inputs.face_found, "options": dict(kwargs, dtype=self.pipe.inference.dtype),
                 "seconds": dict(result.seconds, worker_total=time.perf_counter() - t0)}
 
+    def _revoice(self, speech, audio, kwargs: dict, out, progress, cancelled, t0: float) -> dict:
+        """A re-voicing avatar's render: the speech over the avatar's footage (letstalk.footage), at the
+        footage's resolution; paste_back and max_side do not apply."""
+        from letstalk.footage import revoice_video
+
+        if isinstance(speech, PreparedSpeech):
+            inputs = speech
+        elif speech is not None and audio is not None or isinstance(speech, PreparedInputs):
+            raise ValueError("portrait: this model is a re-voicing avatar that speaks over its own footage: give the "
+                             "speech alone")
+        else:
+            inputs = prepare_speech(audio if audio is not None else speech, self.spec)
+        sampler, steps = self.pipe.sampling(kwargs["sampler"], kwargs["steps"])
+
+        def on_step(done: int, total: int) -> None:
+            if cancelled is not None and cancelled():
+                raise RenderCancelled("cancelled")
+            if progress is not None:
+                progress(done // steps, inputs.num_clips, done / total)
+
+        local = out is not None and Path(out).parent.is_dir()
+        seconds: dict[str, float] = {}
+        with tempfile.TemporaryDirectory(prefix="letstalk-out-") as tmp:
+            path = Path(out) if local else Path(tmp) / "video.mp4"
+            revoice_video(self.pipe, self.footage, inputs.audio, path, steps=steps, sampler=sampler,
+                          guidance=kwargs["guidance"], seed=kwargs["seed"], stream=kwargs["stream"], progress=on_step,
+                          seconds=seconds)
+            video = None if local else path.read_bytes()
+        options = {"steps": steps, "sampler": sampler, "guidance": kwargs["guidance"], "seed": kwargs["seed"],
+                   "paste_back": False, "max_side": None, "stream": kwargs["stream"], "dtype": self.pipe.inference.dtype}
+        return {"status": "done", "video_path": str(path) if local else None, "video": video,
+                "frames": inputs.num_frames, "clips": inputs.num_clips, "duration_s": inputs.duration_s,
+                "face_found": True, "options": options, "seconds": dict(seconds, worker_total=time.perf_counter() - t0)}
+
     def info(self) -> dict:
         cfg = self.pipe.transformer.cfg
         return {
@@ -208,6 +253,11 @@ class RenderWorker:
             "inference": self.pipe.inference.to_dict(),
             "max_audio_seconds": self.spec.max_audio_seconds,
             "max_image_pixels": self.spec.max_image_pixels,
+            # revoice: requests give the speech alone, spoken over the avatar's footage (`footage`)
+            "mode": "portrait" if self.footage is None else "revoice",
+            "footage": None if self.footage is None else {
+                "frames": len(self.footage), "fps": self.footage.fps, "width": int(self.footage.frames.shape[2]),
+                "height": int(self.footage.frames.shape[1])},
         }
 
 

@@ -13,6 +13,7 @@
 
     curl -H "Authorization: Bearer $LETSTALK_API_TOKEN" -F portrait=@face.png -F audio=@speech.wav \
          http://127.0.0.1:8000/v1/renders                   # -> 202 {"id": ...}
+    curl ... -F audio=@speech.wav http://127.0.0.1:8000/v1/renders   # a re-voicing avatar: the speech alone
 
 The routes stay thin: the job table and each job's render are serve_jobs.py's, the byte and event streams
 serve_stream.py's. One Ingress replica by default; more share the table and its one count of the render
@@ -43,7 +44,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from letstalk.diffusion import Sampler
-from letstalk.inputs import InputSpec, LimitExceeded, PreparedInputs, prepare, prepare_portrait
+from letstalk.inputs import (InputSpec, LimitExceeded, PreparedInputs, PreparedSpeech, prepare, prepare_portrait,
+                             prepare_speech)
 from letstalk.paste import DEFAULT_MAX_SIDE
 from letstalk.portrait import PortraitCrop
 
@@ -312,16 +314,19 @@ class Ingress:
             self._model_info = await self.renderer.info.remote()
         return self._model_info
 
-    def _prepare(self, info: dict, image_bytes: bytes, audio_bytes: bytes | None,
-                 options: RenderOptions | None = None) -> PreparedInputs | PortraitCrop:
+    def _prepare(self, info: dict, image_bytes: bytes | None, audio_bytes: bytes | None,
+                 options: RenderOptions | None = None) -> PreparedInputs | PreparedSpeech | PortraitCrop:
         """The uploads decoded, cropped and counted here, once: bad input is a 4xx before any
-        renderer time is spent, and the renderer gets them ready to use (no audio: the crop only).
+        renderer time is spent, and the renderer gets them ready to use (no audio: the crop only; no
+        image: a re-voicing avatar's speech).
         Paste-back is decided here (`options`): the inputs carry the photo, at the video's size, only
         when the render pastes the face back into it (PreparedInputs.for_renderer)."""
         options = options or RenderOptions()
         try:
             if audio_bytes is None:
                 return prepare_portrait(image_bytes, input_spec(self.args, info))
+            if image_bytes is None:
+                return prepare_speech(audio_bytes, input_spec(self.args, info))
             inputs = prepare(image_bytes, audio_bytes, input_spec(self.args, info))
             return inputs.for_renderer(options.paste_back, options.max_side or DEFAULT_MAX_SIDE)
         except LimitExceeded as e:
@@ -356,11 +361,14 @@ class Ingress:
                                    "max_image_pixels": self.args.max_image_pixels,
                                    "concurrent_jobs": self.jobs.capacity}}
 
-    @api.post("/v1/renders", status_code=202, summary="Start a render: portrait image + speech audio",
+    @api.post("/v1/renders", status_code=202, summary="Start a render: portrait image + speech audio (a re-voicing "
+              "avatar: the audio alone)",
               response_model=Accepted, dependencies=SECURED, responses=errors(400, 401, 413, 422, 503))
     async def create(self, request: Request,
-                     portrait: UploadFile = File(..., description="portrait image (PNG, JPEG, WebP, ...); at most "
-                                                 "the upload and pixel limits of GET /v1/model"),
+                     portrait: UploadFile | None = File(None, description="portrait image (PNG, JPEG, WebP, ...); "
+                                                        "at most the upload and pixel limits of GET /v1/model. None "
+                                                        "when the model is a re-voicing avatar (GET /v1/model: mode "
+                                                        "revoice): it speaks over its own footage"),
                      audio: UploadFile = File(..., description="speech (WAV, MP3, M4A, OGG, ...); at most the "
                                               "upload and audio-seconds limits of GET /v1/model"),
                      steps: int | None = Form(None, description="denoising steps, 1..1000 (default: the server's)"),
@@ -381,9 +389,15 @@ class Ingress:
         except ValidationError as e:
             raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
         self.jobs.expire()
-        image_bytes = await self._read(portrait, "portrait")
-        audio_bytes = await self._read(audio, "audio")
         info = await self._info()
+        if info.get("mode") == "revoice":  # a re-voicing avatar speaks over its own footage
+            if isinstance(portrait, StarletteUpload):
+                raise ApiError(400, "portrait: this server's model is a re-voicing avatar that speaks over its own "
+                                    "footage (GET /v1/model: mode); send the audio alone")
+            image_bytes = None
+        else:
+            image_bytes = await self._read(portrait, "portrait")
+        audio_bytes = await self._read(audio, "audio")
         t0 = time.perf_counter()
         inputs = await run_in_threadpool(self._prepare, info, image_bytes, audio_bytes, options)
         # the job's row takes the slot over; prepare: decode and crop, here in the Ingress

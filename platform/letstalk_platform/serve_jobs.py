@@ -25,7 +25,7 @@ from pathlib import Path
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
-from letstalk.inputs import PreparedInputs
+from letstalk.inputs import PreparedInputs, PreparedSpeech
 
 from .jobstore import ACTIVE, JobStore
 from .render import RenderOptions, one_line
@@ -178,7 +178,7 @@ class RenderJobs:
         states, total = self.store.page(limit, offset)
         return [self.own[s["id"]].public() if s["id"] in self.own else s for s in states], total  # fresher progress
 
-    def start(self, inputs: PreparedInputs, options: RenderOptions, prepare_s: float, slot: str) -> RenderJob:
+    def start(self, inputs: PreparedInputs | PreparedSpeech, options: RenderOptions, prepare_s: float, slot: str) -> RenderJob:
         """A new job for an admitted request's prepared inputs: its row takes over the request's `slot`,
         and its render starts. `prepare_s`: the seconds the Ingress spent decoding and cropping them."""
         job = RenderJob(uuid.uuid4().hex, options.model_dump(exclude_none=True), inputs.num_clips,
@@ -239,7 +239,7 @@ class RenderJobs:
 
     # ------------------------------------------------------------------ renders
 
-    async def _run(self, job: RenderJob, inputs: PreparedInputs, options: dict) -> None:
+    async def _run(self, job: RenderJob, inputs: PreparedInputs | PreparedSpeech, options: dict) -> None:
         """`options`: the job's, with what the Ingress decided (paste_back) filled in."""
         stream = None
         try:

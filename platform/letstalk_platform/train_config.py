@@ -125,6 +125,9 @@ class TargetSection(BaseModel):
                                    "pipeline.json)")
     motion_weight: float = Field(0.0, ge=0, description="weight the loss towards what moves in the clip "
                                  "(mouth, eyes): letstalk.training.motion_weights")
+    unmasked_weight: float = Field(1.0, ge=0, le=1, description="a re-voicing model's loss weight on the cells "
+                                   "its condition shows, against 1 on the masked lower face it regenerates: "
+                                   "letstalk.training.mask_weights")
 
     residual_base: Literal["portrait", "motion"] = Field(_TARGET.base, description="the residual's base: the "
                                                          "portrait latent, or the clip's last motion frame (written "

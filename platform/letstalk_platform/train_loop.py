@@ -224,7 +224,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                    motion_frames=arch.num_motion_frames)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 if teacher is None:
-                    terms = loss_terms(engine, diffusion, inputs, generator, motion_weight=cfg.target.motion_weight)
+                    terms = loss_terms(engine, diffusion, inputs, generator, motion_weight=cfg.target.motion_weight,
+                                       unmasked_weight=cfg.target.unmasked_weight)
                 else:
                     d = cfg.distill
                     terms = distill_loss_terms(engine, teacher, diffusion, inputs, d.student_steps, d.substeps,

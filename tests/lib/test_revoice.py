@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from letstalk.diffusion import ClipTarget
+from letstalk.diffusion import ClipTarget, GaussianDiffusion
 from letstalk.pipeline import LetsTalkPipeline
-from letstalk.revoice import LOWER_FACE, Composite, condition, latent_mask, pingpong, soft_mask
-from letstalk.training import Augment, prepare_batch
+from letstalk.revoice import LOWER_FACE, Composite, MouthDetail, condition, latent_mask, pingpong, soft_mask
+from letstalk.training import Augment, loss_terms, mask_weights, prepare_batch
 from letstalk.transformer import LetsTalkTransformer
 
 
@@ -125,6 +125,78 @@ def test_composite_changes_only_the_lower_face_and_matches_colour():
         paste(frame, (100, 20, 356, 300), generated)
 
 
+def _small(crop: np.ndarray, side: int) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.fromarray(crop).resize((side, side), Image.Resampling.BICUBIC))
+
+
+def test_mouth_detail_restores_the_footages_texture_from_the_best_matching_mouth():
+    """Footage of mouths with fine stripes and a different opening each: a small crop of one (colour-shifted,
+    as a model's may be) finds that frame, and its detail brings the composite back to the real frame's
+    sharpness and pixels, which the small crop scaled up alone cannot."""
+    from letstalk.metrics import sharpness_ratio
+
+    rng = np.random.default_rng(0)
+    side, small = 128, 32
+    yy, xx = np.mgrid[:side, :side]
+    stripes = (40 * np.sin(xx * 1.9) * np.cos(yy * 2.3))[..., None]
+    crops = []
+    for opening in (4, 10, 16, 22, 28):
+        face = np.full((side, side, 3), 150.0) + stripes + rng.normal(0, 3, (side, side, 3))
+        face[88 - opening // 2:88 + opening // 2, 48:80] = 30  # the mouth: a dark gap, taller when open
+        crops.append(np.clip(face, 0, 255).astype(np.uint8))
+    crops = np.stack(crops)
+    detail = MouthDetail(crops, small)
+    real = crops[3]
+    generated = np.clip(_small(real, small).astype(int) + 6, 0, 255).astype(np.uint8)
+    assert detail.nearest(generated) == 3
+    paste, box = Composite(8), (0, 0, side, side)
+    plain, sharp = paste(real, box, generated), paste(real, box, generated, detail(generated))
+    m = soft_mask(side, 8) == 1
+    err = lambda x: np.abs(x.astype(int) - real.astype(int))[m].mean()  # noqa: E731
+    assert err(sharp) < 0.3 * err(plain)
+    mouth = (48, 72, 80, 104)
+    assert sharpness_ratio(plain[None], real[None], mouth) < 0.5 < 0.8 < sharpness_ratio(sharp[None], real[None], mouth)
+    # a mouth that holds still keeps its source frame; reset forgets it
+    detail.reset()
+    assert [detail.nearest(_small(crops[i], small)) for i in (1, 1, 4)] == [1, 1, 4]
+    with pytest.raises(ValueError, match="generated crop must be"):
+        detail(generated[:16])
+    with pytest.raises(ValueError, match="square RGB"):
+        MouthDetail(crops[:, :, :100], small)
+    with pytest.raises(ValueError, match="model size"):
+        MouthDetail(crops, 256)
+
+
+def test_mask_weights_put_the_loss_on_the_regenerated_lower_face():
+    mask = latent_mask(8)
+    cond = condition(torch.randn(2, 3, 4, 8, 8), mask)
+    w = mask_weights(cond, 0.1)
+    assert w.shape == (2, 3, 1, 8, 8) and torch.allclose(w.mean(dim=(-1, -2)), torch.ones(2, 3, 1))
+    inside, outside = w[0, 0, 0][mask.bool()], w[0, 0, 0][~mask.bool()]
+    assert torch.allclose(inside / outside.mean(), torch.full_like(inside, 10.0))
+    assert torch.allclose(mask_weights(cond, 1.0), torch.ones_like(w))
+    with pytest.raises(ValueError, match="unmasked weight"):
+        mask_weights(cond, 1.5)
+
+    # the training loss with weight 0 outside the mask ignores errors there (a model that predicts x0 = 0:
+    # its error is the clip itself)
+    def zeros(x, t, portrait, audio, motion, cond=None):
+        return torch.zeros_like(x)
+
+    x0 = torch.randn(2, 3, 4, 8, 8)
+    inputs = {"x0": x0, "portrait": None, "audio": None, "motion": None, "cond": condition(x0, mask)}
+    diffusion = GaussianDiffusion(learn_sigma=False, prediction="sample")
+
+    def mse(x0, **kw):
+        return loss_terms(zeros, diffusion, dict(inputs, x0=x0), torch.Generator().manual_seed(0), **kw)["mse"]
+
+    louder_outside = torch.where(mask.bool(), x0, 3 * x0)
+    assert torch.allclose(mse(x0, unmasked_weight=0.0), mse(louder_outside, unmasked_weight=0.0))
+    assert mse(louder_outside) > 3 * mse(x0)
+    assert mse(louder_outside, unmasked_weight=0.1) < 0.5 * mse(louder_outside)
+
+
 def test_pingpong_loops_footage_back_and_forth_without_a_jump():
     idx = pingpong(5, 20)
     assert idx[:10].tolist() == [0, 1, 2, 3, 4, 3, 2, 1, 0, 1]
@@ -194,9 +266,17 @@ def test_render_avatar_speaks_over_the_bundles_own_footage_looping_it(tmp_path, 
     err = np.abs(frames[:, top].astype(int) - real[order][:, top].astype(int)).mean()
     shifted = np.abs(frames[:, top].astype(int) - real[np.roll(order, 7)][:, top].astype(int)).mean()
     assert err < 4 and err < shifted  # frame k is footage frame order[k] up there
-    # one line, no traceback, for an avatar bundle without footage or a portrait bundle given as --avatar
+    # without the footage's mouth detail: the same video above the mask, another below it
     from letstalk.cli import main
 
+    bare_out = tmp_path / "talk-plain.mp4"
+    assert main(["render", "--avatar", str(bundle), str(tmp_path / "speech.wav"), "-o", str(bare_out), "--steps", "1",
+                 "--sampler", "ddim", "--no-mouth-detail"]) == 0
+    without = load_video_frames(bare_out)
+    lower = (slice(None), slice(80, 118), slice(40, 88))  # inside the lower-face mask of the 128-px footage's crops
+    assert np.abs(without[:, top].astype(int) - frames[:, top].astype(int)).mean() < 1.5
+    assert np.abs(without[lower].astype(int) - frames[lower].astype(int)).mean() > 1.5
+    # one line, no traceback, for an avatar bundle without footage or a portrait bundle given as --avatar
     bare = pipe.save_pretrained(tmp_path / "bare")
     assert main(["render", "--avatar", str(bare), str(tmp_path / "speech.wav"), "-o", str(out)]) == 2
     assert "holds no footage" in capsys.readouterr().err

@@ -843,6 +843,7 @@ def test_swagger_and_redoc_work_offline_in_a_real_browser(server):
     ("upload_too_big", 413, ["portrait", "limit"]),
     ("audio_too_long", 413, ["audio", "limit"]),
     ("missing_audio", 422, ["audio"]),
+    ("missing_portrait", 422, ["portrait"]),  # optional in the schema: a re-voicing avatar takes none
     ("zero_steps", 422, ["steps"]),
     ("unknown_sampler", 422, ["sampler"]),
     ("max_side_too_small", 422, ["max_side", "greater than or equal to 16"]),
@@ -861,6 +862,7 @@ def test_bad_input_gets_a_4xx_reason(server, case, expect, words):
         "upload_too_big": dict(portrait=b"\x89PNG" + bytes(1_200_000)),
         "audio_too_long": dict(audio=wav_bytes(25.0, silent=True)),
         "missing_audio": dict(audio=None),
+        "missing_portrait": dict(portrait=None),
         "zero_steps": dict(steps=0),
         "unknown_sampler": dict(sampler="euler"),
         "max_side_too_small": dict(max_side=8),

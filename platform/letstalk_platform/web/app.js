@@ -6,7 +6,7 @@
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "letstalk-token";
-const state = { portrait: null, audio: null, audioName: null, job: null, stream: null, videoUrl: null };
+const state = { portrait: null, audio: null, audioName: null, job: null, stream: null, videoUrl: null, avatar: false };
 
 function showError(message) {
   $("error").textContent = message || "";
@@ -31,7 +31,15 @@ async function loadModel() {
   if (!$("token").value.trim()) { note.textContent = "Paste the server's token to start."; return; }
   try {
     const info = await (await api("/v1/model")).json();
-    note.textContent = `Model ${info.model}: ${info.image_size}×${info.image_size} px, ${info.fps} fps, ` +
+    // a re-voicing avatar speaks over its own footage: no portrait to choose, nothing to paste back into
+    state.avatar = info.mode === "revoice";
+    $("portrait-drop").hidden = state.avatar;
+    $("paste-back-row").hidden = state.avatar;
+    const what = state.avatar
+      ? `Avatar ${info.model}: speaks over its own footage (${info.footage.width}×${info.footage.height}, ` +
+        `${info.footage.frames} frames); give the speech alone. `
+      : `Model ${info.model}: ${info.image_size}×${info.image_size} px, `;
+    note.textContent = what + `${info.fps} fps, ` +
       `up to ${info.limits.max_audio_seconds} s of audio and ${info.limits.max_upload_mb} MB per file.`;
     refreshPast();
   } catch (e) {
@@ -251,10 +259,10 @@ async function render(event) {
   event.preventDefault();
   showError("");
   if (!$("token").value.trim()) { showError("Paste the API token first."); $("token").focus(); return; }
-  if (!state.portrait) { showError("Choose a portrait image."); $("portrait").focus(); return; }
+  if (!state.avatar && !state.portrait) { showError("Choose a portrait image."); $("portrait").focus(); return; }
   if (!state.audio) { showError("Choose or record the speech audio."); $("audio").focus(); return; }
   const form = new FormData();
-  form.append("portrait", state.portrait, state.portrait.name || "portrait");
+  if (!state.avatar) form.append("portrait", state.portrait, state.portrait.name || "portrait");
   form.append("audio", state.audio, state.audioName || "speech");
   const quality = $("quality").value;
   if (quality) {
@@ -263,7 +271,7 @@ async function render(event) {
     form.append("steps", steps);
   }
   form.append("seed", $("seed").value || "0");
-  if (!$("paste-back").checked) form.append("paste_back", "false");  // checked: the server's auto
+  if (!state.avatar && !$("paste-back").checked) form.append("paste_back", "false");  // checked: the server's auto
   const streaming = $("stream").checked;
   if (streaming) form.append("stream", "true");
   $("render").disabled = true;
