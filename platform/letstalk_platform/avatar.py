@@ -19,11 +19,13 @@ Stages (all on a local Ray on 127.0.0.1, or the cluster of `ray job submit`):
    seam ratio, the settings), OUT/holdout.mp4, OUT/side_by_side.mp4 (real | generated, with the
    audio), OUT/mouth.png (both aperture tracks and the audio envelope), OUT/sheet.png.
 
-Each stage reuses what an earlier run with the same settings finished; `fresh` starts over.
+Each stage reuses what an earlier run with the same settings finished; `fresh` starts over;
+`report_only` measures the model of an earlier run again (stages 4-5), without training.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -86,6 +88,8 @@ class AvatarConfig(BaseModel):
     name: str | None = Field(None, description="registered as models:/avatar-NAME@candidate (default: the video's stem)")
     mlflow_uri: str | None = Field(None, description="default: sqlite:///OUT/mlflow.db")
     fresh: bool = False
+    report_only: bool = Field(False, description="measure again the model an earlier run in OUT trained (the "
+                              "bundle its report.json names), without training: after a change of the measures")
 
     @field_validator("audio_encoder")
     @classmethod
@@ -313,7 +317,6 @@ def score_holdout(generated: np.ndarray, real: np.ndarray, real_full: np.ndarray
 def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     from .preprocess import PreprocessConfig, run_preprocess
     from .runtime import init_ray
-    from .train import TrainConfig, run_training
 
     out = Path(cfg.out).resolve()
     if cfg.fresh and out.exists():
@@ -322,6 +325,7 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     if not Path(cfg.face_model).is_file():
         raise ValueError(f"face_model {cfg.face_model}: file not found (a MediaPipe face_landmarker .task file)")
     mlflow_uri = cfg.mlflow_uri or f"sqlite:///{out / 'mlflow.db'}"
+    earlier = earlier_training(out) if cfg.report_only else None
     seconds: dict[str, float] = {}
     total = 5
 
@@ -352,22 +356,12 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
           f"{quality.get('face_fraction', float('nan')):.0%} of frames, crop jitter {quality.get('crop_jitter')}")
     seconds["preprocess"] = time.perf_counter() - t
 
-    t = _stage(3, total, "train (Ray Train + DeepSpeed)")
-    register = f"avatar-{cfg.person}"
-    overrides = {"data.path": str(out / "shards"), "tracking.storage": str(out / "runs"),
-                 "tracking.mlflow_uri": mlflow_uri, "tracking.name": register, "tracking.register_name": register,
-                 "time_limit_minutes": cfg.minutes, "steps": cfg.steps, "seed": cfg.seed}
-    tcfg = load_config(TrainConfig, REPO / cfg.train_config, overrides)  # an absolute path stays as it is
-    base = tcfg.target.residual_base
-    scale = residual_scale(out / "shards", base)
-    tcfg = tcfg.model_copy(update={"target": tcfg.target.model_copy(update={"residual_scale": scale})})
-    print(f"    target: (clip - {'last motion frame' if base == 'motion' else 'portrait'}) × {scale:g} "
-          f"(1 / the residual's RMS on the training clips)")
-    summary = run_training(tcfg)
-    seconds["train"] = time.perf_counter() - t
-    model_uri = f"models:/{register}@{tcfg.tracking.register_alias}"
-    print(f"    {summary['steps']} steps in {summary['seconds']:.0f} s, loss {summary['loss']:.4f}; "
-          f"registered {summary.get('registered')}")
+    if earlier is not None:  # the earlier run's model, measured again
+        summary, model_uri = earlier
+        seconds["train"] = 0.0
+        print(f"    (report only) {summary['bundle']}: {summary['steps']} steps in {summary['seconds']:.0f} s")
+    else:
+        summary, model_uri = train_avatar(cfg, out, mlflow_uri, seconds)
 
     t = _stage(4, total, "render the held-out seconds from their audio")
     pipe = LetsTalkPipeline.from_pretrained(summary["bundle"])
@@ -390,6 +384,41 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     }
     write_json_atomic(out / "report.json", report)
     return report
+
+
+def train_avatar(cfg: AvatarConfig, out: Path, mlflow_uri: str, seconds: dict[str, float]) -> tuple[dict[str, Any], str]:
+    """Stage 3: the train config on the shards, registered as models:/avatar-NAME@candidate: (summary, URI)."""
+    from .train import TrainConfig, run_training
+
+    t = _stage(3, 5, "train (Ray Train + DeepSpeed)")
+    register = f"avatar-{cfg.person}"
+    overrides = {"data.path": str(out / "shards"), "tracking.storage": str(out / "runs"),
+                 "tracking.mlflow_uri": mlflow_uri, "tracking.name": register, "tracking.register_name": register,
+                 "time_limit_minutes": cfg.minutes, "steps": cfg.steps, "seed": cfg.seed}
+    tcfg = load_config(TrainConfig, REPO / cfg.train_config, overrides)  # an absolute path stays as it is
+    base = tcfg.target.residual_base
+    scale = residual_scale(out / "shards", base)
+    tcfg = tcfg.model_copy(update={"target": tcfg.target.model_copy(update={"residual_scale": scale})})
+    print(f"    target: (clip - {'last motion frame' if base == 'motion' else 'portrait'}) × {scale:g} "
+          f"(1 / the residual's RMS on the training clips)")
+    summary = run_training(tcfg)
+    seconds["train"] = time.perf_counter() - t
+    print(f"    {summary['steps']} steps in {summary['seconds']:.0f} s, loss {summary['loss']:.4f}; "
+          f"registered {summary.get('registered')}")
+    return summary, f"models:/{register}@{tcfg.tracking.register_alias}"
+
+
+def earlier_training(out: Path) -> tuple[dict[str, Any], str]:
+    """(training summary, model URI) of the run whose report.json is in `out` (report_only)."""
+    try:
+        earlier = json.loads((out / "report.json").read_text())
+        summary = {"bundle": earlier["bundle"], "steps": earlier["steps"], "seconds": earlier["train_seconds"]}
+        model = earlier["model"]
+    except (OSError, ValueError, KeyError):
+        raise ValueError(f"--report-only: {out}/report.json of an earlier run is missing or incomplete") from None
+    if not (Path(summary["bundle"]) / "pipeline.json").is_file():
+        raise ValueError(f"--report-only: the earlier run's bundle {summary['bundle']} is gone")
+    return summary, model
 
 
 def portrait_holdout(pipe, holdout: Holdout, spec: ClipSpec, cfg: AvatarConfig, lengths: dict[str, float], out: Path,

@@ -186,6 +186,8 @@ def test_the_audio_encoder_flag_sizes_the_avatar_to_whisper(tmp_path):
     run = avatar("--video", tmp_path / "none.mp4", "--out", tmp_path / "o", "--face-model", FACE_MODEL,
                  "--audio-encoder", "whisper-huge")
     assert run.returncode != 0 and "whisper-huge" in run.stderr and "Traceback" not in run.stderr
+    run = avatar("--video", tmp_path / "none.mp4", "--out", tmp_path / "o", "--face-model", FACE_MODEL, "--report-only")
+    assert run.returncode == 2 and "report.json of an earlier run" in run.stderr and "Traceback" not in run.stderr
 
 
 @pytest.mark.slow
