@@ -156,13 +156,16 @@ class RenderWorker:
             video, faces = bundle_footage(self.bundle_dir)
             self.footage = load_footage(video, FaceSettings(**faces), fps=self.pipe.settings.fps)
 
-    def render(self, portrait: PreparedInputs | bytes | np.ndarray | str, audio: bytes | np.ndarray | str | None = None,
+    def render(self, portrait: PreparedInputs | PreparedSpeech | bytes | np.ndarray | str | None,
+               audio: bytes | np.ndarray | str | None = None,
                options: RenderOptions | dict | None = None, *, out: str | os.PathLike | None = None,
                progress: Callable[[int, int, float], None] | None = None,
                cancelled: Callable[[], bool] | None = None) -> dict:
         """Render one video. Inputs: PreparedInputs (audio None), or a portrait and an audio as
         file bytes, arrays or paths (prepared here, once). With paste-back (options' paste_back, auto
-        by default) the video has the portrait's size: PreparedInputs must then carry the photo.
+        by default) the video has the portrait's size: PreparedInputs must then carry the photo. A
+        re-voicing avatar (a bundle with footage) takes PreparedSpeech or the speech alone (portrait
+        None): the video is its footage, at the footage's size, speaking it.
 
         The mp4 is written to `out` when its folder is on this machine (the caller serves it from
         there); otherwise (no `out`, or a caller on another node) its bytes come back in the result.
@@ -175,13 +178,28 @@ class RenderWorker:
         t0 = time.perf_counter()
         opts = options if isinstance(options, RenderOptions) else RenderOptions.model_validate(options or {})
         kwargs = opts.resolve(self.defaults)
-        if self.footage is not None:
-            return self._revoice(portrait, audio, kwargs, out, progress, cancelled, t0)
-        if portrait is None or isinstance(portrait, PreparedSpeech):
-            raise ValueError("portrait: this model animates a portrait: give a portrait image with the speech")
-        inputs = portrait if isinstance(portrait, PreparedInputs) else prepare(portrait, audio, self.spec)
-        kwargs["paste_back"] = inputs.pastes_back(kwargs["paste_back"])  # auto decided: the result says which
         kwargs["sampler"], kwargs["steps"] = self.pipe.sampling(kwargs["sampler"], kwargs["steps"])  # the bundle's
+        if self.footage is not None:  # a re-voicing avatar: the speech over its footage, at the footage's size
+            from letstalk.footage import revoice_video
+
+            inputs = self._speech(portrait, audio)
+            kwargs.update(paste_back=False, max_side=None)
+
+            def write(path: Path, on_step) -> tuple[int, dict]:
+                seconds: dict[str, float] = {}
+                revoice_video(self.pipe, self.footage, inputs.audio, path, steps=kwargs["steps"],
+                              sampler=kwargs["sampler"], guidance=kwargs["guidance"], seed=kwargs["seed"],
+                              stream=kwargs["stream"], progress=on_step, seconds=seconds)
+                return inputs.num_frames, seconds
+        else:
+            if portrait is None or isinstance(portrait, PreparedSpeech):
+                raise ValueError("portrait: this model animates a portrait: give a portrait image with the speech")
+            inputs = portrait if isinstance(portrait, PreparedInputs) else prepare(portrait, audio, self.spec)
+            kwargs["paste_back"] = inputs.pastes_back(kwargs["paste_back"])  # auto decided: the result says which
+
+            def write(path: Path, on_step) -> tuple[int, dict]:
+                result = self.pipe.render_to_file(inputs, None, path, progress=on_step, **kwargs)
+                return result.num_frames, result.seconds
         steps = kwargs["steps"]
 
         def on_step(done: int, total: int) -> None:
@@ -193,46 +211,21 @@ class RenderWorker:
         local = out is not None and Path(out).parent.is_dir()
         with tempfile.TemporaryDirectory(prefix="letstalk-out-") as tmp:
             path = Path(out) if local else Path(tmp) / "video.mp4"
-            result = self.pipe.render_to_file(inputs, None, path, progress=on_step, **kwargs)
+            frames, seconds = write(path, on_step)
             video = None if local else path.read_bytes()
         return {"status": "done", "video_path": str(path) if local else None, "video": video,
-                "frames": result.num_frames, "clips": inputs.num_clips, "duration_s": inputs.duration_s,
+                "frames": frames, "clips": inputs.num_clips, "duration_s": inputs.duration_s,
                 "face_found": inputs.face_found, "options": dict(kwargs, dtype=self.pipe.inference.dtype),
-                "seconds": dict(result.seconds, worker_total=time.perf_counter() - t0)}
+                "seconds": dict(seconds, worker_total=time.perf_counter() - t0)}
 
-    def _revoice(self, speech, audio, kwargs: dict, out, progress, cancelled, t0: float) -> dict:
-        """A re-voicing avatar's render: the speech over the avatar's footage (letstalk.footage), at the
-        footage's resolution; paste_back and max_side do not apply."""
-        from letstalk.footage import revoice_video
-
+    def _speech(self, speech, audio) -> PreparedSpeech:
+        """A re-voicing avatar's request: PreparedSpeech, or the speech alone as bytes, an array or a path."""
         if isinstance(speech, PreparedSpeech):
-            inputs = speech
-        elif speech is not None and audio is not None or isinstance(speech, PreparedInputs):
+            return speech
+        if speech is not None and audio is not None or isinstance(speech, PreparedInputs):
             raise ValueError("portrait: this model is a re-voicing avatar that speaks over its own footage: give the "
                              "speech alone")
-        else:
-            inputs = prepare_speech(audio if audio is not None else speech, self.spec)
-        sampler, steps = self.pipe.sampling(kwargs["sampler"], kwargs["steps"])
-
-        def on_step(done: int, total: int) -> None:
-            if cancelled is not None and cancelled():
-                raise RenderCancelled("cancelled")
-            if progress is not None:
-                progress(done // steps, inputs.num_clips, done / total)
-
-        local = out is not None and Path(out).parent.is_dir()
-        seconds: dict[str, float] = {}
-        with tempfile.TemporaryDirectory(prefix="letstalk-out-") as tmp:
-            path = Path(out) if local else Path(tmp) / "video.mp4"
-            revoice_video(self.pipe, self.footage, inputs.audio, path, steps=steps, sampler=sampler,
-                          guidance=kwargs["guidance"], seed=kwargs["seed"], stream=kwargs["stream"], progress=on_step,
-                          seconds=seconds)
-            video = None if local else path.read_bytes()
-        options = {"steps": steps, "sampler": sampler, "guidance": kwargs["guidance"], "seed": kwargs["seed"],
-                   "paste_back": False, "max_side": None, "stream": kwargs["stream"], "dtype": self.pipe.inference.dtype}
-        return {"status": "done", "video_path": str(path) if local else None, "video": video,
-                "frames": inputs.num_frames, "clips": inputs.num_clips, "duration_s": inputs.duration_s,
-                "face_found": True, "options": options, "seconds": dict(seconds, worker_total=time.perf_counter() - t0)}
+        return prepare_speech(audio if audio is not None else speech, self.spec)
 
     def info(self) -> dict:
         cfg = self.pipe.transformer.cfg
