@@ -24,7 +24,7 @@ from letstalk_platform.runtime import add_config_flags, load_config
 
 FLAGS = {"--video": "video", "--out": "out", "--holdout-seconds": "holdout_seconds", "--minutes": "minutes",
          "--steps": "steps", "--config": "config", "--preset": "preset", "--face-model": "face_model",
-         "--stride": "stride", "--sample-steps": "sample_steps", "--seed": "seed", "--name": "name",
+         "--stride": "stride", "--ref-frames": "ref_frames", "--sample-steps": "sample_steps", "--seed": "seed", "--name": "name",
          "--mlflow-uri": "mlflow_uri", "--fresh": "fresh", "--report-only": "report_only",
          "--audio-encoder": "audio_encoder", "--mode": "mode"}
 KEYS = {"revoice": ("mouth_r", "mouth_r_control", "dub_face_psnr", "dub_face_ssim", "dub_lmd", "dub_mouth_r",

